@@ -1,0 +1,511 @@
+"""What every CleanSSL script shares: data and augmentations, ResNet backbones, the
+k-means memory bank with kNN, and Grad-CAM.
+
+Sections, in order:
+  1. errors and small distributed helpers
+  2. data sets (`make_dataset`)
+  3. augmentations: a view is a `View` (crop size, crop scale, colour, blur,
+     solarization); method scripts ask for `simclr_views`, `byol_views`,
+     `multicrop_views`; `cpu_transform` turns a View into a torchvision pipeline
+  4. `TrainLoader`: yields every view of a batch (and the positives of the
+     cross-attention add-on) as normalized tensors on the device
+  5. backbones (`build_backbone`): (B, 3, H, W) -> feature map (B, D, h, w), pooled (B, D)
+  6. `extract_features` and `MemoryBank` (k-means pseudo-labels, kNN classifier)
+  7. `grad_cam`
+This file imports nothing of ours.
+"""
+import math
+import os
+import sys
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
+from PIL import Image
+
+
+# ---------------------------------------------------------------- 1. errors, distributed
+class UserError(Exception):
+    """Bad input that deserves one clear sentence and exit code 2, not a traceback."""
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@torch.no_grad()
+def all_gather(x):
+    """Concatenate equal-shaped tensors from every process along dim 0, no gradient."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+# ---------------------------------------------------------------- 2. data sets
+DATASETS = ("cifar10", "cifar100", "stl10", "folder", "digits")
+# Per-channel mean and std of the training images; ImageNet's for folders.
+STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "digits": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+# Native image size, used as the default crop size.
+IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "folder": 224, "digits": 32}
+
+
+class DigitsDataset(torch.utils.data.Dataset):
+    """scikit-learn's bundled 8x8 digits (1797 images, no download), upscaled to 32 px
+    RGB. A fixed permutation (seed 0) puts 1437 images in train and 360 in test."""
+
+    def __init__(self, train):
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8)
+        x = F.interpolate(x, size=32, mode="bilinear", align_corners=False)
+        x = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)
+        order = np.random.RandomState(0).permutation(len(x))
+        keep = order[:1437] if train else order[1437:]
+        self.data = x[torch.as_tensor(keep)].permute(0, 2, 3, 1).contiguous().numpy()  # (N, 32, 32, 3)
+        self.targets = [int(t) for t in d.target[keep]]
+        self.classes = [str(i) for i in range(10)]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return Image.fromarray(self.data[i]), self.targets[i]
+
+
+def check_dataset(name, data_dir):
+    """Raise UserError for a data set that cannot be loaded, before any work."""
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset '{name}': choose one of {', '.join(DATASETS)}.")
+    if name == "folder":
+        if not os.path.isdir(os.path.join(data_dir, "train")):
+            raise UserError(f"--dataset folder needs an ImageFolder tree, but '{data_dir}/train' does not exist.")
+        if not any(os.path.isdir(os.path.join(data_dir, s)) for s in ("val", "test")):
+            raise UserError(f"--dataset folder needs '{data_dir}/val' or '{data_dir}/test' beside train/.")
+
+
+def make_dataset(name, data_dir, train=True, download=True):
+    """The raw data set: items are (PIL image, label); `.targets` and `.classes` as in torchvision.
+    Raises UserError with one clear sentence when the data cannot be had."""
+    check_dataset(name, data_dir)
+    try:
+        if name == "digits":
+            return DigitsDataset(train)
+        if name == "folder":
+            split = "train" if train else ("val" if os.path.isdir(os.path.join(data_dir, "val")) else "test")
+            return torchvision.datasets.ImageFolder(os.path.join(data_dir, split))
+        if name == "stl10":
+            # Pre-training uses train+unlabeled (the SSL convention); the probe uses train.
+            ds = torchvision.datasets.STL10(data_dir, split="train" if not train else "train+unlabeled", download=download)
+            ds.targets = [int(t) for t in ds.labels]
+            return ds
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        return cls(data_dir, train=train, download=download)
+    except (RuntimeError, OSError) as e:  # no network, a corrupt archive, a missing file
+        raise UserError(f"could not load dataset '{name}' from '{data_dir}' ({str(e).splitlines()[0]}).") from e
+
+
+def eval_dataset(name, data_dir, download=True):
+    """The split that kNN and linear evaluation train on: STL-10's labelled train split, else train."""
+    if name == "stl10":
+        ds = torchvision.datasets.STL10(data_dir, split="train", download=download)
+        ds.targets = [int(t) for t in ds.labels]
+        return ds
+    return make_dataset(name, data_dir, train=True, download=download)
+
+
+# ---------------------------------------------------------------- 3. augmentations
+@dataclass(frozen=True)
+class View:
+    """One augmented view, as the papers specify it. Both the CPU pipeline
+    (`cpu_transform`) and the batched tensor pipeline draw from these distributions."""
+
+    size: int  # output side in pixels
+    scale: tuple = (0.08, 1.0)  # RandomResizedCrop area range
+    ratio: tuple = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range
+    flip_p: float = 0.5
+    jitter: tuple = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.0  # Gaussian blur, sigma in [0.1, 2], kernel 10% of the side
+    solarize_p: float = 0.0  # solarize at threshold 128 (of 255)
+
+
+def _blur(size, p):
+    # SimCLR blurs only at ImageNet scale; at 32 px a 3-pixel kernel just destroys the image
+    # (solo-learn's CIFAR recipes turn it off), so small images get none.
+    return p if size > 32 else 0.0
+
+
+def simclr_views(size):
+    """SimCLR (Chen et al. 2020, App. A): two views, crop (0.08, 1), colour strength 1.0
+    scaled to 0.4/0.4/0.4/0.1 as in MoCo v2 and solo-learn, blur p=0.5 above 32 px."""
+    v = View(size, blur_p=_blur(size, 0.5))
+    return [v, v]
+
+
+def byol_views(size):
+    """BYOL (Grill et al. 2020, Table 6): asymmetric views, jitter 0.4/0.4/0.2/0.1,
+    blur 1.0 / 0.1, solarization 0.0 / 0.2."""
+    v = View(size, jitter=(0.4, 0.4, 0.2, 0.1))
+    return [replace(v, blur_p=_blur(size, 1.0)), replace(v, blur_p=_blur(size, 0.1), solarize_p=0.2)]
+
+
+def multicrop_views(size, local_crops, global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), local_size=None):
+    """Multi-crop (SwAV, Caron et al. 2020, Sec. 3.2): two global crops of `size` and
+    `local_crops` small crops. 224 -> 96 px as in the papers; smaller images get
+    local crops of half their side (16 px for CIFAR, 48 px for STL-10).
+    DINO uses global_scale=(0.4, 1), local_scale=(0.05, 0.4) and solarization on
+    the second global crop; pass them from dino.py."""
+    local_size = local_size or (96 if size >= 224 else size // 2)
+    g = View(size, scale=global_scale, blur_p=_blur(size, 0.5))
+    l = View(local_size, scale=local_scale, blur_p=_blur(size, 0.5))
+    return [g, g] + [l] * local_crops
+
+
+def positive_view(size):
+    """The single crop of each positive image of the cross-attention add-on (Seyfi et al., App. 1.2)."""
+    return View(size, blur_p=_blur(size, 0.5))
+
+
+def cpu_transform(view, stats):
+    """A View as a torchvision pipeline on PIL images -> normalized float tensor (3, s, s)."""
+    b, c, s, h = view.jitter
+    steps = [
+        T.RandomResizedCrop(view.size, scale=view.scale, ratio=view.ratio, interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(view.flip_p),
+        T.RandomApply([T.ColorJitter(b, c, s, h)], p=view.jitter_p),
+        T.RandomGrayscale(view.gray_p),
+    ]
+    if view.blur_p > 0:
+        k = max(3, int(0.1 * view.size) // 2 * 2 + 1)  # odd kernel, 10% of the side (SimCLR)
+        steps.append(T.RandomApply([T.GaussianBlur(k, sigma=(0.1, 2.0))], p=view.blur_p))
+    if view.solarize_p > 0:
+        steps.append(T.RandomSolarize(128, p=view.solarize_p))
+    steps += [T.ToTensor(), T.Normalize(*stats)]
+    return T.Compose(steps)
+
+
+def eval_transform(size, stats, native):
+    """Evaluation: resize (256/224 of the crop side for large images) and center crop."""
+    steps = [] if size == native and size <= 64 else [T.Resize(int(round(size * 256 / 224)) if size > 64 else size), T.CenterCrop(size)]
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(*stats)])
+
+
+# ---------------------------------------------------------------- 4. training loader
+class _Views(torch.utils.data.Dataset):
+    """Key (i, 0) -> every view of image i; key (i, 1) -> the positive crop of image i."""
+
+    def __init__(self, base, views, positive, stats):
+        self.base = base
+        self.tf = [cpu_transform(v, stats) for v in views]
+        self.pos_tf = cpu_transform(positive or views[0], stats)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        i, kind = key
+        img = self.base[i][0].convert("RGB")
+        if kind == 1:
+            return [self.pos_tf(img)], i, 1
+        return [t(img) for t in self.tf], i, 0
+
+
+def _collate(items):
+    anchors = [x for x in items if x[2] == 0]
+    pos = [x for x in items if x[2] == 1]
+    crops = [torch.stack([a[0][v] for a in anchors]) for v in range(len(anchors[0][0]))]
+    idx = torch.tensor([a[1] for a in anchors])
+    positives = torch.stack([p[0][0] for p in pos]) if pos else None
+    return crops, idx, positives
+
+
+class TrainLoader:
+    """Batches for one process of a (possibly distributed) run.
+
+    `batch_size` is the global batch. Every epoch draws one permutation of the data set
+    from (seed, epoch); global step s takes its slice s and process r takes the r-th
+    part of it. So every process sees the same number of batches, and 2 processes see
+    together exactly the batch one process would see alone.
+    Yields (crops, idx, positives): crops is a list with one (b, 3, s, s) tensor per
+    view, idx the (b,) data-set indices, positives (b * P, 3, s, s) or None.
+    With `set_clusters(labels, P)`, each image brings P images of its cluster (one
+    positive crop each), drawn at random from (seed, epoch).
+    """
+
+    def __init__(self, dataset, views, batch_size, stats, device, seed=0, workers=2, positive=None):
+        self.n, self.world, self.rank = len(dataset), world_size(), rank()
+        if batch_size % self.world:
+            raise UserError(f"--batch-size {batch_size} is not divisible by the {self.world} processes.")
+        if batch_size > self.n:
+            raise UserError(f"--batch-size {batch_size} is larger than the {self.n} training images.")
+        self.batch_size, self.local = batch_size, batch_size // self.world
+        self.device, self.seed, self.workers, self.epoch = device, seed, workers, 0
+        self.data = _Views(dataset, views, positive, stats)
+        self.labels, self.members, self.positives = None, None, 0
+
+    def __len__(self):
+        return self.n // self.batch_size  # drop the last incomplete batch: equal steps on every process
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def set_clusters(self, labels, positives):
+        """labels: (N,) pseudo-label of each training image; positives: P per anchor."""
+        labels = np.asarray(labels)
+        order = np.argsort(labels, kind="stable")
+        bounds = np.searchsorted(labels[order], np.arange(labels.max() + 2))
+        self.labels, self.positives = labels, positives
+        self.members = (order, bounds)  # members of cluster c: order[bounds[c]:bounds[c+1]]
+
+    def _batches(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).numpy()
+        rng = np.random.default_rng(self.seed * 100003 + self.epoch)
+        for s in range(len(self)):
+            idx = perm[s * self.batch_size:(s + 1) * self.batch_size][self.rank * self.local:(self.rank + 1) * self.local]
+            keys = [(int(i), 0) for i in idx]
+            if self.positives:
+                order, bounds = self.members
+                c = self.labels[idx]
+                lo, hi = bounds[c], bounds[c + 1]  # (b,) every cluster has its anchor, so hi > lo
+                pick = lo[:, None] + (rng.random((len(idx), self.positives)) * (hi - lo)[:, None]).astype(np.int64)
+                keys += [(int(j), 1) for j in order[pick].reshape(-1)]  # (b * P,) anchor-major
+            yield keys
+
+    def __iter__(self):
+        # Worker seeds come from this generator, so a resumed epoch replays its augmentations.
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 104729 + self.rank)
+        loader = torch.utils.data.DataLoader(
+            self.data, batch_sampler=list(self._batches()), num_workers=self.workers, collate_fn=_collate,
+            pin_memory=self.device.type == "cuda", generator=g, persistent_workers=False,
+        )
+        for crops, idx, positives in loader:
+            crops = [c.to(self.device, non_blocking=True) for c in crops]
+            if positives is not None:
+                positives = positives.to(self.device, non_blocking=True)
+            yield crops, idx.to(self.device, non_blocking=True), positives
+
+
+# ---------------------------------------------------------------- 5. backbones
+class Backbone(nn.Module):
+    """A torchvision ResNet without its classifier: (B, 3, H, W) -> (f (B, D, h, w), h (B, D)).
+    For images of 64 px and less, the 7x7 stride-2 stem and the max-pool would shrink a
+    32 px image to 1x1 by layer4; the CIFAR stem is a 3x3 stride-1 convolution, no pool."""
+
+    def __init__(self, name="resnet18", small_images=True):
+        super().__init__()
+        if name not in ("resnet18", "resnet34", "resnet50"):
+            raise UserError(f"unknown backbone '{name}': choose resnet18, resnet34 or resnet50.")
+        net = getattr(torchvision.models, name)(weights=None)
+        if small_images:
+            net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            net.maxpool = nn.Identity()
+        self.name, self.small_images = name, small_images
+        self.dim = net.fc.in_features  # 512 for R18/34, 2048 for R50
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+
+    def forward(self, x):
+        f = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))  # (B, D, h, w)
+        return f, f.mean(dim=(2, 3))  # h: global average pooling, (B, D)
+
+
+def build_backbone(name="resnet18", small_images=True, weights=None):
+    """A Backbone; `weights` is the path of a `backbone.pt` written by a method script."""
+    net = Backbone(name, small_images)
+    if weights is not None:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"could not read backbone weights '{weights}' ({str(e).splitlines()[0]}).") from e
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise UserError(f"'{weights}' does not hold {name} weights (small_images={small_images}).")
+    return net
+
+
+# ---------------------------------------------------------------- 6. features, memory bank, kNN
+@torch.no_grad()
+def extract_features(model, dataset, size, stats, native, device, batch_size=256, workers=2, embed=None):
+    """Embeddings of every image of `dataset`, with the evaluation transform and `model` in
+    eval mode (BatchNorm running statistics, not batch statistics). `embed(model, x)`
+    gives (B, d) features; the default takes the pooled h of a Backbone. Each process
+    computes a strided share; the result (N, d) float32 and labels (N,) are the same
+    on every process."""
+    embed = embed or (lambda m, x: m(x)[1])
+    was_training = model.training
+    model.eval()
+    world, r, n = world_size(), rank(), len(dataset)
+    per = math.ceil(n / world)
+    mine = [min(i, n - 1) for i in range(r * per, (r + 1) * per)]  # pad the last share with repeats
+    data = _EvalSet(dataset, mine, eval_transform(size, stats, native))
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers)
+    feats, labels = [], []
+    for x, y in loader:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            z = embed(model, x.to(device, non_blocking=True))
+        feats.append(z.float())
+        labels.append(y.to(device))
+    z, y = all_gather(torch.cat(feats)), all_gather(torch.cat(labels))
+    model.train(was_training)
+    return z[:n], y[:n]  # shares are contiguous and in rank order: only the padding is dropped
+
+
+class _EvalSet(torch.utils.data.Dataset):
+    def __init__(self, base, indices, tf):
+        self.base, self.indices, self.tf = base, indices, tf
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, j):
+        img, y = self.base[self.indices[j]]
+        return self.tf(img.convert("RGB")), y
+
+
+class MemoryBank:
+    """One L2-normalized embedding per training image, filled from every process.
+    The spatial cross-attention add-on clusters it with k-means at each epoch's start
+    to give every image a pseudo-label (Seyfi et al., Sec. 2.1)."""
+
+    def __init__(self, size, dim, device):
+        self.z = torch.zeros(size, dim, device=device)
+        self.filled = torch.zeros(size, dtype=torch.bool, device=device)
+
+    @torch.no_grad()
+    def update(self, idx, z):
+        """idx (b,), z (b, d) of this process; every process passes the same b."""
+        idx, z = all_gather(idx), all_gather(F.normalize(z.float(), dim=1))
+        self.z[idx] = z
+        self.filled[idx] = True
+
+    def state_dict(self):
+        return {"z": self.z, "filled": self.filled}
+
+    def load_state_dict(self, state):
+        self.z.copy_(state["z"])
+        self.filled.copy_(state["filled"])
+
+    @torch.no_grad()
+    def kmeans(self, k, iters=20, seed=0, chunk=65536):
+        """Spherical k-means (cosine similarity, as the embeddings are normalized) with
+        k-means++ seeding and a fixed number of Lloyd iterations. An empty cluster is
+        re-seeded with the point farthest from its centroid. Deterministic for a seed;
+        process 0's result is broadcast so that every process agrees.
+        Returns labels (N,) long and centroids (k, d)."""
+        x = self.z
+        n = x.shape[0]
+        if k > n:
+            raise UserError(f"cannot make {k} clusters of {n} embeddings; lower --xattn-clusters.")
+        g = torch.Generator(device=x.device).manual_seed(seed)
+
+        def best(c):  # nearest centroid by cosine, chunked for large banks
+            sims, labels = [], []
+            for s in range(0, n, chunk):
+                v, i = (x[s:s + chunk] @ c.T).max(dim=1)
+                sims.append(v)
+                labels.append(i)
+            return torch.cat(sims), torch.cat(labels)
+
+        # k-means++: each next centre drawn with probability proportional to its squared distance.
+        centers = [x[torch.randint(n, (1,), generator=g, device=x.device)].squeeze(0)]
+        d2 = (2 - 2 * (x @ centers[0])).clamp_min(0)
+        for _ in range(1, k):
+            p = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1.0 / n)
+            centers.append(x[torch.multinomial(p, 1, generator=g)].squeeze(0))
+            d2 = torch.minimum(d2, (2 - 2 * (x @ centers[-1])).clamp_min(0))
+        c = torch.stack(centers)
+        for _ in range(iters):
+            sim, labels = best(c)
+            sums = torch.zeros_like(c).index_add_(0, labels, x)
+            counts = torch.bincount(labels, minlength=k)
+            empty = (counts == 0).nonzero().flatten()
+            if len(empty):  # re-seed from the points worst served by their centroid
+                far = sim.argsort()[: len(empty)]
+                sums[empty], counts[empty] = x[far], 1
+            c = F.normalize(sums / counts.clamp_min(1)[:, None], dim=1)
+        labels = best(c)[1]
+        if world_size() > 1:
+            dist.broadcast(labels, 0)
+            dist.broadcast(c, 0)
+        return labels, c
+
+    @staticmethod
+    @torch.no_grad()
+    def knn_predict(query, bank, bank_labels, num_classes, k=200, t=0.1):
+        """Weighted kNN (Wu et al. 2018, Sec. 3.4): cosine similarity to the k nearest
+        bank samples, votes weighted by exp(sim / t). query (B, D), bank (N, D),
+        bank_labels (N,). Returns class scores (B, C); argmax is the prediction."""
+        query, bank = F.normalize(query.float(), dim=1), F.normalize(bank.float(), dim=1)
+        sim, nn_idx = (query @ bank.T).topk(min(k, bank.shape[0]), dim=1)  # (B, k)
+        votes = F.one_hot(bank_labels[nn_idx], num_classes).float()  # (B, k, C)
+        return (votes * (sim / t).exp()[..., None]).sum(dim=1)
+
+
+def knn_top1(train_h, train_y, test_h, test_y, num_classes, k=200, t=0.1, chunk=1024):
+    """kNN top-1 accuracy (a float in [0, 1]) of test features against a train bank."""
+    correct = 0
+    for s in range(0, len(test_h), chunk):
+        scores = MemoryBank.knn_predict(test_h[s:s + chunk], train_h, train_y, num_classes, k, t)
+        correct += (scores.argmax(1) == test_y[s:s + chunk]).sum().item()
+    return correct / len(test_h)
+
+
+# ---------------------------------------------------------------- 7. Grad-CAM
+def grad_cam(model, images, target, out_size=None):
+    """Grad-CAM (Selvaraju et al. 2017) on the last feature map of a Backbone.
+
+    model: a Backbone (or any module returning (f, h)); images (B, 3, H, W);
+    target: what the heatmap explains, one scalar per image:
+      - an int j: feature j of h;
+      - a list/tensor of feature indices: their sum; a (B, D) bool/float mask: the
+        per-image sum of the selected features (e.g. each image's highly activating set);
+      - a callable h -> (B,) scores, e.g. `lambda h: classifier(h)[range(B), labels]`.
+    Returns heatmaps (B, H, W) in [0, 1] (per-image max normalization), at `out_size`
+    (default: the image size)."""
+    was_training = model.training
+    model.eval()
+    with torch.enable_grad():
+        f, h = model(images)
+        f.retain_grad()
+        if callable(target):
+            score = target(h)
+        elif isinstance(target, int):
+            score = h[:, target]
+        else:
+            target = torch.as_tensor(target, device=h.device)
+            if target.dim() == 2:
+                score = (h * target.to(h.dtype)).sum(1)
+            else:
+                score = h[:, target].sum(1)
+        grads = torch.autograd.grad(score.sum(), f)[0]  # (B, D, h, w)
+    weights = grads.mean(dim=(2, 3), keepdim=True)  # alpha_k: global-average-pooled gradients
+    cam = F.relu((weights * f).sum(1, keepdim=True)).detach()  # (B, 1, h, w)
+    cam = F.interpolate(cam, size=out_size or images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    cam = cam / cam.flatten(1).max(1).values.clamp_min(1e-12)[:, None, None]
+    model.train(was_training)
+    return cam

@@ -1,0 +1,75 @@
+"""Shared test helpers: run a script as a user would (subprocess, torchrun), and run a
+function in 2 gloo processes to compare distributed code with one process."""
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+# A tiny but real training job: digits at 16 px, 3 steps an epoch, a small kNN bank.
+TINY = ["--dataset", "digits", "--image-size", "16", "--batch-size", "32", "--steps-per-epoch", "3",
+        "--workers", "0", "--knn-limit", "256", "--log-every", "1"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args, timeout=300, env=None, check=True):
+    """Run `python ARGS` in the repo; fail the test with its output when it fails."""
+    e = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if env is None or k not in env:
+            e.pop(k, None)
+    p = subprocess.run([sys.executable] + list(args), cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        pytest.fail(f"python {' '.join(args)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def torchrun(script, args, nproc=2, timeout=400):
+    """`torchrun --nproc_per_node=N script args` on CPU (gloo)."""
+    return run(["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                f"--master_port={free_port()}", script, "--device", "cpu"] + list(args),
+               timeout=timeout, env={"OMP_NUM_THREADS": "1"})
+
+
+def _worker(rank, world, port, fn, args, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+        with open(os.path.join(out, f"{rank}.pkl"), "wb") as fh:
+            pickle.dump(result, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, *args, world=2):
+    """Run fn(rank, world, *args) in `world` gloo processes; return the list of results.
+    fn must be a module-level function of the test file (it is pickled)."""
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_worker, args=(world, free_port(), fn, args, out), nprocs=world, join=True, start_method="fork")
+        results = []
+        for r in range(world):
+            with open(os.path.join(out, f"{r}.pkl"), "rb") as fh:
+                results.append(pickle.load(fh))
+        return results
+
+
+def read_metrics(run_dir):
+    import json
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
