@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: args.json); 0: native")
     p.add_argument("--out", default="", help="output folder (default: RUN_DIR, or the folder of --weights)")
     p.add_argument("--epochs", type=int, default=100, help="epochs of the linear probe")
-    p.add_argument("--batch-size", type=int, default=256, help="batch of the probe and of feature extraction")
+    p.add_argument("--batch-size", type=int, default=256, help="batch of the probe, and per process of feature extraction")
     p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate per 256 images, cosine decay to 0")
     p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the linear layer")
     p.add_argument("--augment", action="store_true",
@@ -176,7 +176,7 @@ def train_linear(x, y, num_classes, epochs=100, batch_size=256, lr=0.1, weight_d
 def topk_accuracy(logits, y, k):
     """Share of rows whose label is among the k highest logits (k capped at the classes)."""
     top = logits.topk(min(k, logits.shape[1]), dim=1).indices  # (N, k)
-    return (top == y[:, None]).any(1).float().mean().item()
+    return (top == y[:, None]).any(1).sum().item() / len(y)  # an exact fraction, not a float32 mean
 
 
 def main(args):
