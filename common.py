@@ -7,16 +7,21 @@ Sections, in order:
   3. augmentations: a view is a `View` (crop size, crop scale, colour, blur,
      solarization); method scripts ask for `simclr_views`, `byol_views`,
      `multicrop_views`; `cpu_transform` turns a View into a torchvision pipeline
+  3b. the tensor path: a data set decoded once to uint8 on the device, and the same
+     Views applied to whole batches there (`augment`); `resolve_data_path` picks it
   4. `TrainLoader`: yields every view of a batch (and the positives of the
-     cross-attention add-on) as normalized tensors on the device
+     cross-attention add-on) as normalized tensors on the device, from DataLoader
+     workers (data_path="cpu") or from the tensor path (data_path="tensor")
   5. backbones (`build_backbone`): (B, 3, H, W) -> feature map (B, D, h, w), pooled (B, D)
   6. `extract_features` and `MemoryBank` (k-means pseudo-labels, kNN classifier)
   7. `grad_cam`
 This file imports nothing of ours.
 """
+import hashlib
 import math
 import os
 import sys
+import weakref
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -214,6 +219,263 @@ def eval_transform(size, stats, native):
     return T.Compose(steps + [T.ToTensor(), T.Normalize(*stats)])
 
 
+# ---------------------------------------------------------------- 3b. the tensor path
+# A data set that fits in memory is decoded once into a uint8 tensor (N, 3, H, W) kept on
+# the device, and every View is applied to whole batches there, with per-sample random
+# parameters drawn from a torch.Generator from the same distributions as `cpu_transform`.
+# Nothing in it reads a device value on the host, so the GPU never waits for Python.
+# Differences from the PIL pipeline, all below one grey level or a pixel: intermediate
+# results stay float instead of being rounded to uint8; the crop is resampled with
+# grid_sample's bicubic kernel (a=-0.75; PIL's is a=-0.5) and no antialiasing, which
+# matters only when a crop is shrunk (images larger than the crop side).
+DATA_PATHS = ("auto", "cpu", "tensor")
+TENSOR_MAX_BYTES = 8 * 2**30  # auto: larger data sets (ImageNet) keep DataLoader workers
+_DECODED = weakref.WeakKeyDictionary()  # dataset -> {"cpu" or device: uint8 tensor}
+
+
+def cache_dir():
+    """Decoded image folders are cached as .npy here, never in the repository."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cleanssl")
+
+
+def _base(dataset):
+    """(underlying data set, indices or None) through torch Subsets."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        base, idx = _base(dataset.dataset)
+        sub = np.asarray(dataset.indices)
+        return base, sub if idx is None else idx[sub]
+    return dataset, None
+
+
+def _decodable(ds):
+    data = getattr(ds, "data", None)
+    return (isinstance(data, (np.ndarray, torch.Tensor)) and data.ndim == 4) or isinstance(ds, torchvision.datasets.ImageFolder)
+
+
+def estimate_bytes(dataset):
+    """Size of `dataset` decoded to uint8, or None when it cannot be decoded here (a wrapper
+    that transforms its images, or a folder whose images differ in size)."""
+    base, idx = _base(dataset)
+    n = len(dataset)
+    if not _decodable(base):
+        return None
+    if getattr(base, "data", None) is not None:
+        return n * int(np.prod(base.data.shape[1:]))
+    sizes = set()
+    for p, _ in base.samples[:: max(1, len(base.samples) // 64)]:  # 64 headers, not the pixels
+        with Image.open(p) as img:
+            sizes.add(img.size)
+    if len(sizes) != 1:
+        return None
+    (w, h), = sizes
+    return n * 3 * w * h
+
+
+def resolve_data_path(choice, dataset, device):
+    """'cpu' or 'tensor'. auto: the tensor path on CUDA when the decoded data set takes at most
+    min(8 GiB, a quarter of the GPU's memory), else the CPU pipeline with DataLoader workers."""
+    if choice not in DATA_PATHS:
+        raise UserError(f"unknown data path '{choice}': choose one of {', '.join(DATA_PATHS)}.")
+    need = estimate_bytes(dataset)
+    if choice == "tensor" and need is None:
+        raise UserError("--data-path tensor needs a data set of equal-sized images (CIFAR, STL-10, digits, "
+                        "a folder of one image size); use --data-path cpu.")
+    if choice != "auto":
+        return choice
+    if device.type != "cuda" or need is None:
+        return "cpu"
+    return "tensor" if need <= min(TENSOR_MAX_BYTES, torch.cuda.get_device_properties(device).total_memory // 4) else "cpu"
+
+
+def _decode_folder(ds):
+    """Decode an ImageFolder with PIL once; cached as .npy in cache_dir(), keyed by the
+    folder, its file names, sizes and modification times."""
+    h = hashlib.sha1(os.path.abspath(ds.root).encode())
+    for p, _ in ds.samples:
+        st = os.stat(p)
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    path = os.path.join(cache_dir(), f"{os.path.basename(os.path.normpath(ds.root))}_{h.hexdigest()[:16]}.npy")
+    if os.path.isfile(path):
+        return torch.from_numpy(np.load(path))
+    first = None
+    for i, (p, _) in enumerate(ds.samples):
+        with Image.open(p) as img:
+            a = np.asarray(img.convert("RGB"))
+        if first is None:
+            first = np.empty((len(ds.samples),) + a.shape, np.uint8)  # (N, H, W, 3)
+        if a.shape != first.shape[1:]:
+            raise UserError(f"--data-path tensor needs images of one size, but '{p}' is {a.shape[1]}x{a.shape[0]} "
+                            f"and the first is {first.shape[2]}x{first.shape[1]}; use --data-path cpu.")
+        first[i] = a
+    x = np.ascontiguousarray(first.transpose(0, 3, 1, 2))  # (N, 3, H, W)
+    os.makedirs(cache_dir(), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp.npy"
+    np.save(tmp, x)
+    os.replace(tmp, path)  # processes decoding side by side each write whole files
+    return torch.from_numpy(x)
+
+
+def decode_uint8(dataset, device=torch.device("cpu")):
+    """Every image of `dataset` as one uint8 tensor (N, 3, H, W) on `device`, decoded once per
+    data set and device: CIFAR, STL-10 and digits from their `.data` arrays, folders with PIL."""
+    cache = _DECODED.setdefault(dataset, {})
+    key = str(device)
+    if key in cache:
+        return cache[key]
+    base, idx = _base(dataset)
+    if device.type != "cpu":
+        x = decode_uint8(dataset).to(device)
+    elif base is not dataset:
+        x = decode_uint8(base)[torch.as_tensor(idx)]
+    elif not _decodable(base):
+        raise UserError("--data-path tensor needs CIFAR, STL-10, digits or an image folder; use --data-path cpu.")
+    elif getattr(base, "data", None) is not None:
+        x = torch.as_tensor(base.data)
+        x = x if x.shape[1] == 3 else x.permute(0, 3, 1, 2)  # STL-10 is stored (N, 3, H, W), the rest (N, H, W, 3)
+    else:
+        x = _decode_folder(base)
+    cache[key] = x.contiguous()
+    return cache[key]
+
+
+def targets_of(dataset):
+    """Labels (N,) long of a data set or a Subset, without decoding images."""
+    base, idx = _base(dataset)
+    y = getattr(base, "targets", None)
+    y = torch.as_tensor(y if y is not None else [base[i][1] for i in range(len(base))])
+    return y if idx is None else y[torch.as_tensor(idx)]
+
+
+def _gray(x):  # (B, 3, H, W) -> (B, 1, H, W), the ITU-R 601 luma that torchvision and PIL use
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _shift_hue(x, shift):
+    """Rotate the hue of (B, 3, H, W) images in [0, 1] by shift (B,) turns, through HSV."""
+    v, cmax = x.max(1)  # (B, H, W): value, and which channel is largest
+    chroma = v - x.min(1).values
+    r, g, b = x.unbind(1)
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    h = torch.where(cmax == 0, (g - b) / safe, torch.where(cmax == 1, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    h = torch.where(chroma > 0, h / 6, torch.zeros_like(h))
+    h = torch.remainder(h + shift[:, None, None], 1.0) * 6  # in sextants [0, 6)
+    # back to RGB: each channel is v - chroma * clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    k = torch.remainder(n + h.unsqueeze(1), 6.0)
+    return v.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def sample_params(view, n, height, width, generator, device):
+    """Random parameters of `view` for n images of height x width, one per sample, drawn from
+    the distributions of cpu_transform(view) (torchvision's RandomResizedCrop with its 10 tries
+    and fallback, RandomHorizontalFlip, RandomApply(ColorJitter) with a random order of its
+    four operations, RandomGrayscale, RandomApply(GaussianBlur), RandomSolarize).
+    Returns a dict of device tensors; nothing is read back to the host."""
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator, device=device)
+
+    # crop: 10 tries of (area, log-uniform aspect); the first that fits, else a centred fallback
+    area = height * width * (view.scale[0] + (view.scale[1] - view.scale[0]) * rand(n, 10))  # (n, 10)
+    lo, hi = math.log(view.ratio[0]), math.log(view.ratio[1])
+    aspect = torch.exp(lo + (hi - lo) * rand(n, 10))
+    w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.float().argmax(1, keepdim=True)  # argmax returns the first maximum
+    in_ratio = width / height
+    fw, fh = ((width, round(width / min(view.ratio))) if in_ratio < min(view.ratio) else
+              (round(height * max(view.ratio)), height) if in_ratio > max(view.ratio) else (width, height))
+    ok = fits.any(1)
+    w = torch.where(ok, w.gather(1, first)[:, 0], torch.full_like(w[:, 0], fw))
+    h = torch.where(ok, h.gather(1, first)[:, 0], torch.full_like(h[:, 0], fh))
+    top = torch.where(ok, torch.floor(rand(n) * (height - h + 1)), torch.div(height - h, 2, rounding_mode="floor"))
+    left = torch.where(ok, torch.floor(rand(n) * (width - w + 1)), torch.div(width - w, 2, rounding_mode="floor"))
+
+    def factor(strength):  # ColorJitter: uniform in [max(0, 1 - s), 1 + s]
+        a = max(0.0, 1 - strength)
+        return a + (1 + strength - a) * rand(n)
+
+    bs, cs, ss, hs = view.jitter
+    jitter = rand(n) < view.jitter_p
+    return {
+        "top": top, "left": left, "h": h, "w": w,  # (n,) crop box in pixels
+        "flip": rand(n) < view.flip_p,
+        "jitter": jitter,
+        "order": rand(n, 4).argsort(1),  # (n, 4) a uniformly random permutation of the 4 operations
+        "brightness": torch.where(jitter, factor(bs), 1.0), "contrast": torch.where(jitter, factor(cs), 1.0),
+        "saturation": torch.where(jitter, factor(ss), 1.0), "hue": torch.where(jitter, (2 * rand(n) - 1) * hs, 0.0),
+        "gray": rand(n) < view.gray_p,
+        "blur": rand(n) < view.blur_p,
+        "sigma": 0.1 + 1.9 * rand(n),  # GaussianBlur sigma in [0.1, 2]
+        "solarize": rand(n) < view.solarize_p,
+    }
+
+
+def apply_view(images, p, view, stats):
+    """Apply the parameters `p` of `sample_params` to uint8 images (B, 3, H, W) on any device.
+    Returns normalized float32 crops (B, 3, s, s), as cpu_transform would."""
+    b, _, height, width = images.shape
+    s = view.size
+    # crop + resize + flip in one resampling: output pixel u reads the source at
+    # left + (u + 0.5) w / s - 0.5, mirrored about the box centre when flipped
+    theta = torch.zeros(b, 2, 3, device=images.device)
+    theta[:, 0, 0] = p["w"] / width * torch.where(p["flip"], -1.0, 1.0)
+    theta[:, 0, 2] = (2 * p["left"] + p["w"]) / width - 1
+    theta[:, 1, 1] = p["h"] / height
+    theta[:, 1, 2] = (2 * p["top"] + p["h"]) / height - 1
+    grid = F.affine_grid(theta, (b, 3, s, s), align_corners=False)
+    x = F.grid_sample(images.float() / 255, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp(0, 1)
+
+    # colour jitter: at each of the 4 slots every operation runs, with the identity factor for
+    # the samples whose permutation puts another operation there (no per-sample Python branch)
+    for slot in range(4):
+        op = p["order"][:, slot]
+        f = torch.where(op == 0, p["brightness"], 1.0).view(b, 1, 1, 1)
+        x = (x * f).clamp(0, 1)
+        f = torch.where(op == 1, p["contrast"], 1.0).view(b, 1, 1, 1)
+        x = (f * x + (1 - f) * _gray(x).mean((2, 3), keepdim=True)).clamp(0, 1)
+        f = torch.where(op == 2, p["saturation"], 1.0).view(b, 1, 1, 1)
+        x = (f * x + (1 - f) * _gray(x)).clamp(0, 1)
+        if view.jitter[3] > 0:
+            x = torch.where(((op == 3) & p["jitter"]).view(b, 1, 1, 1), _shift_hue(x, p["hue"]), x)
+    if view.gray_p > 0:
+        x = torch.where(p["gray"].view(b, 1, 1, 1), _gray(x).expand(-1, 3, -1, -1), x)
+    if view.blur_p > 0:  # separable Gaussian, reflect padding, per-sample sigma: grouped convolutions
+        k = max(3, int(0.1 * s) // 2 * 2 + 1)  # the kernel of cpu_transform
+        t = torch.linspace(-(k // 2), k // 2, k, device=x.device)
+        kern = torch.exp(-0.5 * (t / p["sigma"][:, None]) ** 2)
+        kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(3, 0)  # (B*3, k)
+        y = F.pad(x.reshape(1, b * 3, s, s), [k // 2] * 4, mode="reflect")
+        y = F.conv2d(F.conv2d(y, kern.view(-1, 1, 1, k), groups=b * 3), kern.view(-1, 1, k, 1), groups=b * 3)
+        x = torch.where(p["blur"].view(b, 1, 1, 1), y.view(b, 3, s, s), x)
+    if view.solarize_p > 0:  # PIL: pixels >= 128 become 255 - pixel
+        x = torch.where(p["solarize"].view(b, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in stats)
+    return (x - mean) / std
+
+
+def augment(images, view, stats, generator):
+    """One View applied to a uint8 batch (B, 3, H, W) on its device, fresh parameters per sample."""
+    p = sample_params(view, images.shape[0], images.shape[2], images.shape[3], generator, images.device)
+    return apply_view(images, p, view, stats)
+
+
+def eval_tensor(images, size, stats, native):
+    """eval_transform on a uint8 batch (B, 3, H, W): resize the shorter side (bilinear,
+    antialiased, as PIL) when it differs, centre crop, normalize."""
+    x = images.float() / 255
+    if not (size == native and size <= 64):
+        side = int(round(size * 256 / 224)) if size > 64 else size
+        h, w = x.shape[-2:]
+        if min(h, w) != side:
+            x = F.interpolate(x, size=(side, int(side * w / h)) if h <= w else (int(side * h / w), side),
+                              mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+        h, w = x.shape[-2:]
+        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+        x = x[..., top:top + size, left:left + size]
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in stats)
+    return (x - mean) / std
+
+
 # ---------------------------------------------------------------- 4. training loader
 class _Views(torch.utils.data.Dataset):
     """Key (i, 0) -> every view of image i; key (i, 1) -> the positive crop of image i."""
@@ -254,9 +516,14 @@ class TrainLoader:
     view, idx the (b,) data-set indices, positives (b * P, 3, s, s) or None.
     With `set_clusters(labels, P)`, each image brings P images of its cluster (one
     positive crop each), drawn at random from (seed, epoch).
+    data_path: "cpu" (PIL + torchvision in `workers` processes), "tensor" (the data set
+    decoded once onto `device`, augmented there in batches; same batches, same
+    distributions, other random draws) or "auto" (see `resolve_data_path`).
+    compile: torch.compile the tensor path's augmentation.
     """
 
-    def __init__(self, dataset, views, batch_size, stats, device, seed=0, workers=2, positive=None):
+    def __init__(self, dataset, views, batch_size, stats, device, seed=0, workers=2, positive=None,
+                 data_path="cpu", compile=False):
         self.n, self.world, self.rank = len(dataset), world_size(), rank()
         if batch_size % self.world:
             raise UserError(f"--batch-size {batch_size} is not divisible by the {self.world} processes.")
@@ -264,7 +531,13 @@ class TrainLoader:
             raise UserError(f"--batch-size {batch_size} is larger than the {self.n} training images.")
         self.batch_size, self.local = batch_size, batch_size // self.world
         self.device, self.seed, self.workers, self.epoch = device, seed, workers, 0
-        self.data = _Views(dataset, views, positive, stats)
+        self.data_path = resolve_data_path(data_path, dataset, device)
+        if self.data_path == "tensor":
+            self.images = decode_uint8(dataset, device)  # (N, 3, H, W) uint8, decoded once
+            self.views, self.positive, self.stats = list(views), positive or views[0], stats
+            self.apply = torch.compile(apply_view, dynamic=False) if compile else apply_view
+        else:
+            self.data = _Views(dataset, views, positive, stats)
         self.labels, self.members, self.positives = None, None, 0
 
     def __len__(self):
@@ -297,8 +570,12 @@ class TrainLoader:
             yield keys
 
     def __iter__(self):
-        # Worker seeds come from this generator, so a resumed epoch replays its augmentations.
-        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 104729 + self.rank)
+        # Augmentations are seeded from (seed, epoch, rank), so a resumed epoch replays them.
+        seed = self.seed * 7919 + self.epoch * 104729 + self.rank
+        if self.data_path == "tensor":
+            yield from self._tensor_batches(seed)
+            return
+        g = torch.Generator().manual_seed(seed)  # the workers' seeds come from it
         loader = torch.utils.data.DataLoader(
             self.data, batch_sampler=list(self._batches()), num_workers=self.workers, collate_fn=_collate,
             pin_memory=self.device.type == "cuda", generator=g, persistent_workers=False,
@@ -308,6 +585,30 @@ class TrainLoader:
             if positives is not None:
                 positives = positives.to(self.device, non_blocking=True)
             yield crops, idx.to(self.device, non_blocking=True), positives
+
+    def _tensor_batches(self, seed):
+        keys = list(self._batches())
+        if not keys:
+            return
+        # The epoch's indices cross to the device in one copy: a host->device copy per step
+        # from pageable memory would wait for the GPU to drain its queue.
+        anchors = torch.tensor([[k for k, kind in b if kind == 0] for b in keys])  # (S, b)
+        pos = torch.tensor([[k for k, kind in b if kind == 1] for b in keys]) if self.positives else None  # (S, b*P)
+        if self.device.type == "cuda":
+            anchors, pos = anchors.pin_memory(), pos.pin_memory() if pos is not None else None
+        anchors = anchors.to(self.device, non_blocking=True)
+        pos = pos.to(self.device, non_blocking=True) if pos is not None else None
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        h, w = self.images.shape[2:]
+        for s in range(len(keys)):
+            idx = anchors[s]
+            x = self.images[idx]  # (b, 3, H, W) uint8
+            crops = [self.apply(x, sample_params(v, len(idx), h, w, g, self.device), v, self.stats) for v in self.views]
+            positives = None
+            if pos is not None:
+                xp = self.images[pos[s]]
+                positives = self.apply(xp, sample_params(self.positive, len(xp), h, w, g, self.device), self.positive, self.stats)
+            yield crops, idx, positives
 
 
 # ---------------------------------------------------------------- 5. backbones
@@ -342,28 +643,37 @@ def build_backbone(name="resnet18", small_images=True, weights=None):
             state = torch.load(weights, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError) as e:
             raise UserError(f"could not read backbone weights '{weights}' ({str(e).splitlines()[0]}).") from e
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise UserError(f"'{weights}' does not hold {name} weights (small_images={small_images}).")
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
+            raise UserError(f"'{weights}' does not hold {name} weights (small_images={small_images}).") from e
     return net
 
 
 # ---------------------------------------------------------------- 6. features, memory bank, kNN
 @torch.no_grad()
-def extract_features(model, dataset, size, stats, native, device, batch_size=256, workers=2, embed=None):
+def extract_features(model, dataset, size, stats, native, device, batch_size=256, workers=2, embed=None,
+                     data_path="cpu"):
     """Embeddings of every image of `dataset`, with the evaluation transform and `model` in
     eval mode (BatchNorm running statistics, not batch statistics). `embed(model, x)`
     gives (B, d) features; the default takes the pooled h of a Backbone. Each process
     computes a strided share; the result (N, d) float32 and labels (N,) are the same
-    on every process."""
+    on every process. data_path "tensor" (or "auto", see `resolve_data_path`) reads the
+    decoded uint8 tensor on the device instead of PIL images in DataLoader workers; the
+    default stays "cpu" because callers may pass wrappers that transform their images."""
     embed = embed or (lambda m, x: m(x)[1])
     was_training = model.training
     model.eval()
     world, r, n = world_size(), rank(), len(dataset)
     per = math.ceil(n / world)
     mine = [min(i, n - 1) for i in range(r * per, (r + 1) * per)]  # pad the last share with repeats
-    data = _EvalSet(dataset, mine, eval_transform(size, stats, native))
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers)
+    if resolve_data_path(data_path, dataset, device) == "tensor":
+        images, y_all = decode_uint8(dataset, device), targets_of(dataset).to(device)
+        mine_t = torch.tensor(mine, device=device)
+        loader = ((eval_tensor(images[i], size, stats, native), y_all[i]) for i in mine_t.split(batch_size))
+    else:
+        data = _EvalSet(dataset, mine, eval_transform(size, stats, native))
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers)
     feats, labels = [], []
     for x, y in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
