@@ -1,0 +1,276 @@
+"""simsiam.py: the loss against Eq. (1)-(4) of Chen & He, the stop-gradient, the fixed
+predictor LR, DDP against one process, and the script end to end (plain, both add-ons,
+torchrun, resume after a kill, bad input, a non-finite loss)."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import simsiam
+from conftest import REPO, TINY, read_metrics, run, spawn, torchrun
+
+SMALL = ["--proj-hidden", "64", "--proj-dim", "32", "--pred-hidden", "16"]
+
+
+def slow_loss(p1, p2, z1, z2, stop_gradient=True):
+    """Eq. (1) and (4) written out image by image: D(p, z) = -p/||p|| . z/||z||,
+    L = 1/2 D(p1, stopgrad(z2)) + 1/2 D(p2, stopgrad(z1)), averaged over the batch."""
+    if stop_gradient:
+        z1, z2 = z1.detach(), z2.detach()
+    total = 0.0
+    for i in range(p1.shape[0]):
+        d12 = -torch.dot(p1[i], z2[i]) / (p1[i].norm() * z2[i].norm())
+        d21 = -torch.dot(p2[i], z1[i]) / (p2[i].norm() * z1[i].norm())
+        total = total + 0.5 * d12 + 0.5 * d21
+    return total / p1.shape[0]
+
+
+def test_negative_cosine_loss_matches_the_equations():
+    g = torch.Generator().manual_seed(0)
+    p1, p2, z1, z2 = (torch.randn(6, 10, generator=g) for _ in range(4))
+    assert torch.allclose(simsiam.negative_cosine_loss(p1, p2, z1, z2), slow_loss(p1, p2, z1, z2), atol=1e-6)
+    # predictions that point where the other view's projection points: the minimum, -1, at any scale
+    assert math.isclose(simsiam.negative_cosine_loss(3 * z2, z1 / 7, z1, z2).item(), -1.0, abs_tol=1e-6)
+    assert math.isclose(simsiam.negative_cosine_loss(-z2, -z1, z1, z2).item(), 1.0, abs_tol=1e-6)
+    # symmetrized: swapping the views changes nothing; swapping only p's pairing does
+    assert torch.allclose(simsiam.negative_cosine_loss(p2, p1, z2, z1), simsiam.negative_cosine_loss(p1, p2, z1, z2))
+    assert not torch.allclose(simsiam.negative_cosine_loss(p1, p2, z2, z1), simsiam.negative_cosine_loss(p1, p2, z1, z2))
+
+
+def test_stop_gradient_holds():
+    """The target branch (z) gets no gradient from the loss; in the model, z still learns,
+    but only through the predictor's input, exactly as if the targets were constants."""
+    g = torch.Generator().manual_seed(1)
+    p1, p2, z1, z2 = (torch.randn(4, 8, generator=g).requires_grad_() for _ in range(4))
+    simsiam.negative_cosine_loss(p1, p2, z1, z2).backward()
+    assert z1.grad is None and z2.grad is None
+    assert p1.grad.abs().sum() > 0 and p2.grad.abs().sum() > 0
+
+    torch.manual_seed(0)
+    model = simsiam.SimSiam(simsiam.parse_args(SMALL), small_images=True)
+    x1, x2 = torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(target_fn, stop_gradient=True):
+        out = model([x1, x2])
+        z1, z2 = target_fn(out)
+        return torch.autograd.grad(slow_loss(out["p"][:6], out["p"][6:], z1, z2, stop_gradient), params)
+
+    with torch.no_grad():  # train-mode BN on the same input gives the same z: constants of equal value
+        const = model([x1, x2])["z"]
+    ours = grads(lambda o: (o["z"][:6], o["z"][6:]))
+    with_constants = grads(lambda o: (const[:6], const[6:]))
+    without_sg = grads(lambda o: (o["z"][:6], o["z"][6:]), stop_gradient=False)
+    for a, b in zip(ours, with_constants):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert any(not torch.allclose(a, c, atol=1e-6) for a, c in zip(ours, without_sg))  # the test can fail
+
+
+def _ddp_loss(rank, world, p1, p2, z1, z2):
+    b = p1.shape[0] // world
+    mine = [t[rank * b:(rank + 1) * b].clone().requires_grad_() for t in (p1, p2)]
+    loss = simsiam.negative_cosine_loss(mine[0], mine[1], z1[rank * b:(rank + 1) * b], z2[rank * b:(rank + 1) * b])
+    loss.backward()
+    return loss.item(), mine[0].grad, mine[1].grad
+
+
+def test_loss_two_processes_equal_one_process():
+    """Each process returns the mean over its own b images and DDP averages over processes:
+    so the mean of the 2 losses is the global loss, and grad_r / world is the global loss's
+    gradient w.r.t. rank r's rows (no image's term touches another image's rows)."""
+    g = torch.Generator().manual_seed(2)
+    p1, p2, z1, z2 = (torch.randn(8, 5, generator=g) for _ in range(4))
+    full1, full2 = p1.clone().requires_grad_(), p2.clone().requires_grad_()
+    loss = simsiam.negative_cosine_loss(full1, full2, z1, z2)
+    loss.backward()
+    results = spawn(_ddp_loss, p1, p2, z1, z2)
+    assert math.isclose(sum(r[0] for r in results) / 2, loss.item(), rel_tol=1e-6)
+    assert torch.allclose(torch.cat([r[1] for r in results]) / 2, full1.grad, atol=1e-7)
+    assert torch.allclose(torch.cat([r[2] for r in results]) / 2, full2.grad, atol=1e-7)
+
+
+def _one_step(model, crops, args, ddp=None):
+    b = crops[0].shape[0]
+    out = (ddp or model)(crops)
+    loss = simsiam.negative_cosine_loss(out["p"][:b], out["p"][b:], out["z"][:b], out["z"][b:])
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(simsiam.param_groups(model, args.weight_decay, True), lr=0.5, momentum=0.9)
+    opt.step()
+    return loss.item(), grads, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _ddp_step(rank, world, state, x1, x2):
+    args = simsiam.parse_args(SMALL)
+    model = simsiam.SimSiam(args, small_images=True)
+    model.load_state_dict(state)
+    model.eval()  # BN on running statistics: each image's output depends on itself only
+    ddp = nn.parallel.DistributedDataParallel(model)
+    b = x1.shape[0] // world
+    return _one_step(model, [x1[rank * b:(rank + 1) * b], x2[rank * b:(rank + 1) * b]], args, ddp)
+
+
+def test_ddp_step_two_processes_equal_one_process():
+    """The whole model, DDP-wrapped and called once, in 2 gloo processes on halves of the
+    batch: the mean of the losses, the (DDP-averaged) gradients and the weights after one
+    SGD step equal one process on the whole batch, and both processes hold the same weights."""
+    args = simsiam.parse_args(SMALL)
+    torch.manual_seed(0)
+    model = simsiam.SimSiam(args, small_images=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(3)
+    x1, x2 = torch.randn(8, 3, 8, 8, generator=g), torch.randn(8, 3, 8, 8, generator=g)
+    model.eval()
+    loss, grads, after = _one_step(model, [x1, x2], args)
+    results = spawn(_ddp_step, state, x1, x2)
+    assert math.isclose(sum(r[0] for r in results) / 2, loss, rel_tol=1e-5)
+    for r in results:
+        for n in grads:
+            assert torch.allclose(r[1][n], grads[n], atol=1e-6, rtol=1e-4), n
+        for k in after:
+            assert torch.allclose(r[2][k].float(), after[k].float(), atol=1e-6), k
+    for k in after:
+        assert torch.equal(results[0][2][k], results[1][2][k]), k
+
+
+def test_param_groups_fix_the_predictor_and_spare_biases_and_norms():
+    args = simsiam.parse_args(SMALL + ["--xattn", "--xattn-clusters", "4"])
+    model = simsiam.SimSiam(args, small_images=True)
+    groups = simsiam.param_groups(model, 5e-4, fix_pred_lr=True)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(set(ids)) == len(ids)
+    fixed = {id(p) for g in groups if g["fix_lr"] for p in g["params"]}
+    assert fixed == {id(p) for p in model.predictor.parameters()}
+    for g in groups:
+        assert g["weight_decay"] == (5e-4 if all(p.ndim > 1 for p in g["params"]) else 0.0)
+    assert not any(g["fix_lr"] for g in simsiam.param_groups(model, 5e-4, fix_pred_lr=False))
+    assert simsiam.parse_args([]).fix_pred_lr and not simsiam.parse_args(["--no-fix-pred-lr"]).fix_pred_lr
+
+
+def test_model_outputs_and_add_on_rows():
+    args = simsiam.parse_args(SMALL + ["--xattn", "--xattn-clusters", "4"])
+    torch.manual_seed(0)
+    model = simsiam.SimSiam(args, small_images=True)
+    x1, x2, pos = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    out = model([x1, x2])
+    assert out["z"].shape == (8, 32) and out["p"].shape == (8, 32) and out["h"].shape == (8, 512)
+    assert "f" not in out  # no positives: no add-on work
+    out = model([x1, x2], pos)
+    assert out["f"].shape[0] == 4 + 8 and out["logits"].shape == (12, 4)
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        simsiam.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--fix-pred-lr", "--pred-hidden", "--qscore-lambda", "--xattn-positives", "--resume", "--sync-bn"):
+        assert flag in text
+
+
+# --- the script end to end ----------------------------------------------------------------
+RUN = TINY + ["--epochs", "2", "--lr", "3", "--knn-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """One unbroken 2-epoch run, shared by the output test and the resume test."""
+    d = tmp_path_factory.mktemp("simsiam") / "straight"
+    p = run(["simsiam.py"] + RUN + ["--run-dir", str(d)])
+    return d, p
+
+
+def test_script_trains_and_writes_the_run(straight):
+    d, p = straight
+    assert "img/s" in p.stdout and "knn_top1" in p.stdout
+    m = read_metrics(d)
+    assert [r["epoch"] for r in m] == [1, 2]
+    assert m[1]["loss"] < m[0]["loss"]
+    for k in ("loss_ssl", "lr", "qscore", "qscore_active", "qscore_under_alpha", "collapse_std",
+              "images_per_s", "peak_mem_gb", "seconds"):
+        assert k in m[0] and k in m[1]
+    assert "knn_top1" in m[1] and m[1]["knn_top1"] > 0.2  # 10 classes
+    assert m[1]["collapse_std"] > 0.5 / math.sqrt(2048)  # not collapsed: about 1/sqrt(d)
+    assert {"args.json", "metrics.jsonl", "checkpoint.pt", "backbone.pt"} <= set(os.listdir(d))
+    ckpt = torch.load(d / "checkpoint.pt", weights_only=False)
+    assert ckpt["method"] == "simsiam" and ckpt["epoch"] == 2
+    base = 3 * 32 / 256
+    lrs = {g["fix_lr"]: g["lr"] for g in ckpt["optimizer"]["param_groups"]}
+    assert lrs[True] == base and lrs[False] < base / 2  # the predictor's LR never decays
+    import common
+    common.build_backbone("resnet18", small_images=True, weights=str(d / "backbone.pt"))
+
+
+def test_resume_after_kill_ends_with_the_same_weights(straight, tmp_path):
+    broken = tmp_path / "broken"
+    # start the same run, kill it as soon as epoch 1's checkpoint is written, then resume
+    proc = subprocess.Popen([sys.executable, "simsiam.py"] + RUN + ["--run-dir", str(broken)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    deadline = time.time() + 120
+    while not (broken / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(broken / "checkpoint.pt", weights_only=False)["epoch"] == 1, "the kill came too late"
+    run(["simsiam.py"] + RUN + ["--resume", str(broken)])
+    a = torch.load(straight[0] / "checkpoint.pt", weights_only=False)
+    b = torch.load(broken / "checkpoint.pt", weights_only=False)
+    assert b["epoch"] == 2
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.allclose(sa["momentum_buffer"], sb["momentum_buffer"], atol=1e-6)
+    assert len(read_metrics(broken)) == 2
+
+
+def test_script_with_both_addons(tmp_path):
+    d = tmp_path / "run"
+    run(["simsiam.py"] + TINY + ["--epochs", "1", "--knn-every", "0", "--qscore-lambda", "0.1", "--xattn",
+                                 "--xattn-clusters", "8", "--xattn-positives", "2", "--run-dir", str(d)])
+    m = read_metrics(d)
+    assert all(math.isfinite(m[-1][k]) for k in ("loss_ssl", "loss_qscore", "loss_mask", "loss_cls"))
+    ckpt = torch.load(d / "checkpoint.pt", weights_only=False)
+    assert any(k.startswith("xattn.") for k in ckpt["model"])
+    backbone = torch.load(d / "backbone.pt")
+    assert not any("xattn" in k or "projector" in k or "predictor" in k for k in backbone)  # heads dropped
+
+
+def test_torchrun_two_processes(tmp_path):
+    d = tmp_path / "run"
+    p = torchrun("simsiam.py", TINY + ["--epochs", "1", "--xattn", "--xattn-clusters", "8", "--run-dir", str(d)])
+    assert "2 process(es)" in p.stdout
+    m = read_metrics(d)
+    assert len(m) == 1 and m[0]["knn_top1"] > 0 and math.isfinite(m[0]["loss"])
+
+
+@pytest.mark.parametrize("argv,env,needle", [
+    (["--batch-size", "33"], {"WORLD_SIZE": "2", "RANK": "0"}, "not divisible"),
+    (["--dataset", "folder", "--data-dir", "/nonexistent"], {}, "does not exist"),
+])
+def test_bad_input_is_one_sentence_and_exit_2(argv, env, needle):
+    p = run(["simsiam.py"] + argv, env=env, check=False)
+    assert p.returncode == 2, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert "error:" in last and needle in last and "Traceback" not in p.stderr
+
+
+def test_checkpoint_of_another_method_is_refused(tmp_path):
+    torch.save({"method": "simclr", "args": {"backbone": "resnet18"}, "epoch": 1}, tmp_path / "checkpoint.pt")
+    p = run(["simsiam.py", "--resume", str(tmp_path)], check=False)
+    assert p.returncode == 2 and "simclr checkpoint, not simsiam" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path):
+    d = tmp_path / "run"
+    p = run(["simsiam.py"] + TINY + ["--epochs", "2", "--lr", "1e38", "--knn-every", "0", "--run-dir", str(d)],
+            check=False)
+    assert p.returncode == 1
+    assert "non-finite at epoch 1, step" in p.stdout
+    assert not (d / "checkpoint.pt").exists()  # nothing written after the loss went bad
