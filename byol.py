@@ -1,0 +1,475 @@
+"""BYOL: from one view of an image, an online network predicts a target network's projection
+of another view. The target is a slow moving average of the online network; no negatives.
+
+Grill et al., "Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning",
+NeurIPS 2020. Defaults: solo-learn's CIFAR recipe.
+
+    python byol.py --dataset digits --epochs 1                    # offline demo
+    python byol.py --dataset cifar10 --data-dir data              # 1000 epochs, 1 GPU
+    torchrun --nproc_per_node=4 byol.py --dataset folder --data-dir /imagenet \
+        --backbone resnet50 --batch-size 4096 --lr 0.2 --weight-decay 1.5e-6 --tau-base 0.996
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+METHOD = "byol"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="digits", choices=common.DATASETS, help="data set; digits needs no download")
+    p.add_argument("--data-dir", default="data", help="where torchvision data sets are downloaded, or the ImageFolder root")
+    p.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet34", "resnet50"], help="torchvision ResNet")
+    p.add_argument("--image-size", type=int, default=0, help="crop side in pixels; 0: the data set's native size")
+    p.add_argument("--epochs", type=int, default=1000, help="training epochs (solo-learn CIFAR: 1000)")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch, split over processes (solo-learn: 256)")
+    p.add_argument("--lr", type=float, default=1.0, help="LARS learning rate per 256 images (solo-learn CIFAR: 1.0)")
+    p.add_argument("--weight-decay", type=float, default=1e-5, help="weight decay, not on biases and norms (solo-learn: 1e-5)")
+    p.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn CIFAR: 0.02)")
+    p.add_argument("--warmup-epochs", type=float, default=10, help="linear warm-up, then cosine decay (solo-learn: 10)")
+    p.add_argument("--tau-base", type=float, default=0.99, help="target EMA decay at the first step (solo-learn CIFAR: 0.99)")
+    p.add_argument("--tau-final", type=float, default=1.0, help="target EMA decay at the last step (BYOL Sec. 3.2: 1.0)")
+    p.add_argument("--proj-hidden", type=int, default=4096, help="projector hidden width (BYOL, solo-learn: 4096)")
+    p.add_argument("--proj-dim", type=int, default=256, help="projector output width (BYOL, solo-learn: 256)")
+    p.add_argument("--pred-hidden", type=int, default=4096, help="predictor hidden width (BYOL, solo-learn: 4096)")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (solo-learn and BYOL use it)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentations")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
+    p.add_argument("--workers", type=int, default=4, help="data-loader processes per training process")
+    p.add_argument("--run-dir", default="", help="output folder; default runs/<method>_<dataset>_s<seed>_<time>")
+    p.add_argument("--resume", default="", help="run folder (or checkpoint.pt) of a killed run to continue")
+    p.add_argument("--steps-per-epoch", type=int, default=0, help="cap on steps per epoch, for tests and benchmarks; 0: all")
+    p.add_argument("--knn-every", type=int, default=1, help="kNN evaluation every N epochs (and after the last); 0: never")
+    p.add_argument("--knn-limit", type=int, default=0, help="kNN bank: this many training images (fixed subset); 0: all")
+    p.add_argument("--log-every", type=int, default=50, help="progress line every N steps")
+    add_addon_flags(p)
+    return p.parse_args(argv)
+
+
+# --- the method ---------------------------------------------------------------------
+def mlp(d_in, hidden, d_out):
+    """BYOL's projector and predictor (Sec. 3.3): linear, BN, ReLU, linear (no bias before BN)."""
+    return nn.Sequential(nn.Linear(d_in, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, d_out))
+
+
+def without_running_stats(net):
+    """The target only normalizes with batch statistics, as the online network does in training.
+    Running averages would be unused state, updated by each process from its own batch:
+    without them the target is the same on every process."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+    return net
+
+
+class BYOL(nn.Module):
+    """Online: backbone -> h -> projector -> z -> predictor -> p. Target: a copy of the
+    backbone and projector, moved only by `ema_update`. Downstream tasks use the online h."""
+
+    def __init__(self, args, small_images):
+        super().__init__()
+        self.backbone = common.build_backbone(args.backbone, small_images)
+        d = self.backbone.dim
+        self.projector = mlp(d, args.proj_hidden, args.proj_dim)
+        self.predictor = mlp(args.proj_dim, args.pred_hidden, args.proj_dim)
+        # Same initial weights as the online network (BYOL's and solo-learn's start), never trained by gradient.
+        self.target_backbone = without_running_stats(copy.deepcopy(self.backbone)).requires_grad_(False)
+        self.target_projector = without_running_stats(copy.deepcopy(self.projector)).requires_grad_(False)
+        self.xattn = CrossAttentionHead(d, args.xattn_clusters, args.xattn_temp) if args.xattn else None
+
+    def forward(self, crops, positives=None):
+        b = crops[0].shape[0]
+        x = torch.cat(crops + ([positives] if positives is not None else []))  # all views share one size
+        f, h = self.backbone(x)  # (V*b [+ b*P], D, h, w), (V*b [+ b*P], D)
+        z = self.projector(h[: 2 * b])  # (2b, d)
+        out = {"h": h[: 2 * b], "z": z, "p": self.predictor(z)}
+        with torch.no_grad():  # the target is the regression target: no gradient flows into it
+            out["z_target"] = self.target_projector(self.target_backbone(x[: 2 * b])[1])  # (2b, d)
+        if self.xattn is not None and positives is not None:
+            out["f"] = torch.cat([f[:b], f[2 * b:]])  # anchors (the first view), then their positives
+            out["beta"], out["logits"] = self.xattn(out["f"])
+        return out
+
+
+def regression_loss(p1, p2, z1, z2):
+    """BYOL's loss, Eq. (2) of Grill et al. 2020, symmetrized as in Sec. 3.1:
+        L = || p/||p|| - z'/||z'|| ||^2 = 2 - 2 <p, z'> / (||p|| ||z'||)
+    and L_BYOL = L(p1, z2) + L(p2, z1). p1, p2: (b, d) online predictions of views 1 and 2;
+    z1, z2: (b, d) target projections, always detached. Returns the mean over this process's
+    b images; images are independent, so DDP's averaged gradient is the whole batch's."""
+    p = F.normalize(torch.cat([p1, p2]).float(), dim=1)  # (2b, d)
+    z = F.normalize(torch.cat([z2, z1]).float().detach(), dim=1)  # (2b, d): the other view's target
+    per_view = 2 - 2 * (p * z).sum(1)  # (2b,)
+    return per_view.view(2, -1).sum(0).mean()
+
+
+def tau_at(step, total, base, final=1.0):
+    """Target decay at global step k of K (Sec. 3.2): tau = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2,
+    written for any final value as solo-learn does."""
+    return final - (final - base) * (math.cos(math.pi * step / max(1, total)) + 1) / 2
+
+
+@torch.no_grad()
+def ema_update(target, online, tau):
+    """xi <- tau xi + (1 - tau) theta (Eq. 1), over parameters only: the target keeps no
+    buffers (`without_running_stats`). Online parameters are the same on every process
+    after DDP's step, so the target stays the same on every process too."""
+    for t, o in zip(target.parameters(), online.parameters()):
+        t.mul_(tau).add_(o.detach(), alpha=1 - tau)
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and LARS (You et al. 2017): each weight's update is scaled by
+    eta * ||w|| / ||g + wd w||. Groups with `lars=False` (biases, norms) get plain SGD
+    and no weight decay, as in SimCLR and BYOL."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if g["lars"]:
+                    d = d.add(p, alpha=g["weight_decay"])
+                    w_norm, d_norm = p.norm(), d.norm()
+                    trust = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, 1.0)
+                    d = d * trust  # no host sync: the ratio stays on the device
+                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                buf.mul_(g["momentum"]).add_(d)
+                p.add_(buf, alpha=-g["lr"])
+
+
+def param_groups(model):
+    """Biases and norm weights (1-d tensors) get no weight decay and no LARS adaptation."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars": False}]
+
+
+# --- add-ons: Q-Score regularization and spatial cross-attention ------------------------
+# The same text in every method script (tests/test_addons_block.py checks it), so that a
+# copied script stands alone.
+def add_addon_flags(p):
+    p.add_argument("--qscore-lambda", type=float, default=0.0,
+                   help="Q-Score regularization weight lambda (Kalibhat et al. Eq. 4); 0 turns it off")
+    p.add_argument("--qscore-alpha", type=float, default=0.2,
+                   help="regularize samples with Q_i < alpha (Eq. 4); the paper gives no value, 0.2 is ours")
+    p.add_argument("--qscore-eps", type=float, default=3.0, help="highly activating: h_ij > mu_i + eps sigma_i (Eq. 2; paper: 3)")
+    p.add_argument("--xattn", action="store_true", help="spatial cross-attention add-on (Seyfi et al.)")
+    p.add_argument("--xattn-positives", type=int, default=1, help="positives P per image, from its k-means cluster (Sec. 2.3)")
+    p.add_argument("--xattn-clusters", type=int, default=100, help="k-means clusters K_c = classifier outputs (paper: 50-3000)")
+    p.add_argument("--xattn-temp", type=float, default=0.05, help="classifier temperature tau_c (Eq. 6; paper: 0.05)")
+    p.add_argument("--xattn-w-mask", type=float, default=0.05, help="weight w1 of L_mu (Eq. 7; paper: 0.05)")
+    p.add_argument("--xattn-w-cls", type=float, default=0.1, help="weight w2 of L_cls (Eq. 7; paper: 0.1)")
+
+
+def qscore(h, eps=3.0):
+    """Q-Score of each sample (Kalibhat et al., Eq. 2 and 3), label-free.
+    h: (B, D) pooled backbone representations; they are L2-normalized here.
+    L_i = {j : h_ij > mu_i + eps * sigma_i} (population std over the D features);
+    Q_i = mean over j in L_i of (h_ij - mu_i). An empty L_i becomes the single largest
+    feature: the limit of Eq. 2 as eps falls, and it keeps a gradient.
+    Returns Q (B,) with gradient through h, and the mask of L (B, D) bool."""
+    h = F.normalize(h.float(), dim=1)
+    mu, sigma = h.mean(1, keepdim=True), h.std(1, correction=0, keepdim=True)  # (B, 1)
+    mask = h > mu + eps * sigma
+    top = F.one_hot(h.argmax(1), h.shape[1]).bool()
+    mask = torch.where(mask.any(1, keepdim=True), mask, top)
+    q = ((h - mu) * mask).sum(1) / mask.sum(1)
+    return q, mask
+
+
+def qscore_regularizer(h, lam, alpha, eps=3.0):
+    """The Q-Score term of Eq. 4, as a loss to add: -lambda * mean_i[1{Q_i < alpha} Q_i].
+    The indicator carries no gradient; Q_i does, through h, so minimizing this raises the
+    Q-Score of low-quality samples and leaves samples above alpha alone.
+    Returns the loss (scalar) and statistics (device tensors, no host sync)."""
+    q, mask = qscore(h, eps)
+    low = (q < alpha).float().detach()
+    loss = -lam * (low * q).mean()
+    stats = {"qscore": q.mean().detach(), "qscore_active": mask.sum(1).float().mean(), "qscore_under_alpha": low.mean()}
+    return loss, stats
+
+
+def correlation_mask(f_s, f_p):
+    """Correlation mask mu (Seyfi et al., Eq. 3 and 4), the supervision of the attention head.
+    f_s: (B, D, H, W) feature maps of the images; f_p: (B, P, D, H', W') of their P positives.
+    rho_ij(I_s, I') = (1/D) max_{i',j'} <f_s[:, i, j], f'[:, i', j']>, averaged over the P
+    positives, then scaled to [0, 1] per image. Computed without gradient: it supervises.
+    Returns mu (B, H, W)."""
+    with torch.no_grad():
+        b, d, hgt, wid = f_s.shape
+        s = f_s.float().flatten(2)  # (B, D, HW)
+        p = f_p.float().flatten(3)  # (B, P, D, H'W')
+        corr = torch.einsum("bdi,bpdj->bpij", s, p) / d  # (B, P, HW, H'W')
+        mu = corr.max(dim=3).values.mean(dim=1)  # (B, HW): best match in each positive, averaged
+        lo, hi = mu.min(1, keepdim=True).values, mu.max(1, keepdim=True).values
+        mu = (mu - lo) / (hi - lo).clamp_min(1e-12)
+        return mu.view(b, hgt, wid)
+
+
+class CrossAttentionHead(nn.Module):
+    """Attention head and classifier of the add-on (Seyfi et al., Sec. 2.3, App. 1.1).
+    beta = sigmoid(conv1x1(relu(f))), one channel; the explanation map f * beta is
+    pooled and classified over the K_c k-means clusters, logits divided by tau_c.
+    Dropped after training: backbone.pt never holds it."""
+
+    def __init__(self, dim, clusters, temperature=0.05):
+        super().__init__()
+        self.attn = nn.Conv2d(dim, 1, kernel_size=1)
+        self.classifier = nn.Linear(dim, clusters)
+        self.temperature = temperature
+
+    def forward(self, f):  # f (N, D, H, W) -> beta (N, 1, H, W), logits (N, K_c)
+        beta = torch.sigmoid(self.attn(F.relu(f)))
+        logits = self.classifier((f * beta).mean(dim=(2, 3))) / self.temperature
+        return beta, logits
+
+
+def xattn_losses(f, beta, logits, labels, positives):
+    """L_mu (Eq. 5) and L_cls (Eq. 6). f: (B + B*P, D, H, W) anchors then their positives
+    (anchor-major); beta, logits: the head's outputs for those rows; labels: (B,) pseudo-labels
+    of the anchors, which their positives share."""
+    b = labels.shape[0]
+    fs, fp = f[:b], f[b:].unflatten(0, (b, positives))  # (B, D, H, W), (B, P, D, H, W)
+    mu = correlation_mask(fs, fp)
+    loss_mask = F.mse_loss(beta[:b, 0].float(), mu)
+    loss_cls = F.cross_entropy(logits.float(), torch.cat([labels, labels.repeat_interleave(positives)]))
+    return loss_mask, loss_cls
+
+
+def cluster_bank(model, embed, train_set, args, size, stats, native, device, epoch):
+    """Sec. 2.1: embed the whole training set, cluster it with k-means, and return each
+    image's pseudo-label (N,) on `device` (identical on every process)."""
+    z, _ = common.extract_features(model, train_set, size, stats, native, device, workers=args.workers, embed=embed)
+    bank = common.MemoryBank(len(train_set), z.shape[1], device)
+    bank.z.copy_(F.normalize(z, dim=1))
+    labels, _ = bank.kmeans(args.xattn_clusters, seed=args.seed * 1000 + epoch)
+    return labels
+# --- end add-ons
+
+
+# --- training -----------------------------------------------------------------------
+def check_args(args):
+    """Bad input gets one sentence (common.UserError -> exit 2) before any work."""
+    common.check_dataset(args.dataset, args.data_dir)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        raise common.UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes.")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise common.UserError("--device cuda was asked for, but no GPU is visible.")
+    if args.resume:
+        path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume, "checkpoint.pt")
+        if not os.path.isfile(path):
+            raise common.UserError(f"--resume: no checkpoint at '{path}'.")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if ckpt.get("method") != METHOD:
+            raise common.UserError(f"--resume: '{path}' is a {ckpt.get('method')} checkpoint, not {METHOD}.")
+        if ckpt["args"]["backbone"] != args.backbone:
+            raise common.UserError(f"--resume: '{path}' holds a {ckpt['args']['backbone']}, not --backbone {args.backbone}.")
+        return ckpt, os.path.dirname(path)
+    return None, None
+
+
+def lr_at(step, total, warmup, base):
+    """Per-step schedule: linear warm-up, then cosine decay to 0."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def save_atomic(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a kill leaves the previous file whole
+
+
+def main(args):
+    ckpt, resume_dir = check_args(args)
+    # set-up: device, processes, seed, run folder
+    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    if distributed:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = common.rank(), common.world_size()
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    if use_cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    run_dir = resume_dir or args.run_dir or os.path.join("runs", f"{METHOD}_{args.dataset}_s{args.seed}_{int(time.time())}")
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as fh:
+            json.dump(vars(args), fh, indent=2)
+
+    # data
+    native = common.IMAGE_SIZE[args.dataset]
+    size = args.image_size or native
+    stats = common.STATS[args.dataset]
+    train_set = common.make_dataset(args.dataset, args.data_dir, train=True)
+    knn_train = common.eval_dataset(args.dataset, args.data_dir)
+    if args.knn_limit and args.knn_limit < len(knn_train):
+        keep = np.random.RandomState(0).permutation(len(knn_train))[: args.knn_limit]
+        knn_train = torch.utils.data.Subset(knn_train, keep.tolist())
+    knn_test = common.make_dataset(args.dataset, args.data_dir, train=False)
+    num_classes = len(knn_test.classes)
+    loader = common.TrainLoader(train_set, common.byol_views(size), args.batch_size, stats, device,
+                                seed=args.seed, workers=args.workers, positive=common.positive_view(size))
+    steps = min(len(loader), args.steps_per_epoch) if args.steps_per_epoch else len(loader)
+
+    # model and optimizer
+    model = BYOL(args, small_images=size <= 64).to(device)
+    if args.sync_bn and distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if use_cuda:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = LARS(param_groups(model), lr=0.0, weight_decay=args.weight_decay, eta=args.lars_eta)
+    start_epoch = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch = ckpt["epoch"]
+        if ckpt["momentum_step"] != start_epoch * steps:  # the target's tau schedule would jump
+            raise common.UserError(f"--resume: the checkpoint is at momentum step {ckpt['momentum_step']}, "
+                                   f"not {start_epoch * steps}; resume with the same --steps-per-epoch.")
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None) if distributed else model
+    base_lr = args.lr * args.batch_size / 256
+    total, warmup = args.epochs * steps, int(args.warmup_epochs * steps)
+    if rank == 0:
+        print(f"{METHOD}: {args.dataset} {len(train_set)} images at {size}px, {args.backbone}, "
+              f"{world} process(es) on {device.type}, batch {args.batch_size}, {steps} steps/epoch -> {run_dir}", flush=True)
+
+    def embed(m, x):  # the memory bank holds the online projections z (Seyfi et al., Sec. 2.1), not p
+        return m.projector(m.backbone(x)[1])
+
+    for epoch in range(start_epoch, args.epochs):
+        torch.manual_seed(args.seed * 1000 + epoch)  # a resumed epoch replays the same randomness
+        loader.set_epoch(epoch)
+        if args.xattn:
+            labels_all = cluster_bank(model, embed, train_set, args, size, stats, native, device, epoch)
+            loader.set_clusters(labels_all.cpu().numpy(), args.xattn_positives)
+        model.train()
+        sums = {}
+        bad = torch.zeros((), device=device)  # first non-finite step + 1, or 0
+        t0, seen = time.time(), 0
+        if use_cuda:
+            torch.cuda.reset_peak_memory_stats()
+        for step, (crops, idx, positives) in enumerate(loader):
+            if step >= steps:
+                break
+            it = epoch * steps + step
+            lr = lr_at(it, total, warmup, base_lr)
+            tau = tau_at(it, total, args.tau_base, args.tau_final)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            if use_cuda:
+                crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+                out = ddp(crops, positives if args.xattn else None)
+                b = crops[0].shape[0]
+                p, zt = out["p"], out["z_target"]
+                terms = {"loss_ssl": regression_loss(p[:b], p[b:], zt[:b], zt[b:])}
+                loss = terms["loss_ssl"]
+                if args.qscore_lambda > 0:
+                    terms["loss_qscore"], qstats = qscore_regularizer(out["h"], args.qscore_lambda, args.qscore_alpha, args.qscore_eps)
+                    loss = loss + terms["loss_qscore"]
+                else:
+                    _, qstats = qscore_regularizer(out["h"].detach(), 0.0, args.qscore_alpha, args.qscore_eps)
+                if args.xattn:
+                    terms["loss_mask"], terms["loss_cls"] = xattn_losses(
+                        out["f"], out["beta"], out["logits"], labels_all[idx], args.xattn_positives)
+                    loss = loss + args.xattn_w_mask * terms["loss_mask"] + args.xattn_w_cls * terms["loss_cls"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            ema_update(model.target_backbone, model.backbone, tau)  # after the step: xi follows the new theta
+            ema_update(model.target_projector, model.projector, tau)
+
+            # bookkeeping on the device; the host reads it only at log steps
+            terms["loss"] = loss
+            terms["collapse_std"] = F.normalize(out["z"].detach().float(), dim=1).std(0).mean()  # solo-learn's monitor
+            for k, v in {**terms, **qstats}.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+            bad = torch.where((bad == 0) & ~torch.isfinite(loss.detach()), torch.tensor(step + 1.0, device=device), bad)
+            seen += b * world
+            if (step + 1) % args.log_every == 0 or step + 1 == steps:
+                stop = check_finite(bad, epoch, run_dir)
+                if stop:
+                    return stop
+                if rank == 0:
+                    el = time.time() - t0
+                    left = el / (step + 1) * ((args.epochs - epoch) * steps - step - 1)
+                    print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} loss {loss.item():.4f} "
+                          f"lr {lr:.4g} {seen / el:.0f} img/s, {left / 60:.1f} min left", flush=True)
+
+        # end of epoch: metrics, kNN, checkpoint
+        seconds = time.time() - t0
+        stop = check_finite(bad, epoch, run_dir)
+        if stop:
+            return stop
+        metrics = {"epoch": epoch + 1, "lr": lr, "tau": tau}
+        for k, v in sums.items():
+            if distributed:
+                dist.all_reduce(v)
+                v = v / world
+            metrics[k] = v.item() / steps
+        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            htr, ytr = common.extract_features(model.backbone, knn_train, size, stats, native, device, workers=args.workers)
+            hte, yte = common.extract_features(model.backbone, knn_test, size, stats, native, device, workers=args.workers)
+            metrics["knn_top1"] = common.knn_top1(htr, ytr, hte, yte, num_classes)
+        metrics.update(images_per_s=seen / seconds, seconds=seconds,
+                       peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if use_cuda else 0.0)
+        if rank == 0:
+            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as fh:
+                fh.write(json.dumps(metrics) + "\n")
+            save_atomic({"method": METHOD, "args": vars(args), "epoch": epoch + 1, "model": model.state_dict(),  # + target
+                         "optimizer": optimizer.state_dict(), "momentum_step": (epoch + 1) * steps},
+                        os.path.join(run_dir, "checkpoint.pt"))
+            save_atomic(model.backbone.state_dict(), os.path.join(run_dir, "backbone.pt"))
+            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()), flush=True)
+        if distributed:
+            dist.barrier()
+    if distributed:
+        dist.destroy_process_group()
+    return 0
+
+
+def check_finite(bad, epoch, run_dir):
+    """Stop every process at once when a loss went non-finite; the last checkpoint stays."""
+    if common.world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item() == 0:
+        return 0
+    if common.rank() == 0:
+        print(f"error: the loss became non-finite at epoch {epoch + 1}, step {int(bad.item())}; "
+              f"stopping, the last good checkpoint stays in {run_dir}.", flush=True)
+    return 1
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main(parse_args()))
+    except common.UserError as e:
+        common.fail(str(e))

@@ -1,0 +1,238 @@
+"""byol.py: the loss against the paper's equation, the EMA target, DDP equivalence and
+consistency across processes, end-to-end runs, resume, bad input."""
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import byol
+import common
+from conftest import REPO, TINY, read_metrics, run, spawn, torchrun
+
+SMALL = ["--proj-hidden", "64", "--pred-hidden", "64", "--proj-dim", "32"]  # narrow heads: fast unit tests
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return byol.BYOL(byol.parse_args(SMALL), small_images=True)
+
+
+def _crops(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 3, 16, 16, generator=g) for _ in range(2)]
+
+
+def _loss(out, b):
+    return byol.regression_loss(out["p"][:b], out["p"][b:], out["z_target"][:b], out["z_target"][b:])
+
+
+def _slow_regression_loss(p1, p2, z1, z2):
+    """Eq. (2) of Grill et al., one image at a time: ||p/||p|| - z'/||z'|| ||^2, each view
+    predicting the other's target, summed over the two directions, averaged over images."""
+    total = 0.0
+    for i in range(p1.shape[0]):
+        for p, z in ((p1[i], z2[i]), (p2[i], z1[i])):
+            pn = p / torch.sqrt((p * p).sum())
+            zn = z / torch.sqrt((z * z).sum())
+            total = total + ((pn - zn) ** 2).sum()
+    return total / p1.shape[0]
+
+
+def test_regression_loss_matches_the_paper_equation_and_stops_target_gradient():
+    g = torch.Generator().manual_seed(0)
+    p1, p2, z1, z2 = (torch.randn(6, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    for t in (p1, z1, z2):
+        t.requires_grad_(True)
+    got = byol.regression_loss(p1, p2, z1, z2)
+    assert torch.allclose(got.double(), _slow_regression_loss(p1, p2, z1, z2), atol=1e-6)
+    got.backward()
+    assert p1.grad is not None and z1.grad is None and z2.grad is None  # the target is a regression target, not a parameter
+    # 2 - 2 cos: 0 when each prediction points at the other view's target, 8 when opposite (two terms)
+    assert byol.regression_loss(3 * z2, 0.5 * z1, z1, z2).abs().item() < 1e-6
+    assert abs(byol.regression_loss(-z2, -z1, z1, z2).item() - 8.0) < 1e-5
+
+
+def test_ema_update_and_tau_schedule_by_hand():
+    torch.manual_seed(0)
+    online, target = nn.Linear(3, 2), nn.Linear(3, 2)
+    t0 = [p.detach().clone() for p in target.parameters()]
+    byol.ema_update(target, online, 0.9)
+    for before, o, t in zip(t0, online.parameters(), target.parameters()):
+        assert torch.allclose(t, 0.9 * before + 0.1 * o.detach())
+    # BYOL Sec. 3.2: tau = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2
+    assert byol.tau_at(0, 100, 0.99) == pytest.approx(0.99)
+    assert byol.tau_at(50, 100, 0.99) == pytest.approx(0.995)
+    assert byol.tau_at(100, 100, 0.99) == pytest.approx(1.0)
+    assert byol.tau_at(25, 100, 0.99) == pytest.approx(1 - 0.01 * (0.5 ** 0.5 + 1) / 2)
+    assert byol.tau_at(0, 100, 0.9, 0.95) == pytest.approx(0.9) and byol.tau_at(100, 100, 0.9, 0.95) == pytest.approx(0.95)
+
+
+def test_target_gets_no_gradient_and_keeps_no_buffers():
+    model = _model()
+    assert all(torch.equal(a, b) for a, b in zip(model.backbone.parameters(), model.target_backbone.parameters()))
+    out = model(_crops(4, 1))
+    assert out["z_target"].requires_grad is False
+    _loss(out, 4).backward()
+    targets = list(model.target_backbone.parameters()) + list(model.target_projector.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in targets)
+    assert all(p.grad is not None for p in model.predictor.parameters())
+    assert not any(n.startswith("target_") for n, _ in model.named_buffers())  # batch statistics only
+    trained = {id(p) for g in byol.param_groups(model) for p in g["params"]}  # what LARS moves
+    assert {id(p) for p in model.predictor.parameters()} <= trained and not {id(p) for p in targets} & trained
+
+
+def _no_bn(module):
+    """Batch statistics tie every output to the per-process batch; without BatchNorm, the
+    model's rows are independent and 2 processes must reproduce 1 process exactly."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(module, name, nn.Identity())
+        else:
+            _no_bn(child)
+    return module
+
+
+def _train_step(model, net, crops, tau=0.99):
+    """One BYOL step as main() does it: forward through `net` (the DDP wrapper or the
+    model), loss, backward, LARS, then the EMA of the target."""
+    opt = byol.LARS(byol.param_groups(model), lr=0.5, weight_decay=1e-5)
+    b = crops[0].shape[0]
+    loss = _loss(net(crops), b)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    opt.step()
+    byol.ema_update(model.target_backbone, model.backbone, tau)
+    byol.ema_update(model.target_projector, model.projector, tau)
+    return loss.item(), grads, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _ddp_equivalence(rank, world, emb, crops):
+    # the loss on given embeddings, each process holding its rows
+    b = emb[0].shape[0] // world
+    mine = [e[rank * b:(rank + 1) * b].clone().requires_grad_(True) for e in emb]
+    loss_emb = byol.regression_loss(*mine)
+    loss_emb.backward()
+    emb_grads = [m.grad for m in mine[:2]]
+    # one whole training step through DDP
+    model = _no_bn(_model())
+    net = nn.parallel.DistributedDataParallel(model)
+    step = _train_step(model, net, [c[rank * b:(rank + 1) * b] for c in crops])
+    return loss_emb.item(), emb_grads, step
+
+
+def test_ddp_two_processes_equal_one_process_on_the_global_batch():
+    """regression_loss returns the mean over a process's b of the W*b images, and images do
+    not interact, so the single-process loss is the mean of the W local losses and its
+    gradient w.r.t. rows held by rank r is (1/W) * rank r's local gradient. DDP averages
+    parameter gradients over processes, so the averaged gradient (and the LARS step and the
+    EMA that follow) equal one process on the whole batch."""
+    n, world = 8, 2
+    g = torch.Generator().manual_seed(3)
+    emb = [torch.randn(n, 16, generator=g) for _ in range(4)]
+    crops = _crops(n, 4)
+    results = spawn(_ddp_equivalence, emb, crops, world=world)
+    # the loss on embeddings
+    single = [e.clone().requires_grad_(True) for e in emb]
+    loss = byol.regression_loss(*single)
+    loss.backward()
+    assert sum(r[0] for r in results) / world == pytest.approx(loss.item(), abs=1e-6)
+    b = n // world
+    for r, res in enumerate(results):
+        for v in range(2):
+            assert torch.allclose(single[v].grad[r * b:(r + 1) * b], res[1][v] / world, atol=1e-7)
+    # the whole step
+    model = _no_bn(_model())
+    s_loss, s_grads, s_state = _train_step(model, model, crops)
+    assert sum(r[2][0] for r in results) / world == pytest.approx(s_loss, rel=1e-5)
+    for res in results:
+        _, grads, state = res[2]
+        assert grads.keys() == s_grads.keys() and not any(k.startswith("target_") for k in grads)
+        for k in s_grads:
+            assert torch.allclose(grads[k], s_grads[k], rtol=1e-4, atol=1e-6), k
+        for k in s_state:
+            assert torch.allclose(state[k], s_state[k], rtol=1e-4, atol=1e-6), k
+    t0 = _no_bn(_model()).state_dict()
+    assert not torch.equal(s_state["target_projector.0.weight"], t0["target_projector.0.weight"])  # the EMA moved it
+
+
+def _two_steps_real_batchnorm(rank, world):
+    model = _model()
+    net = nn.parallel.DistributedDataParallel(model)
+    for s in range(2):
+        _train_step(model, net, _crops(4, 10 * s + rank))  # each process its own images
+    return {k: v for k, v in model.state_dict().items() if k.startswith("target_")}, \
+        [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_target_is_the_same_on_every_process_after_each_step():
+    (t0, o0), (t1, o1) = spawn(_two_steps_real_batchnorm)
+    assert t0.keys() == t1.keys() and len(t0) > 0
+    assert all(torch.equal(t0[k], t1[k]) for k in t0)
+    assert all(torch.equal(a, b) for a, b in zip(o0, o1))
+    fresh = _model().state_dict()
+    assert not all(torch.equal(t0[k], fresh[k]) for k in t0)  # it did train
+
+
+def test_end_to_end_digits_and_resume_matches_an_unbroken_run(tmp_path):
+    flags = TINY + ["--epochs", "2", "--knn-every", "2"]
+    run(["byol.py"] + flags + ["--run-dir", str(tmp_path / "full")])
+    rows = read_metrics(tmp_path / "full")
+    assert [r["epoch"] for r in rows] == [1, 2] and "knn_top1" in rows[-1]
+    for key in ("loss", "loss_ssl", "lr", "tau", "qscore", "collapse_std", "images_per_s", "peak_mem_gb", "seconds"):
+        assert all(key in r and r[key] == r[key] for r in rows), key
+    assert 0 < rows[-1]["collapse_std"] and 0 <= rows[-1]["loss"] <= 8 and rows[0]["tau"] < rows[1]["tau"]
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    assert full["method"] == "byol" and full["epoch"] == 2 and full["momentum_step"] == 6
+    assert any(k.startswith("target_backbone.") for k in full["model"])
+    common.build_backbone("resnet18", weights=str(tmp_path / "full" / "backbone.pt"))
+    # a run killed right after its first checkpoint, then resumed, ends with the same weights
+    kill = ("import sys, byol\norig, n = byol.save_atomic, [0]\n"
+            "def save(obj, path):\n    orig(obj, path)\n    n[0] += 1\n"
+            "    if n[0] == 2: raise KeyboardInterrupt  # checkpoint.pt and backbone.pt of epoch 1 are written\n"
+            "byol.save_atomic = save\nbyol.main(byol.parse_args(sys.argv[1:]))\n")
+    broken = run(["-c", kill] + flags + ["--run-dir", str(tmp_path / "cut")], check=False)
+    assert broken.returncode != 0 and len(read_metrics(tmp_path / "cut")) == 1
+    run(["byol.py"] + flags + ["--resume", str(tmp_path / "cut")])
+    resumed = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert resumed["epoch"] == 2 and resumed["momentum_step"] == full["momentum_step"]
+    assert full["model"].keys() == resumed["model"].keys()
+    for k in full["model"]:  # online, predictor and target
+        assert torch.equal(full["model"][k], resumed["model"][k]), k
+    for a, b in zip(full["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum"], b["momentum"])
+    # another --steps-per-epoch would make the tau schedule jump: refused
+    with pytest.raises(common.UserError, match="momentum step 6, not 4"):
+        byol.main(byol.parse_args(flags + ["--epochs", "3", "--steps-per-epoch", "2", "--resume", str(tmp_path / "cut")]))
+
+
+def test_end_to_end_with_both_add_ons(tmp_path):
+    run(["byol.py"] + TINY + ["--epochs", "1", "--knn-every", "0", "--qscore-lambda", "0.1", "--xattn",
+                              "--xattn-clusters", "10", "--run-dir", str(tmp_path / "r")])
+    row = read_metrics(tmp_path / "r")[0]
+    assert row["loss_qscore"] <= 0 and row["loss_mask"] > 0 and row["loss_cls"] > 0
+    assert row["loss"] == pytest.approx(row["loss_ssl"] + row["loss_qscore"] + 0.05 * row["loss_mask"]
+                                        + 0.1 * row["loss_cls"], rel=1e-4)
+    assert any(k.startswith("xattn.") for k in torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)["model"])
+    assert not any("xattn" in k for k in torch.load(tmp_path / "r" / "backbone.pt", weights_only=True))
+
+
+def test_torchrun_two_processes(tmp_path):
+    p = torchrun("byol.py", TINY + ["--epochs", "1", "--knn-every", "0", "--run-dir", str(tmp_path / "r")])
+    assert "2 process(es)" in p.stdout
+    row = read_metrics(tmp_path / "r")[0]
+    assert row["epoch"] == 1 and 0 <= row["loss"] <= 8
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)["momentum_step"] == 3
+
+
+def test_bad_input_and_non_finite_loss(tmp_path):
+    p = run(["byol.py", "--dataset", "folder", "--data-dir", str(tmp_path / "none")], check=False)
+    assert p.returncode == 2 and p.stderr.startswith("error:") and "Traceback" not in p.stderr
+    torch.save({"method": "simclr", "args": {"backbone": "resnet18"}}, tmp_path / "checkpoint.pt")
+    with pytest.raises(common.UserError, match="simclr checkpoint, not byol"):
+        byol.check_args(byol.parse_args(["--resume", str(tmp_path)]))
+    d = tmp_path / "nan"
+    assert byol.main(byol.parse_args(TINY + SMALL + ["--epochs", "2", "--lr", "1e38", "--warmup-epochs", "0",
+                                                     "--run-dir", str(d)])) == 1
+    assert not (d / "checkpoint.pt").exists()  # nothing is written once the loss went bad
