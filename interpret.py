@@ -186,17 +186,17 @@ def load_inputs(args):
     unknown = [s for s in only if s not in SECTIONS]
     if unknown or not only:
         raise common.UserError(f"--only {args.only}: choose among {','.join(SECTIONS)}.")
+    weights = os.path.join(args.run_dir, "backbone.pt")
+    if not os.path.isfile(weights):
+        raise common.UserError(f"no backbone at '{weights}': '{args.run_dir}' is not a finished run of a method script.")
     pred_dir = args.predictions or args.run_dir
     path = os.path.join(pred_dir, "predictions.npz")
     if not os.path.isfile(path):
         raise common.UserError(f"no predictions at '{path}': run eval_linear.py {args.run_dir} first.")
-    weights = os.path.join(args.run_dir, "backbone.pt")
     linear = {}
     if os.path.isfile(os.path.join(pred_dir, "linear.json")):
         with open(os.path.join(pred_dir, "linear.json")) as fh:
             linear = json.load(fh)
-    if not os.path.isfile(weights):
-        raise common.UserError(f"no backbone at '{weights}': '{args.run_dir}' is not a finished run of a method script.")
     saved = {}
     if os.path.isfile(os.path.join(args.run_dir, "args.json")):
         with open(os.path.join(args.run_dir, "args.json")) as fh:
@@ -214,15 +214,18 @@ def load_inputs(args):
     p = dict(np.load(path))
     native = common.IMAGE_SIZE[args.dataset]
     size = args.image_size or native
-    backbone = common.build_backbone(linear.get("backbone", saved.get("backbone", "resnet18")), size <= 64, weights)
+    name = linear.get("backbone", saved.get("backbone", "resnet18"))
+    backbone = common.build_backbone(name, size <= 64, weights)  # a stem that does not fit the size fails here
+    if p["h"].shape[1] != backbone.dim:
+        raise common.UserError(f"'{path}' holds {p['h'].shape[1]}-wide representations, but the {name} gives "
+                               f"{backbone.dim}: run eval_linear.py {args.run_dir} again.")
     dataset = common.make_dataset(args.dataset, args.data_dir, train=False, download=False)
     targets = np.asarray(dataset.targets)
-    if p["h"].shape[1] != backbone.dim or p["index"].max() >= len(dataset) or \
-            not np.array_equal(targets[p["index"]], p["label"]):
-        raise common.UserError(f"'{path}' does not describe {args.dataset}'s evaluation split with this backbone "
-                               f"(h of width {p['h'].shape[1]}, backbone {backbone.dim}): run eval_linear.py again.")
+    if p["index"].max() >= len(dataset) or not np.array_equal(targets[p["index"]], p["label"]):
+        raise common.UserError(f"'{path}' does not describe the evaluation split of {args.dataset} at "
+                               f"'{args.data_dir}' ({len(dataset)} images): run eval_linear.py on it first.")
     head_path = os.path.join(pred_dir, "linear_head.pt")
-    head = None
+    head, head_mean, head_std, d = None, None, None, backbone.dim
     if "adai" in only:
         if not os.path.isfile(head_path):
             raise common.UserError(f"adai needs the linear head at '{head_path}': run eval_linear.py first.")
@@ -233,15 +236,15 @@ def load_inputs(args):
                                    f"gives {backbone.dim} and {args.dataset} has {len(dataset.classes)} classes.")
         head = nn.Linear(w.shape[1], w.shape[0])
         head.load_state_dict(saved_head["state_dict"])
-        d = backbone.dim
-        head.mean = torch.zeros(d) if saved_head.get("mean") is None else saved_head["mean"].float()
-        head.std = torch.ones(d) if saved_head.get("std") is None else saved_head["std"].float()
+        head_mean = torch.zeros(d) if saved_head.get("mean") is None else saved_head["mean"].float()
+        head_std = torch.ones(d) if saved_head.get("std") is None else saved_head["std"].float()
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     q, mask = qscore(p["h"], args.eps)
-    return dict(only=only, eps=args.eps, p=p, q=q, mask=mask, a=activation_share(mask), linear=linear, backbone=backbone.to(device).eval(),
-                head=head, dataset=dataset, classes=[str(c) for c in dataset.classes], size=size, native=native,
-                stats=common.STATS[args.dataset], device=device, out=args.out or os.path.join(args.run_dir, "interpret"))
+    return dict(only=only, eps=args.eps, p=p, q=q, mask=mask, a=activation_share(mask), linear=linear,
+                backbone=backbone.to(device).eval(), head=head, head_mean=head_mean, head_std=head_std, dataset=dataset,
+                classes=[str(c) for c in dataset.classes], size=size, native=native, stats=common.STATS[args.dataset],
+                device=device, out=args.out or os.path.join(args.run_dir, "interpret"))
 
 
 def load_images(ctx, rows):
@@ -312,7 +315,8 @@ def section_qscore(ctx):
     ax2.axhline(correct.mean(), color="C0", ls=":", lw=1)
     ax2.axhline(1 - correct.mean(), color="C1", ls=":", lw=1)
     ax2.set(xlabel="recall", ylabel="precision", title="precision-recall of Q-Score (dotted: chance)")
-    ax1.legend(fontsize=8), ax2.legend(fontsize=8)
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8)
     files = [save(plt, fig, ctx, "qscore_curves.png")]
     plt, fig = plt_figure(figsize=(11, 3.5))
     for i, (key, label) in enumerate((("mean_L", "mean |L_i|"), ("mean_confidence", "mean confidence"))):
@@ -403,9 +407,10 @@ def section_discriminative(ctx):
     ax = fig.add_subplot(122)
     for key in ("discriminative", "random", "pca"):
         ax.plot([r["k"] for r in rows], [100 * r[key] for r in rows], "o-", label=key)
-    ax.axvline(len(band), color="C2", ls=":", lw=1)
+    ax.axvline(len(band), color="C2", ls=":", lw=1, label=f"the band ({len(band)})")
     ax.set(xscale="log", xlabel="features kept", ylabel="top-1 (%)", title="linear probe on feature subsets")
-    ax.set_xticks([r["k"] for r in rows], [str(r["k"]) for r in rows], fontsize=7)
+    ticks = [r["k"] for r in rows if r["k"] != len(band)]
+    ax.set_xticks(ticks, [str(k) for k in ticks], fontsize=7)
     ax.minorticks_off()
     ax.legend(fontsize=8)
     return num, [save(plt, fig, ctx, "discriminative.png")]
@@ -450,8 +455,9 @@ def section_gradcam(ctx, args, per_kind=8, top_images=6):
     hn = p["h"] / np.maximum(np.linalg.norm(p["h"], axis=1, keepdims=True), 1e-12)
     plt, fig = plt_figure(figsize=(2 * (top_images + 2), 2.2 * len(chosen)))
     grid = fig.add_gridspec(len(chosen), top_images + 2)
-    num = {"features_chosen": ",".join(map(str, chosen)), "samples": [{"index": int(p["index"][r]), "correct": bool(correct[r]), "L": int(mask[r].sum()),
-                        "q": float(q[r])} for r in rows], "features": {}}
+    samples = [{"index": int(p["index"][r]), "correct": bool(correct[r]), "L": int(mask[r].sum()), "q": float(q[r])}
+               for r in rows]
+    num = {"features_chosen": ",".join(map(str, chosen)), "samples": samples, "features": {}}
     for f_i, j in enumerate(chosen):
         top = np.argsort(-hn[:, j])[:top_images]
         top = top[np.argsort(label[top], kind="stable")]  # grouped by class
@@ -554,7 +560,7 @@ def section_miou(ctx, args):
 
 def section_adai(ctx, args, batch=64):
     p, head, dev = ctx["p"], ctx["head"].to(ctx["device"]), ctx["device"]
-    mean, std = head.mean.to(dev), head.std.to(dev)
+    mean, std = ctx["head_mean"].to(dev), ctx["head_std"].to(dev)
     rows = sample_rows(ctx, args.max_images)
     ys, os_, shown = [], [], None
     for s in range(0, len(rows), batch):
