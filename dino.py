@@ -1,0 +1,571 @@
+"""DINO: a student learns to give, for every crop of an image, the output distribution of a
+momentum teacher that sees only the two global crops. Centering and sharpening the teacher's
+outputs keep them from collapsing: no negatives, no predictor. Here with a ResNet backbone.
+
+Caron, Touvron, Misra, Jegou, Mairal, Bojanowski, Joulin, "Emerging Properties in
+Self-Supervised Vision Transformers", ICCV 2021. Defaults: solo-learn's CIFAR recipe, and
+DINO's own (facebookresearch/dino, main_dino.py) where solo-learn has none (multi-crop).
+
+    python dino.py --dataset digits --epochs 1                    # offline demo
+    python dino.py --dataset cifar10 --data-dir data              # 1000 epochs, 1 GPU
+    torchrun --nproc_per_node=8 dino.py --dataset folder --data-dir /imagenet --backbone resnet50 \
+        --epochs 100 --batch-size 512 --optimizer sgd --lr 0.03 --weight-decay 1e-4 --prototypes 65536 \
+        --global-scale 0.14 1 --local-scale 0.05 0.14 --teacher-momentum 0.996 --teacher-temp 0.04 \
+        --warmup-teacher-temp-epochs 0 --sync-bn                  # DINO's ResNet-50 command
+"""
+import argparse
+import copy
+import itertools
+import json
+import math
+import os
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+METHOD = "dino"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="digits", choices=common.DATASETS, help="data set; digits needs no download")
+    p.add_argument("--data-dir", default="data", help="where torchvision data sets are downloaded, or the ImageFolder root")
+    p.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet34", "resnet50"], help="torchvision ResNet")
+    p.add_argument("--image-size", type=int, default=0, help="crop side in pixels; 0: the data set's native size")
+    p.add_argument("--epochs", type=int, default=1000, help="training epochs (solo-learn CIFAR: 1000)")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch, split over processes (solo-learn: 256)")
+    p.add_argument("--optimizer", default="lars", choices=["lars", "sgd"], help="lars (solo-learn CIFAR) or sgd (DINO's ResNet-50)")
+    p.add_argument("--lr", type=float, default=0.3, help="learning rate per 256 images (solo-learn CIFAR LARS: 0.3; DINO RN50 SGD: 0.03)")
+    p.add_argument("--weight-decay", type=float, default=1e-6, help="not on biases and norms (solo-learn CIFAR: 1e-6; DINO RN50: 1e-4)")
+    p.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn CIFAR: 0.02)")
+    p.add_argument("--warmup-epochs", type=float, default=10, help="linear warm-up, then cosine decay (solo-learn, DINO: 10)")
+    p.add_argument("--local-crops", type=int, default=8, help="local crops besides the 2 global ones (DINO main_dino.py: 8)")
+    p.add_argument("--global-scale", type=float, nargs=2, default=(0.4, 1.0), help="global crop area range (DINO: 0.4 1)")
+    p.add_argument("--local-scale", type=float, nargs=2, default=(0.05, 0.4), help="local crop area range (DINO: 0.05 0.4)")
+    p.add_argument("--proj-hidden", type=int, default=2048, help="head MLP hidden width (DINO, solo-learn: 2048)")
+    p.add_argument("--proj-dim", type=int, default=256, help="head bottleneck width (DINO, solo-learn: 256)")
+    p.add_argument("--prototypes", type=int, default=4096, help="head output width K (solo-learn CIFAR: 4096; DINO: 65536)")
+    p.add_argument("--student-temp", type=float, default=0.1, help="student temperature tau_s (DINO: 0.1)")
+    p.add_argument("--teacher-temp", type=float, default=0.07, help="teacher temperature tau_t after warm-up (solo-learn CIFAR: 0.07)")
+    p.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="tau_t at the first epoch (DINO, solo-learn: 0.04)")
+    p.add_argument("--warmup-teacher-temp-epochs", type=int, default=50, help="epochs of linear tau_t warm-up (solo-learn CIFAR: 50)")
+    p.add_argument("--center-momentum", type=float, default=0.9, help="EMA rate m of the center (DINO Eq. 4: 0.9)")
+    p.add_argument("--teacher-momentum", type=float, default=0.9995, help="teacher EMA rate, cosine to 1 (solo-learn CIFAR: 0.9995)")
+    p.add_argument("--clip-grad", type=float, default=3.0, help="clip each gradient tensor to this norm (DINO: 3.0); 0: off")
+    p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs with the head's last layer frozen (DINO: 1)")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm for student and teacher (DINO's ResNet runs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentations")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
+    p.add_argument("--workers", type=int, default=4, help="data-loader processes per training process")
+    p.add_argument("--run-dir", default="", help="output folder; default runs/<method>_<dataset>_s<seed>_<time>")
+    p.add_argument("--resume", default="", help="run folder (or checkpoint.pt) of a killed run to continue")
+    p.add_argument("--steps-per-epoch", type=int, default=0, help="cap on steps per epoch, for tests and benchmarks; 0: all")
+    p.add_argument("--knn-every", type=int, default=1, help="kNN evaluation every N epochs (and after the last); 0: never")
+    p.add_argument("--knn-limit", type=int, default=0, help="kNN bank: this many training images (fixed subset); 0: all")
+    p.add_argument("--log-every", type=int, default=50, help="progress line every N steps")
+    add_addon_flags(p)
+    return p.parse_args(argv)
+
+
+# --- the method ---------------------------------------------------------------------
+def dino_views(size, local_crops, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4)):
+    """DINO's multi-crop (Caron et al. 2021, App.): BYOL's jitter 0.4/0.4/0.2/0.1 on every crop;
+    global crops blurred with p 1.0 / 0.1, the second solarized with p 0.2; local crops blurred
+    with p 0.5. At 32 px and less nothing is blurred (common._blur)."""
+    views = common.multicrop_views(size, local_crops, tuple(global_scale), tuple(local_scale))
+    views = [replace(v, jitter=(0.4, 0.4, 0.2, 0.1)) for v in views]
+    g1 = replace(views[0], blur_p=common._blur(size, 1.0))
+    g2 = replace(views[1], blur_p=common._blur(size, 0.1), solarize_p=0.2)
+    return [g1, g2] + views[2:]
+
+
+def size_groups(crops):
+    """[(start, end)]: runs of consecutive crops of one spatial size. Each run goes through the
+    backbone as one batch (DINO's MultiCropWrapper): one pass per resolution, not per crop."""
+    cut = [i for i in range(1, len(crops)) if crops[i].shape[-2:] != crops[i - 1].shape[-2:]]
+    bounds = [0] + cut + [len(crops)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+class DINOHead(nn.Module):
+    """DINO's head (Sec. 3.1): a 3-layer MLP (GELU, no BN) to a bottleneck, L2 normalization, a
+    weight-normalized linear layer to K outputs with g fixed at 1 (DINO's norm_last_layer):
+    each output is the cosine with one learned direction v."""
+
+    def __init__(self, d_in, hidden, bottleneck, out):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):  # DINO's initialization of the MLP
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = nn.Linear(bottleneck, out, bias=False)  # row k: the direction v_k
+
+    def forward(self, h):  # h (N, D) -> z (N, bottleneck) normalized, logits (N, K)
+        z = F.normalize(self.mlp(h), dim=1)
+        return z, F.linear(z, F.normalize(self.last_layer.weight, dim=1))
+
+
+class DINO(nn.Module):
+    """Student: backbone -> h -> head -> logits over K outputs. Downstream tasks use h."""
+
+    def __init__(self, args, small_images):
+        super().__init__()
+        self.backbone = common.build_backbone(args.backbone, small_images)
+        d = self.backbone.dim
+        self.head = DINOHead(d, args.proj_hidden, args.proj_dim, args.prototypes)
+        self.xattn = CrossAttentionHead(d, args.xattn_clusters, args.xattn_temp) if args.xattn else None
+
+    def forward(self, crops, positives=None):
+        b = crops[0].shape[0]
+        hs = []
+        for start, end in size_groups(crops):
+            # The positives have the global crops' size: they ride along with the first run.
+            extra = [positives] if positives is not None and start == 0 else []
+            f, h = self.backbone(torch.cat(crops[start:end] + extra))  # (n*b [+ b*P], D, h, w), (n*b [+ b*P], D)
+            hs.append(h[: (end - start) * b])
+            if start == 0:
+                f_first, n_first = f, end - start
+        h = torch.cat(hs)  # (V*b, D), crop-major: the 2 global crops first
+        z, s = self.head(h)
+        out = {"h": h[: 2 * b], "z": z[: 2 * b], "s": s}
+        if self.xattn is not None and positives is not None:
+            out["f"] = torch.cat([f_first[:b], f_first[n_first * b:]])  # anchors (first global crop), then positives
+            out["beta"], out["logits"] = self.xattn(out["f"])
+        return out
+
+
+class Teacher(nn.Module):
+    """A copy of the student's backbone and head (DINO's start), moved only by `ema_update`; it
+    sees the global crops only. Not DDP-wrapped: it gets no gradient. Its BN runs on batch
+    statistics, without running averages: those would be unused state that each process
+    updates from its own batch, and the teacher would differ between processes."""
+
+    def __init__(self, student):
+        super().__init__()
+        self.backbone = copy.deepcopy(student.backbone).requires_grad_(False)
+        self.head = copy.deepcopy(student.head).requires_grad_(False)
+        for m in self.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.track_running_stats, m.running_mean, m.running_var, m.num_batches_tracked = False, None, None, None
+
+    @torch.no_grad()
+    def forward(self, global_crops):  # [(b, 3, s, s)] * 2 -> logits (2b, K)
+        return self.head(self.backbone(torch.cat(global_crops))[1])[1]
+
+
+def dino_loss(student, teacher, center, student_temp=0.1, teacher_temp=0.04):
+    """DINO's loss, Eq. (3) of Caron et al. 2021, with Sec. 3.1's centering and sharpening:
+        P_t(x) = softmax((g_t(x) - c) / tau_t),  P_s(x') = softmax(g_s(x') / tau_s)  (Eq. 1)
+        L = sum over x in {x1g, x2g}, x' in V, x' != x of H(P_t(x), P_s(x')),  H(a, b) = -sum a log b
+    averaged over the 2(V-1) pairs and the images, as DINO's code does. student: (V*b, K)
+    logits, crop-major, the 2 global crops first; teacher: (2b, K), detached here; center (1, K).
+    Returns the mean over this process's b images: with the center given, no image's loss
+    involves another, so the DDP-averaged gradient is that of one process on the whole batch."""
+    b = teacher.shape[0] // 2
+    v = student.shape[0] // b
+    p_t = F.softmax((teacher.detach().float() - center) / teacher_temp, dim=1).view(2, b, -1)  # (2, b, K)
+    log_p_s = F.log_softmax(student.float() / student_temp, dim=1).view(v, b, -1)  # (V, b, K)
+    ce = -torch.einsum("tbk,vbk->tvb", p_t, log_p_s)  # (2, V, b): H(P_t(global t), P_s(crop v))
+    pairs = ~torch.eye(2, v, dtype=torch.bool, device=ce.device)  # a global crop is not its own target
+    return ce[pairs].mean()
+
+
+@torch.no_grad()
+def update_center(center, teacher, momentum=0.9):
+    """c <- m c + (1 - m) (1/B) sum_i g_t(x_i)  (Eq. 4): the mean runs over the teacher outputs
+    of the whole global batch (summed over processes), so every process keeps the same center.
+    teacher: (2b, K) this process's teacher logits; center: (1, K). Returns the new center."""
+    total = teacher.float().sum(0, keepdim=True)  # (1, K)
+    if common.world_size() > 1:
+        dist.all_reduce(total)
+    return center * momentum + total / (teacher.shape[0] * common.world_size()) * (1 - momentum)
+
+
+def teacher_temp_at(epoch, warmup_epochs, start, end):
+    """tau_t: linear from `start` to `end` over the first epochs, then constant (DINO's schedule)."""
+    if epoch >= warmup_epochs:
+        return end
+    return start + (end - start) * epoch / max(1, warmup_epochs - 1)
+
+
+def momentum_at(step, total, base):
+    """Teacher EMA rate, cosine from `base` to 1 over training (DINO Sec. 3.1, as in BYOL)."""
+    return 1 - (1 - base) * (math.cos(math.pi * step / max(1, total)) + 1) / 2
+
+
+@torch.no_grad()
+def ema_update(teacher, student, m):
+    """theta_t <- m theta_t + (1 - m) theta_s over parameters only. The student's parameters are
+    the same on every process after the DDP step, so the teacher stays the same everywhere too."""
+    online = itertools.chain(student.backbone.parameters(), student.head.parameters())
+    for t, s in zip(teacher.parameters(), online):
+        t.mul_(m).add_(s.detach(), alpha=1 - m)
+
+
+def clip_gradients(model, clip):
+    """DINO's rule: each parameter's gradient on its own to a norm of at most `clip`. No host sync."""
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_((clip / (p.grad.norm() + 1e-6)).clamp(max=1.0))
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and LARS (You et al. 2017): each weight's update is scaled by
+    eta * ||w|| / ||g + wd w||. Groups with `lars=False` (biases, norms) get plain SGD
+    and no weight decay, as in SimCLR and BYOL."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if g["lars"]:
+                    d = d.add(p, alpha=g["weight_decay"])
+                    w_norm, d_norm = p.norm(), d.norm()
+                    trust = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, 1.0)
+                    d = d * trust  # no host sync: the ratio stays on the device
+                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                buf.mul_(g["momentum"]).add_(d)
+                p.add_(buf, alpha=-g["lr"])
+
+
+def param_groups(model):
+    """Biases and norm weights (1-d tensors) get no weight decay and no LARS adaptation."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars": False}]
+
+
+# --- add-ons: Q-Score regularization and spatial cross-attention ------------------------
+# The same text in every method script (tests/test_addons_block.py checks it), so that a
+# copied script stands alone.
+def add_addon_flags(p):
+    p.add_argument("--qscore-lambda", type=float, default=0.0,
+                   help="Q-Score regularization weight lambda (Kalibhat et al. Eq. 4); 0 turns it off")
+    p.add_argument("--qscore-alpha", type=float, default=0.2,
+                   help="regularize samples with Q_i < alpha (Eq. 4); the paper gives no value, 0.2 is ours")
+    p.add_argument("--qscore-eps", type=float, default=3.0, help="highly activating: h_ij > mu_i + eps sigma_i (Eq. 2; paper: 3)")
+    p.add_argument("--xattn", action="store_true", help="spatial cross-attention add-on (Seyfi et al.)")
+    p.add_argument("--xattn-positives", type=int, default=1, help="positives P per image, from its k-means cluster (Sec. 2.3)")
+    p.add_argument("--xattn-clusters", type=int, default=100, help="k-means clusters K_c = classifier outputs (paper: 50-3000)")
+    p.add_argument("--xattn-temp", type=float, default=0.05, help="classifier temperature tau_c (Eq. 6; paper: 0.05)")
+    p.add_argument("--xattn-w-mask", type=float, default=0.05, help="weight w1 of L_mu (Eq. 7; paper: 0.05)")
+    p.add_argument("--xattn-w-cls", type=float, default=0.1, help="weight w2 of L_cls (Eq. 7; paper: 0.1)")
+
+
+def qscore(h, eps=3.0):
+    """Q-Score of each sample (Kalibhat et al., Eq. 2 and 3), label-free.
+    h: (B, D) pooled backbone representations; they are L2-normalized here.
+    L_i = {j : h_ij > mu_i + eps * sigma_i} (population std over the D features);
+    Q_i = mean over j in L_i of (h_ij - mu_i). An empty L_i becomes the single largest
+    feature: the limit of Eq. 2 as eps falls, and it keeps a gradient.
+    Returns Q (B,) with gradient through h, and the mask of L (B, D) bool."""
+    h = F.normalize(h.float(), dim=1)
+    mu, sigma = h.mean(1, keepdim=True), h.std(1, correction=0, keepdim=True)  # (B, 1)
+    mask = h > mu + eps * sigma
+    top = F.one_hot(h.argmax(1), h.shape[1]).bool()
+    mask = torch.where(mask.any(1, keepdim=True), mask, top)
+    q = ((h - mu) * mask).sum(1) / mask.sum(1)
+    return q, mask
+
+
+def qscore_regularizer(h, lam, alpha, eps=3.0):
+    """The Q-Score term of Eq. 4, as a loss to add: -lambda * mean_i[1{Q_i < alpha} Q_i].
+    The indicator carries no gradient; Q_i does, through h, so minimizing this raises the
+    Q-Score of low-quality samples and leaves samples above alpha alone.
+    Returns the loss (scalar) and statistics (device tensors, no host sync)."""
+    q, mask = qscore(h, eps)
+    low = (q < alpha).float().detach()
+    loss = -lam * (low * q).mean()
+    stats = {"qscore": q.mean().detach(), "qscore_active": mask.sum(1).float().mean(), "qscore_under_alpha": low.mean()}
+    return loss, stats
+
+
+def correlation_mask(f_s, f_p):
+    """Correlation mask mu (Seyfi et al., Eq. 3 and 4), the supervision of the attention head.
+    f_s: (B, D, H, W) feature maps of the images; f_p: (B, P, D, H', W') of their P positives.
+    rho_ij(I_s, I') = (1/D) max_{i',j'} <f_s[:, i, j], f'[:, i', j']>, averaged over the P
+    positives, then scaled to [0, 1] per image. Computed without gradient: it supervises.
+    Returns mu (B, H, W)."""
+    with torch.no_grad():
+        b, d, hgt, wid = f_s.shape
+        s = f_s.float().flatten(2)  # (B, D, HW)
+        p = f_p.float().flatten(3)  # (B, P, D, H'W')
+        corr = torch.einsum("bdi,bpdj->bpij", s, p) / d  # (B, P, HW, H'W')
+        mu = corr.max(dim=3).values.mean(dim=1)  # (B, HW): best match in each positive, averaged
+        lo, hi = mu.min(1, keepdim=True).values, mu.max(1, keepdim=True).values
+        mu = (mu - lo) / (hi - lo).clamp_min(1e-12)
+        return mu.view(b, hgt, wid)
+
+
+class CrossAttentionHead(nn.Module):
+    """Attention head and classifier of the add-on (Seyfi et al., Sec. 2.3, App. 1.1).
+    beta = sigmoid(conv1x1(relu(f))), one channel; the explanation map f * beta is
+    pooled and classified over the K_c k-means clusters, logits divided by tau_c.
+    Dropped after training: backbone.pt never holds it."""
+
+    def __init__(self, dim, clusters, temperature=0.05):
+        super().__init__()
+        self.attn = nn.Conv2d(dim, 1, kernel_size=1)
+        self.classifier = nn.Linear(dim, clusters)
+        self.temperature = temperature
+
+    def forward(self, f):  # f (N, D, H, W) -> beta (N, 1, H, W), logits (N, K_c)
+        beta = torch.sigmoid(self.attn(F.relu(f)))
+        logits = self.classifier((f * beta).mean(dim=(2, 3))) / self.temperature
+        return beta, logits
+
+
+def xattn_losses(f, beta, logits, labels, positives):
+    """L_mu (Eq. 5) and L_cls (Eq. 6). f: (B + B*P, D, H, W) anchors then their positives
+    (anchor-major); beta, logits: the head's outputs for those rows; labels: (B,) pseudo-labels
+    of the anchors, which their positives share."""
+    b = labels.shape[0]
+    fs, fp = f[:b], f[b:].unflatten(0, (b, positives))  # (B, D, H, W), (B, P, D, H, W)
+    mu = correlation_mask(fs, fp)
+    loss_mask = F.mse_loss(beta[:b, 0].float(), mu)
+    loss_cls = F.cross_entropy(logits.float(), torch.cat([labels, labels.repeat_interleave(positives)]))
+    return loss_mask, loss_cls
+
+
+def cluster_bank(model, embed, train_set, args, size, stats, native, device, epoch):
+    """Sec. 2.1: embed the whole training set, cluster it with k-means, and return each
+    image's pseudo-label (N,) on `device` (identical on every process)."""
+    z, _ = common.extract_features(model, train_set, size, stats, native, device, workers=args.workers, embed=embed)
+    bank = common.MemoryBank(len(train_set), z.shape[1], device)
+    bank.z.copy_(F.normalize(z, dim=1))
+    labels, _ = bank.kmeans(args.xattn_clusters, seed=args.seed * 1000 + epoch)
+    return labels
+# --- end add-ons
+
+
+# --- training -----------------------------------------------------------------------
+def check_args(args):
+    """Bad input gets one sentence (common.UserError -> exit 2) before any work."""
+    common.check_dataset(args.dataset, args.data_dir)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        raise common.UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes.")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise common.UserError("--device cuda was asked for, but no GPU is visible.")
+    if args.resume:
+        path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume, "checkpoint.pt")
+        if not os.path.isfile(path):
+            raise common.UserError(f"--resume: no checkpoint at '{path}'.")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if ckpt.get("method") != METHOD:
+            raise common.UserError(f"--resume: '{path}' is a {ckpt.get('method')} checkpoint, not {METHOD}.")
+        if ckpt["args"]["backbone"] != args.backbone:
+            raise common.UserError(f"--resume: '{path}' holds a {ckpt['args']['backbone']}, not --backbone {args.backbone}.")
+        return ckpt, os.path.dirname(path)
+    return None, None
+
+
+def lr_at(step, total, warmup, base):
+    """Per-step schedule: linear warm-up, then cosine decay to 0."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def save_atomic(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a kill leaves the previous file whole
+
+
+def main(args):
+    ckpt, resume_dir = check_args(args)
+    # set-up: device, processes, seed, run folder
+    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    if distributed:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = common.rank(), common.world_size()
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    if use_cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    run_dir = resume_dir or args.run_dir or os.path.join("runs", f"{METHOD}_{args.dataset}_s{args.seed}_{int(time.time())}")
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as fh:
+            json.dump(vars(args), fh, indent=2)
+
+    # data
+    native = common.IMAGE_SIZE[args.dataset]
+    size = args.image_size or native
+    stats = common.STATS[args.dataset]
+    train_set = common.make_dataset(args.dataset, args.data_dir, train=True)
+    knn_train = common.eval_dataset(args.dataset, args.data_dir)
+    if args.knn_limit and args.knn_limit < len(knn_train):
+        keep = np.random.RandomState(0).permutation(len(knn_train))[: args.knn_limit]
+        knn_train = torch.utils.data.Subset(knn_train, keep.tolist())
+    knn_test = common.make_dataset(args.dataset, args.data_dir, train=False)
+    num_classes = len(knn_test.classes)
+    views = dino_views(size, args.local_crops, args.global_scale, args.local_scale)
+    loader = common.TrainLoader(train_set, views, args.batch_size, stats, device,
+                                seed=args.seed, workers=args.workers, positive=common.positive_view(size))
+    steps = min(len(loader), args.steps_per_epoch) if args.steps_per_epoch else len(loader)
+
+    # model and optimizer
+    model = DINO(args, small_images=size <= 64).to(device)
+    if args.sync_bn and distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if use_cuda:
+        model = model.to(memory_format=torch.channels_last)
+    teacher = Teacher(model)  # after the SyncBN conversion: the teacher's BN is synced too
+    center = torch.zeros(1, args.prototypes, device=device)
+    if args.optimizer == "lars":
+        optimizer = LARS(param_groups(model), lr=0.0, weight_decay=args.weight_decay, eta=args.lars_eta)
+    else:
+        optimizer = torch.optim.SGD(param_groups(model), lr=0.0, momentum=0.9, weight_decay=args.weight_decay)
+    start_epoch = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        teacher.load_state_dict(ckpt["teacher"])
+        center.copy_(ckpt["center"])
+        start_epoch = ckpt["epoch"]
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None) if distributed else model
+    base_lr = args.lr * args.batch_size / 256
+    total, warmup = args.epochs * steps, int(args.warmup_epochs * steps)
+    if rank == 0:
+        print(f"{METHOD}: {args.dataset} {len(train_set)} images at {size}px, {args.backbone}, "
+              f"{world} process(es) on {device.type}, batch {args.batch_size}, {steps} steps/epoch -> {run_dir}", flush=True)
+
+    def embed(m, x):  # the memory bank holds the head's normalized bottleneck z (Seyfi et al., Sec. 2.1)
+        return m.head(m.backbone(x)[1])[0]
+
+    for epoch in range(start_epoch, args.epochs):
+        torch.manual_seed(args.seed * 1000 + epoch)  # a resumed epoch replays the same randomness
+        loader.set_epoch(epoch)
+        if args.xattn:
+            labels_all = cluster_bank(model, embed, train_set, args, size, stats, native, device, epoch)
+            loader.set_clusters(labels_all.cpu().numpy(), args.xattn_positives)
+        model.train()
+        t_temp = teacher_temp_at(epoch, args.warmup_teacher_temp_epochs, args.warmup_teacher_temp, args.teacher_temp)
+        sums = {}
+        bad = torch.zeros((), device=device)  # first non-finite step + 1, or 0
+        t0, seen = time.time(), 0
+        if use_cuda:
+            torch.cuda.reset_peak_memory_stats()
+        for step, (crops, idx, positives) in enumerate(loader):
+            if step >= steps:
+                break
+            it = epoch * steps + step
+            lr = lr_at(it, total, warmup, base_lr)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            if use_cuda:
+                crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+                out = ddp(crops, positives if args.xattn else None)
+                t_out = teacher(crops[:2])  # (2b, K): the teacher sees the global crops only
+                b = crops[0].shape[0]
+                terms = {"loss_ssl": dino_loss(out["s"], t_out, center, args.student_temp, t_temp)}
+                loss = terms["loss_ssl"]
+                if args.qscore_lambda > 0:
+                    terms["loss_qscore"], qstats = qscore_regularizer(out["h"], args.qscore_lambda, args.qscore_alpha, args.qscore_eps)
+                    loss = loss + terms["loss_qscore"]
+                else:
+                    _, qstats = qscore_regularizer(out["h"].detach(), 0.0, args.qscore_alpha, args.qscore_eps)
+                if args.xattn:
+                    terms["loss_mask"], terms["loss_cls"] = xattn_losses(
+                        out["f"], out["beta"], out["logits"], labels_all[idx], args.xattn_positives)
+                    loss = loss + args.xattn_w_mask * terms["loss_mask"] + args.xattn_w_cls * terms["loss_cls"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip_grad > 0:
+                clip_gradients(model, args.clip_grad)
+            if epoch < args.freeze_last_layer:  # DINO: a moving last layer early on makes training unstable
+                model.head.last_layer.weight.grad = None
+            optimizer.step()
+            momentum = momentum_at(it, total, args.teacher_momentum)
+            ema_update(teacher, model, momentum)
+            center = update_center(center, t_out, args.center_momentum)
+
+            # bookkeeping on the device; the host reads it only at log steps
+            terms["loss"] = loss
+            terms["collapse_std"] = F.normalize(out["z"].detach().float(), dim=1).std(0).mean()  # solo-learn's monitor
+            for k, v in {**terms, **qstats}.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+            bad = torch.where((bad == 0) & ~torch.isfinite(loss.detach()), torch.tensor(step + 1.0, device=device), bad)
+            seen += b * world
+            if (step + 1) % args.log_every == 0 or step + 1 == steps:
+                stop = check_finite(bad, epoch, run_dir)
+                if stop:
+                    return stop
+                if rank == 0:
+                    el = time.time() - t0
+                    left = el / (step + 1) * ((args.epochs - epoch) * steps - step - 1)
+                    print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} loss {loss.item():.4f} "
+                          f"lr {lr:.4g} {seen / el:.0f} img/s, {left / 60:.1f} min left", flush=True)
+
+        # end of epoch: metrics, kNN, checkpoint
+        seconds = time.time() - t0
+        stop = check_finite(bad, epoch, run_dir)
+        if stop:
+            return stop
+        metrics = {"epoch": epoch + 1, "lr": lr, "teacher_temp": t_temp, "teacher_momentum": momentum}
+        for k, v in sums.items():
+            if distributed:
+                dist.all_reduce(v)
+                v = v / world
+            metrics[k] = v.item() / steps
+        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            htr, ytr = common.extract_features(model.backbone, knn_train, size, stats, native, device, workers=args.workers)
+            hte, yte = common.extract_features(model.backbone, knn_test, size, stats, native, device, workers=args.workers)
+            metrics["knn_top1"] = common.knn_top1(htr, ytr, hte, yte, num_classes)
+        metrics.update(images_per_s=seen / seconds, seconds=seconds,
+                       peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if use_cuda else 0.0)
+        if rank == 0:
+            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as fh:
+                fh.write(json.dumps(metrics) + "\n")
+            save_atomic({"method": METHOD, "args": vars(args), "epoch": epoch + 1, "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "teacher": teacher.state_dict(), "center": center},
+                        os.path.join(run_dir, "checkpoint.pt"))
+            save_atomic(model.backbone.state_dict(), os.path.join(run_dir, "backbone.pt"))
+            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()), flush=True)
+        if distributed:
+            dist.barrier()
+    if distributed:
+        dist.destroy_process_group()
+    return 0
+
+
+def check_finite(bad, epoch, run_dir):
+    """Stop every process at once when a loss went non-finite; the last checkpoint stays."""
+    if common.world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item() == 0:
+        return 0
+    if common.rank() == 0:
+        print(f"error: the loss became non-finite at epoch {epoch + 1}, step {int(bad.item())}; "
+              f"stopping, the last good checkpoint stays in {run_dir}.", flush=True)
+    return 1
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main(parse_args()))
+    except common.UserError as e:
+        common.fail(str(e))
