@@ -255,9 +255,9 @@ def load_images(ctx, rows):
 
 
 def sample_rows(ctx, max_images):
-    """A fixed random choice (seed 0) of at most max_images prediction rows."""
-    n = len(ctx["q"])
-    return np.sort(np.random.RandomState(0).permutation(n)[:max_images])
+    """A fixed random choice (seed 0) of at most max_images prediction rows, in random order, so
+    that the figures' first images mix classes (ImageFolder data sets are sorted by class)."""
+    return np.random.RandomState(0).permutation(len(ctx["q"]))[:max_images]
 
 
 def heatmaps_of_l(ctx, rows, batch=64):
@@ -389,10 +389,11 @@ def section_discriminative(ctx):
     rng = np.random.RandomState(1)
     rows = []
     for k in sizes:
-        pca = PCA(min(k, len(train), d), random_state=0).fit(h[train])
+        # k components of k or more training samples are partly noise that standardizing blows up: none
+        pca = PCA(k, random_state=0).fit(h[train]) if k < len(train) else None
         rows.append({"k": int(k), "discriminative": probe_accuracy(h[:, discriminative_subset(a, k)], y, train, test),
                      "random": probe_accuracy(h[:, np.sort(rng.choice(d, k, replace=False))], y, train, test),
-                     "pca": probe_accuracy(pca.transform(h), y, train, test)})
+                     "pca": probe_accuracy(pca.transform(h), y, train, test) if pca is not None else None})
     active = np.sort(a[a > 0])
     num = {"n_active_features": int((a > 0).sum()), "band_size": int(len(band)),
            "band_A_range": [float(a[band].min()), float(a[band].max())], "band": [int(j) for j in band],
@@ -406,7 +407,8 @@ def section_discriminative(ctx):
     ax.legend(fontsize=8)
     ax = fig.add_subplot(122)
     for key in ("discriminative", "random", "pca"):
-        ax.plot([r["k"] for r in rows], [100 * r[key] for r in rows], "o-", label=key)
+        have = [r for r in rows if r[key] is not None]
+        ax.plot([r["k"] for r in have], [100 * r[key] for r in have], "o-", label=key)
     ax.axvline(len(band), color="C2", ls=":", lw=1, label=f"the band ({len(band)})")
     ax.set(xscale="log", xlabel="features kept", ylabel="top-1 (%)", title="linear probe on feature subsets")
     ticks = [r["k"] for r in rows if r["k"] != len(band)]
@@ -607,7 +609,7 @@ def scalars(d, prefix="", deep=True):
         elif isinstance(v, (int, float, str)) or v is None:
             out.append((prefix + k, v))
         elif k == "accuracy":  # the subset table of the discriminative section
-            out += [(f"top1@{r['k']} disc/random/pca", f"{r['discriminative']:.3f} / {r['random']:.3f} / {r['pca']:.3f}")
+            out += [(f"top1@{r['k']} disc/random/pca", " / ".join(fmt(r[key]) for key in ("discriminative", "random", "pca")))
                     for r in v]
     return out
 
