@@ -213,7 +213,7 @@ def test_resume_after_kill_ends_with_the_same_weights(straight, tmp_path):
     proc = subprocess.Popen([sys.executable, "simsiam.py"] + RUN + ["--run-dir", str(broken)],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "2"})
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # generous: a loaded CI machine can take minutes for one epoch
     while not (broken / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -250,15 +250,11 @@ def test_torchrun_two_processes(tmp_path):
     assert len(m) == 1 and m[0]["knn_top1"] > 0 and math.isfinite(m[0]["loss"])
 
 
-@pytest.mark.parametrize("argv,env,needle", [
-    (["--batch-size", "33"], {"WORLD_SIZE": "2", "RANK": "0"}, "not divisible"),
-    (["--dataset", "folder", "--data-dir", "/nonexistent"], {}, "does not exist"),
-])
-def test_bad_input_is_one_sentence_and_exit_2(argv, env, needle):
-    p = run(["simsiam.py"] + argv, env=env, check=False)
+def test_bad_input_is_one_sentence_and_exit_2():
+    p = run(["simsiam.py", "--batch-size", "33"], env={"WORLD_SIZE": "2", "RANK": "0"}, check=False)
     assert p.returncode == 2, p.stderr
     last = p.stderr.strip().splitlines()[-1]
-    assert "error:" in last and needle in last and "Traceback" not in p.stderr
+    assert "error:" in last and "not divisible" in last and "Traceback" not in p.stderr
 
 
 def test_checkpoint_of_another_method_is_refused(tmp_path):
