@@ -276,6 +276,8 @@ def resolve_data_path(choice, dataset, device):
     min(8 GiB, a quarter of the GPU's memory), else the CPU pipeline with DataLoader workers."""
     if choice not in DATA_PATHS:
         raise UserError(f"unknown data path '{choice}': choose one of {', '.join(DATA_PATHS)}.")
+    if choice == "cpu":
+        return choice
     need = estimate_bytes(dataset)
     if choice == "tensor" and need is None:
         raise UserError("--data-path tensor needs a data set of equal-sized images (CIFAR, STL-10, digits, "

@@ -418,7 +418,7 @@ def table(rows):
     head = ("| method | variant | data path | train img/s | no-data step img/s | fwd+bwd ceiling img/s | "
             "train / ceiling | peak GiB | lightly img/s | train / lightly |")
     lines = [head, "|" + "---|" * 10]
-    fmt = lambda v, d=0: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    fmt = lambda v, d=None: "-" if v is None else f"{v:.{d if d is not None else (0 if v >= 100 else 1)}f}"  # noqa: E731
     for r in rows:
         lines.append(f"| {r['method']} | {r['variant']} | {r['data_path']} | {fmt(r.get('train'))} | {fmt(r.get('no_data'))} | "
                      f"{fmt(r.get('ceiling'))} | {fmt(r.get('train_over_ceiling'), 2)} | {fmt(r.get('peak_mem_gb'), 2)} | "
