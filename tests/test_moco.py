@@ -16,6 +16,9 @@ import moco
 from conftest import REPO, TINY, read_metrics, run, spawn, torchrun
 
 SMALL = ["--proj-hidden", "64", "--pred-hidden", "64", "--proj-dim", "32", "--queue-size", "64"]
+# Runs of one process use a batch of 16 (the last --batch-size wins) to keep the suite short.
+ONE = TINY + SMALL + ["--batch-size", "16"]
+SLOW = 900  # seconds: generous, for a machine shared with other jobs
 
 
 def slow_infonce(q, k, negatives, t):
@@ -193,13 +196,13 @@ def test_two_processes_equal_one_process_and_stay_in_sync():
     assert torch.equal(q0, torch.cat([k0[0], k1[0], k0[1], k1[1]]))  # FIFO, rank order within a step
 
 
-ARGS = TINY + SMALL + ["--epochs", "2", "--knn-every", "2"]
+ARGS = ONE + ["--epochs", "2", "--knn-every", "2"]
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     d = tmp_path_factory.mktemp("moco") / "straight"
-    p = run(["moco.py"] + ARGS + ["--run-dir", str(d)])
+    p = run(["moco.py"] + ARGS + ["--run-dir", str(d)], timeout=SLOW)
     return d, p
 
 
@@ -214,7 +217,7 @@ def test_script_trains_and_writes_the_run(straight):
     assert 0.99 < m[0]["tau"] < m[1]["tau"] < 0.999
     assert {"args.json", "metrics.jsonl", "checkpoint.pt", "backbone.pt"} <= set(os.listdir(d))
     ckpt = torch.load(d / "checkpoint.pt", weights_only=False)
-    assert ckpt["queue"].shape == (64, 32) and ckpt["queue_ptr"] == (2 * 3 * 32) % 64
+    assert ckpt["queue"].shape == (64, 32) and ckpt["queue_ptr"] == (2 * 3 * 16) % 64
     assert ckpt["momentum_step"] == 6 and "projector.0.weight" in ckpt["key_encoder"]
     import common
     common.build_backbone("resnet18", small_images=True, weights=str(d / "backbone.pt"))
@@ -225,13 +228,13 @@ def test_resume_after_kill_ends_with_the_same_state(straight, tmp_path):
     # start the same run, kill it as soon as epoch 1's checkpoint is written, then resume
     proc = subprocess.Popen([sys.executable, "moco.py"] + ARGS + ["--run-dir", str(broken)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    deadline = time.time() + 120
+    deadline = time.time() + SLOW
     while not (broken / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert torch.load(broken / "checkpoint.pt", weights_only=False)["epoch"] == 1, "the kill came too late"
-    run(["moco.py"] + ARGS + ["--resume", str(broken)])
+    run(["moco.py"] + ARGS + ["--resume", str(broken)], timeout=SLOW)
     a = torch.load(straight[0] / "checkpoint.pt", weights_only=False)
     b = torch.load(broken / "checkpoint.pt", weights_only=False)
     assert b["epoch"] == 2 and a["queue_ptr"] == b["queue_ptr"] and a["momentum_step"] == b["momentum_step"]
@@ -244,9 +247,8 @@ def test_resume_after_kill_ends_with_the_same_state(straight, tmp_path):
 
 def test_v3_with_both_addons(tmp_path):
     d = tmp_path / "run"
-    run(["moco.py"] + TINY + SMALL + ["--moco-version", "3", "--epochs", "1", "--qscore-lambda", "0.1", "--xattn",
-                                      "--xattn-clusters", "8", "--xattn-positives", "2", "--knn-every", "0",
-                                      "--run-dir", str(d)])
+    run(["moco.py"] + ONE + ["--moco-version", "3", "--epochs", "1", "--steps-per-epoch", "2", "--qscore-lambda", "0.1",
+                             "--xattn", "--xattn-clusters", "8", "--knn-every", "0", "--run-dir", str(d)], timeout=SLOW)
     m = read_metrics(d)
     assert all(k in m[-1] for k in ("loss_ssl", "loss_qscore", "loss_mask", "loss_cls", "collapse_std"))
     assert m[-1]["tau"] > 0.99
@@ -259,7 +261,7 @@ def test_v3_with_both_addons(tmp_path):
 
 def test_torchrun_two_processes(tmp_path):
     d = tmp_path / "run"
-    p = torchrun("moco.py", TINY + SMALL + ["--epochs", "1", "--run-dir", str(d)])
+    p = torchrun("moco.py", TINY + SMALL + ["--epochs", "1", "--run-dir", str(d)], timeout=SLOW)
     assert "2 process(es)" in p.stdout
     assert read_metrics(d)[0]["knn_top1"] > 0
     ckpt = torch.load(d / "checkpoint.pt", weights_only=False)
@@ -280,13 +282,13 @@ def test_bad_input_is_refused_before_any_work(argv, world, needle, monkeypatch):
 
 def test_checkpoint_of_another_version_is_refused(tmp_path):
     torch.save({"method": "moco", "args": {"backbone": "resnet18", "moco_version": 2}, "epoch": 1}, tmp_path / "checkpoint.pt")
-    p = run(["moco.py", "--moco-version", "3", "--resume", str(tmp_path)], check=False)
+    p = run(["moco.py", "--moco-version", "3", "--resume", str(tmp_path)], timeout=SLOW, check=False)
     assert p.returncode == 2 and "MoCo v2, not --moco-version 3" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path):
     d = tmp_path / "run"
-    p = run(["moco.py"] + TINY + SMALL + ["--epochs", "2", "--lr", "1e38", "--warmup-epochs", "0", "--knn-every", "0",
-                                          "--run-dir", str(d)], check=False)
+    p = run(["moco.py"] + ONE + ["--epochs", "2", "--lr", "1e38", "--warmup-epochs", "0", "--knn-every", "0",
+                                 "--run-dir", str(d)], timeout=SLOW, check=False)
     assert p.returncode == 1 and "non-finite at epoch 1, step" in p.stdout
     assert not (d / "checkpoint.pt").exists()
