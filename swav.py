@@ -54,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentations")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
     p.add_argument("--workers", type=int, default=4, help="data-loader processes per training process")
+    p.add_argument("--data-path", default="auto", choices=common.DATA_PATHS, help="tensor: decode once, augment batches on "
+                   "the device; cpu: PIL in --workers processes; auto: tensor on CUDA when the data set fits in memory, else cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the tensor data path's augmentations")
     p.add_argument("--run-dir", default="", help="output folder; default runs/<method>_<dataset>_s<seed>_<time>")
     p.add_argument("--resume", default="", help="run folder (or checkpoint.pt) of a killed run to continue")
     p.add_argument("--steps-per-epoch", type=int, default=0, help="cap on steps per epoch, for tests and benchmarks; 0: all")
@@ -358,7 +361,8 @@ def main(args):
     # SwAV's colour distortion is SimCLR's at strength 1: jitter 0.8/0.8/0.8/0.2 (its code, solo-learn)
     views = [replace(v, jitter=(0.8, 0.8, 0.8, 0.2)) for v in common.multicrop_views(size, args.local_crops)]
     loader = common.TrainLoader(train_set, views, args.batch_size, stats, device,
-                                seed=args.seed, workers=args.workers, positive=common.positive_view(size))
+                                seed=args.seed, workers=args.workers, positive=common.positive_view(size),
+                                data_path=args.data_path, compile=args.compile)
     steps = min(len(loader), args.steps_per_epoch) if args.steps_per_epoch else len(loader)
 
     # model, optimizer and queue
@@ -466,8 +470,10 @@ def main(args):
                 v = v / world
             metrics[k] = v.item() / steps
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            htr, ytr = common.extract_features(model.backbone, knn_train, size, stats, native, device, workers=args.workers)
-            hte, yte = common.extract_features(model.backbone, knn_test, size, stats, native, device, workers=args.workers)
+            htr, ytr = common.extract_features(model.backbone, knn_train, size, stats, native, device,
+                                               workers=args.workers, data_path=args.data_path)
+            hte, yte = common.extract_features(model.backbone, knn_test, size, stats, native, device,
+                                               workers=args.workers, data_path=args.data_path)
             metrics["knn_top1"] = common.knn_top1(htr, ytr, hte, yte, num_classes)
         metrics.update(images_per_s=seen / seconds, seconds=seconds,
                        peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if use_cuda else 0.0)

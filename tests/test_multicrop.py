@@ -1,6 +1,7 @@
 """Multi-crop (Caron et al. 2020, Sec. 3.2): the views, the loader's crops, and the batching
 of crops by size in SwAV's forward (one backbone pass per crop size)."""
 import numpy as np
+import pytest
 import torch
 
 import common
@@ -17,10 +18,11 @@ def test_views_are_two_global_and_n_local_crops():
     assert len(common.multicrop_views(32, 0)) == 2
 
 
-def test_loader_yields_one_tensor_per_crop_and_positives_at_the_global_size():
+@pytest.mark.parametrize("data_path", ["cpu", "tensor"])
+def test_loader_yields_one_tensor_per_crop_and_positives_at_the_global_size(data_path):
     ds = common.make_dataset("digits", "x")
     loader = common.TrainLoader(ds, common.multicrop_views(16, 3), 8, common.STATS["digits"], torch.device("cpu"),
-                                workers=0, positive=common.positive_view(16))
+                                workers=0, positive=common.positive_view(16), data_path=data_path)
     loader.set_clusters(np.arange(len(ds)) % 5, 2)
     crops, idx, pos = next(iter(loader))
     assert [tuple(c.shape) for c in crops] == [(8, 3, 16, 16)] * 2 + [(8, 3, 8, 8)] * 3
