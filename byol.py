@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=4, help="data-loader processes per training process")
     p.add_argument("--data-path", default="auto", choices=common.DATA_PATHS, help="tensor: decode once, augment batches on "
                    "the device; cpu: PIL in --workers processes; auto: tensor on CUDA when the data set fits in memory, else cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the tensor data path's augmentations")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model's forward pass and the tensor data path's augmentations")
     p.add_argument("--run-dir", default="", help="output folder; default runs/<method>_<dataset>_s<seed>_<time>")
     p.add_argument("--resume", default="", help="run folder (or checkpoint.pt) of a killed run to continue")
     p.add_argument("--steps-per-epoch", type=int, default=0, help="cap on steps per epoch, for tests and benchmarks; 0: all")
@@ -262,7 +262,8 @@ def xattn_losses(f, beta, logits, labels, positives):
 def cluster_bank(model, embed, train_set, args, size, stats, native, device, epoch):
     """Sec. 2.1: embed the whole training set, cluster it with k-means, and return each
     image's pseudo-label (N,) on `device` (identical on every process)."""
-    z, _ = common.extract_features(model, train_set, size, stats, native, device, workers=args.workers, embed=embed)
+    z, _ = common.extract_features(model, train_set, size, stats, native, device, workers=args.workers, embed=embed,
+                                  data_path=args.data_path)
     bank = common.MemoryBank(len(train_set), z.shape[1], device)
     bank.z.copy_(F.normalize(z, dim=1))
     labels, _ = bank.kmeans(args.xattn_clusters, seed=args.seed * 1000 + epoch)
@@ -279,6 +280,8 @@ def check_args(args):
         raise common.UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes.")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise common.UserError("--device cuda was asked for, but no GPU is visible.")
+    if args.sync_bn and world > 1 and (args.device == "cpu" or not torch.cuda.is_available()):
+        raise common.UserError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm does not run on CPU); leave it off on CPU.")
     if args.resume:
         path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume, "checkpoint.pt")
         if not os.path.isfile(path):
@@ -359,6 +362,8 @@ def main(args):
             raise common.UserError(f"--resume: the checkpoint is at momentum step {ckpt['momentum_step']}, "
                                    f"not {start_epoch * steps}; resume with the same --steps-per-epoch.")
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None) if distributed else model
+    if args.compile:  # graph capture of the forward (and, through autograd, the backward) pass
+        ddp = torch.compile(ddp)
     base_lr = args.lr * args.batch_size / 256
     total, warmup = args.epochs * steps, int(args.warmup_epochs * steps)
     if rank == 0:
@@ -416,7 +421,7 @@ def main(args):
             terms["collapse_std"] = F.normalize(out["z"].detach().float(), dim=1).std(0).mean()  # solo-learn's monitor
             for k, v in {**terms, **qstats}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
-            bad = torch.where((bad == 0) & ~torch.isfinite(loss.detach()), torch.tensor(step + 1.0, device=device), bad)
+            bad = torch.where((bad == 0) & ~torch.isfinite(loss.detach()), torch.full_like(bad, step + 1.0), bad)
             seen += b * world
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
                 stop = check_finite(bad, epoch, run_dir)

@@ -158,7 +158,8 @@ class View:
     solarize_p: float = 0.0  # solarize at threshold 128 (of 255)
 
 
-def _blur(size, p):
+def blur_prob(size, p):
+    """Probability p of a Gaussian blur for images of side `size`, or 0 at 32 px and less."""
     # SimCLR blurs only at ImageNet scale; at 32 px a 3-pixel kernel just destroys the image
     # (solo-learn's CIFAR recipes turn it off), so small images get none.
     return p if size > 32 else 0.0
@@ -167,7 +168,7 @@ def _blur(size, p):
 def simclr_views(size):
     """SimCLR (Chen et al. 2020, App. A): two views, crop (0.08, 1), colour strength 1.0
     scaled to 0.4/0.4/0.4/0.1 as in MoCo v2 and solo-learn, blur p=0.5 above 32 px."""
-    v = View(size, blur_p=_blur(size, 0.5))
+    v = View(size, blur_p=blur_prob(size, 0.5))
     return [v, v]
 
 
@@ -175,7 +176,7 @@ def byol_views(size):
     """BYOL (Grill et al. 2020, Table 6): asymmetric views, jitter 0.4/0.4/0.2/0.1,
     blur 1.0 / 0.1, solarization 0.0 / 0.2."""
     v = View(size, jitter=(0.4, 0.4, 0.2, 0.1))
-    return [replace(v, blur_p=_blur(size, 1.0)), replace(v, blur_p=_blur(size, 0.1), solarize_p=0.2)]
+    return [replace(v, blur_p=blur_prob(size, 1.0)), replace(v, blur_p=blur_prob(size, 0.1), solarize_p=0.2)]
 
 
 def multicrop_views(size, local_crops, global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), local_size=None):
@@ -185,14 +186,14 @@ def multicrop_views(size, local_crops, global_scale=(0.14, 1.0), local_scale=(0.
     DINO uses global_scale=(0.4, 1), local_scale=(0.05, 0.4) and solarization on
     the second global crop; pass them from dino.py."""
     local_size = local_size or (96 if size >= 224 else size // 2)
-    g = View(size, scale=global_scale, blur_p=_blur(size, 0.5))
-    l = View(local_size, scale=local_scale, blur_p=_blur(size, 0.5))
+    g = View(size, scale=global_scale, blur_p=blur_prob(size, 0.5))
+    l = View(local_size, scale=local_scale, blur_p=blur_prob(size, 0.5))
     return [g, g] + [l] * local_crops
 
 
 def positive_view(size):
     """The single crop of each positive image of the cross-attention add-on (Seyfi et al., App. 1.2)."""
-    return View(size, blur_p=_blur(size, 0.5))
+    return View(size, blur_p=blur_prob(size, 0.5))
 
 
 def cpu_transform(view, stats):

@@ -64,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentations")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
     p.add_argument("--workers", type=int, default=4, help="data-loader processes per training process")
+    p.add_argument("--data-path", default="auto", choices=common.DATA_PATHS, help="tensor: decode once, augment batches on "
+                   "the device; cpu: PIL in --workers processes; auto: tensor on CUDA when the data set fits in memory, else cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model's forward pass and the tensor data path's augmentations")
     p.add_argument("--run-dir", default="", help="output folder; default runs/<method>_<dataset>_s<seed>_<time>")
     p.add_argument("--resume", default="", help="run folder (or checkpoint.pt) of a killed run to continue")
     p.add_argument("--steps-per-epoch", type=int, default=0, help="cap on steps per epoch, for tests and benchmarks; 0: all")
@@ -78,11 +81,11 @@ def parse_args(argv=None):
 def dino_views(size, local_crops, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4)):
     """DINO's multi-crop (Caron et al. 2021, App.): BYOL's jitter 0.4/0.4/0.2/0.1 on every crop;
     global crops blurred with p 1.0 / 0.1, the second solarized with p 0.2; local crops blurred
-    with p 0.5. At 32 px and less nothing is blurred (common._blur)."""
+    with p 0.5. At 32 px and less nothing is blurred (common.blur_prob)."""
     views = common.multicrop_views(size, local_crops, tuple(global_scale), tuple(local_scale))
     views = [replace(v, jitter=(0.4, 0.4, 0.2, 0.1)) for v in views]
-    g1 = replace(views[0], blur_p=common._blur(size, 1.0))
-    g2 = replace(views[1], blur_p=common._blur(size, 0.1), solarize_p=0.2)
+    g1 = replace(views[0], blur_p=common.blur_prob(size, 1.0))
+    g2 = replace(views[1], blur_p=common.blur_prob(size, 0.1), solarize_p=0.2)
     return [g1, g2] + views[2:]
 
 
@@ -345,7 +348,8 @@ def xattn_losses(f, beta, logits, labels, positives):
 def cluster_bank(model, embed, train_set, args, size, stats, native, device, epoch):
     """Sec. 2.1: embed the whole training set, cluster it with k-means, and return each
     image's pseudo-label (N,) on `device` (identical on every process)."""
-    z, _ = common.extract_features(model, train_set, size, stats, native, device, workers=args.workers, embed=embed)
+    z, _ = common.extract_features(model, train_set, size, stats, native, device, workers=args.workers, embed=embed,
+                                  data_path=args.data_path)
     bank = common.MemoryBank(len(train_set), z.shape[1], device)
     bank.z.copy_(F.normalize(z, dim=1))
     labels, _ = bank.kmeans(args.xattn_clusters, seed=args.seed * 1000 + epoch)
@@ -362,6 +366,8 @@ def check_args(args):
         raise common.UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes.")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise common.UserError("--device cuda was asked for, but no GPU is visible.")
+    if args.sync_bn and world > 1 and (args.device == "cpu" or not torch.cuda.is_available()):
+        raise common.UserError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm does not run on CPU); leave it off on CPU.")
     if args.resume:
         path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume, "checkpoint.pt")
         if not os.path.isfile(path):
@@ -423,7 +429,8 @@ def main(args):
     num_classes = len(knn_test.classes)
     views = dino_views(size, args.local_crops, args.global_scale, args.local_scale)
     loader = common.TrainLoader(train_set, views, args.batch_size, stats, device,
-                                seed=args.seed, workers=args.workers, positive=common.positive_view(size))
+                                seed=args.seed, workers=args.workers, positive=common.positive_view(size),
+                                data_path=args.data_path, compile=args.compile)
     steps = min(len(loader), args.steps_per_epoch) if args.steps_per_epoch else len(loader)
 
     # model and optimizer
@@ -446,6 +453,8 @@ def main(args):
         center.copy_(ckpt["center"])
         start_epoch = ckpt["epoch"]
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None) if distributed else model
+    if args.compile:  # graph capture of the forward (and, through autograd, the backward) pass
+        ddp = torch.compile(ddp)
     base_lr = args.lr * args.batch_size / 256
     total, warmup = args.epochs * steps, int(args.warmup_epochs * steps)
     if rank == 0:
@@ -508,7 +517,7 @@ def main(args):
             terms["collapse_std"] = F.normalize(out["z"].detach().float(), dim=1).std(0).mean()  # solo-learn's monitor
             for k, v in {**terms, **qstats}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
-            bad = torch.where((bad == 0) & ~torch.isfinite(loss.detach()), torch.tensor(step + 1.0, device=device), bad)
+            bad = torch.where((bad == 0) & ~torch.isfinite(loss.detach()), torch.full_like(bad, step + 1.0), bad)
             seen += b * world
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
                 stop = check_finite(bad, epoch, run_dir)
@@ -532,8 +541,10 @@ def main(args):
                 v = v / world
             metrics[k] = v.item() / steps
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            htr, ytr = common.extract_features(model.backbone, knn_train, size, stats, native, device, workers=args.workers)
-            hte, yte = common.extract_features(model.backbone, knn_test, size, stats, native, device, workers=args.workers)
+            htr, ytr = common.extract_features(model.backbone, knn_train, size, stats, native, device,
+                                               workers=args.workers, data_path=args.data_path)
+            hte, yte = common.extract_features(model.backbone, knn_test, size, stats, native, device,
+                                               workers=args.workers, data_path=args.data_path)
             metrics["knn_top1"] = common.knn_top1(htr, ytr, hte, yte, num_classes)
         metrics.update(images_per_s=seen / seconds, seconds=seconds,
                        peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if use_cuda else 0.0)
