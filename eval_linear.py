@@ -65,7 +65,8 @@ def parse_args(argv=None):
                    help="classic recipe: random resized crop + flip, features recomputed every epoch")
     p.add_argument("--seed", type=int, default=0, help="seed of the probe's batches and of the augmentations")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
-    p.add_argument("--workers", type=int, default=4, help="data-loader processes per process")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="data-loader processes per process (default: 4, or fewer CPU cores)")
     p.add_argument("--train-limit", type=int, default=0, help="train on this many training images (fixed subset); 0: all")
     p.add_argument("--test-limit", type=int, default=0, help="evaluate on this many images (fixed subset); 0: all")
     return p.parse_args(argv)

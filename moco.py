@@ -60,7 +60,8 @@ def parse_args(argv=None):
                         "Sec. 3.3), which needs one exchange of the batch per step instead of one per BN layer")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentations")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
-    p.add_argument("--workers", type=int, default=4, help="data-loader processes per training process")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="data-loader processes per training process (default: 4, or fewer CPU cores)")
     p.add_argument("--data-path", default="auto", choices=common.DATA_PATHS, help="tensor: decode once, augment batches on "
                    "the device; cpu: PIL in --workers processes; auto: tensor on CUDA when the data set fits in memory, else cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the model's forward pass and the tensor data path's augmentations")
