@@ -73,3 +73,22 @@ def read_metrics(run_dir):
     import json
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         return [json.loads(line) for line in fh]
+
+
+def kill_after_first_checkpoint(args, run_dir, deadline=600):
+    """Start `python ARGS --run-dir RUN_DIR`, SIGKILL it as soon as its first checkpoint is
+    written (as a user's killed job), and return that checkpoint, which must be epoch 1's.
+    The deadline is generous: a loaded CI machine is slow, and the wait ends at the file."""
+    import signal
+    import time
+    ckpt = os.path.join(run_dir, "checkpoint.pt")
+    proc = subprocess.Popen([sys.executable] + list(args) + ["--run-dir", str(run_dir)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    end = time.time() + deadline
+    while not os.path.exists(ckpt) and proc.poll() is None and time.time() < end:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = torch.load(ckpt, weights_only=False)
+    assert first["epoch"] == 1, "the kill came too late"
+    return first

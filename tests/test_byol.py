@@ -1,15 +1,13 @@
 """byol.py: the loss against the paper's equation, the EMA target, DDP equivalence and
 consistency across processes, end-to-end runs, resume, bad input."""
-import os
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import byol
 import common
-from conftest import REPO, TINY, read_metrics, run, spawn, torchrun
+from conftest import TINY, read_metrics, run, spawn, torchrun
 
 SMALL = ["--proj-hidden", "64", "--pred-hidden", "64", "--proj-dim", "32"]  # narrow heads: fast unit tests
 

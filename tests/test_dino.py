@@ -2,19 +2,14 @@
 forms, multi-crop, the head, the schedules, and the script end to end (resume, torchrun, add-ons)."""
 import math
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import common
 import dino
-from conftest import REPO, TINY, read_metrics, run, spawn, torchrun
+from conftest import TINY, kill_after_first_checkpoint, read_metrics, run, spawn, torchrun
 
 # A small head keeps the end-to-end runs short; two local crops still exercise multi-crop.
 SMALL = TINY + ["--local-crops", "2", "--proj-hidden", "64", "--proj-dim", "32", "--prototypes", "128"]
@@ -290,15 +285,7 @@ def test_resume_after_kill_ends_with_the_same_weights_teacher_and_center(straigh
     argv = ["dino.py"] + SMALL + ["--epochs", "2", "--knn-every", "2", "--warmup-epochs", "0"]
     broken = tmp_path / "broken"
     # start the same run, kill it as soon as epoch 1's checkpoint is written, then resume
-    proc = subprocess.Popen([sys.executable] + argv + ["--run-dir", str(broken)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    deadline = time.time() + 600  # generous: a loaded CI machine is slow
-    while not (broken / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    first = torch.load(broken / "checkpoint.pt", weights_only=False)
-    assert first["epoch"] == 1, "the kill came too late"
+    first = kill_after_first_checkpoint(argv, broken)
     run(argv + ["--resume", str(broken)])
     a = torch.load(ref / "checkpoint.pt", weights_only=False)
     b = torch.load(broken / "checkpoint.pt", weights_only=False)

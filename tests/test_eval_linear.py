@@ -1,7 +1,6 @@
 """eval_linear.py: the probe learns, kNN is common.knn_top1, every output file holds what
 interpret.py reads, 2 processes give the features of 1, bad input exits 2."""
 import json
-import os
 import shutil
 
 import numpy as np

@@ -2,10 +2,6 @@
 forms, and the script end to end (v2 plain, v3 with both add-ons, torchrun, resume)."""
 import math
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -13,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import moco
-from conftest import REPO, TINY, read_metrics, run, spawn, torchrun
+from conftest import TINY, kill_after_first_checkpoint, read_metrics, run, spawn, torchrun
 
 SMALL = ["--proj-hidden", "64", "--pred-hidden", "64", "--proj-dim", "32", "--queue-size", "64"]
 # Runs of one process use a batch of 16 (the last --batch-size wins) to keep the suite short.
@@ -226,14 +222,7 @@ def test_script_trains_and_writes_the_run(straight):
 def test_resume_after_kill_ends_with_the_same_state(straight, tmp_path):
     broken = tmp_path / "broken"
     # start the same run, kill it as soon as epoch 1's checkpoint is written, then resume
-    proc = subprocess.Popen([sys.executable, "moco.py"] + ARGS + ["--run-dir", str(broken)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    deadline = time.time() + SLOW
-    while not (broken / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert torch.load(broken / "checkpoint.pt", weights_only=False)["epoch"] == 1, "the kill came too late"
+    kill_after_first_checkpoint(["moco.py"] + ARGS, broken, deadline=SLOW)
     run(["moco.py"] + ARGS + ["--resume", str(broken)], timeout=SLOW)
     a = torch.load(straight[0] / "checkpoint.pt", weights_only=False)
     b = torch.load(broken / "checkpoint.pt", weights_only=False)

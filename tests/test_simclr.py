@@ -1,17 +1,13 @@
 """simclr.py: NT-Xent against Eq. (1), its distributed form, the add-ons, and the script end to end."""
 import math
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import simclr
-from conftest import REPO, TINY, read_metrics, run, spawn, torchrun
+from conftest import TINY, kill_after_first_checkpoint, read_metrics, run, spawn, torchrun
 
 
 def slow_nt_xent(z1, z2, t):
@@ -180,15 +176,7 @@ def test_resume_after_kill_ends_with_the_same_weights(tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     run(["simclr.py"] + common_args + ["--run-dir", str(straight)])
     # start the same run, kill it as soon as epoch 1's checkpoint is written, then resume
-    proc = subprocess.Popen([sys.executable, "simclr.py"] + common_args + ["--run-dir", str(broken), "--steps-per-epoch", "3"],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"})
-    deadline = time.time() + 600  # generous: a loaded CI machine is slow, and the loop ends at the checkpoint
-    while not (broken / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert torch.load(broken / "checkpoint.pt", weights_only=False)["epoch"] == 1, "the kill came too late"
+    kill_after_first_checkpoint(["simclr.py"] + common_args, broken)
     run(["simclr.py"] + common_args + ["--resume", str(broken)])
     a = torch.load(straight / "checkpoint.pt", weights_only=False)
     b = torch.load(broken / "checkpoint.pt", weights_only=False)

@@ -3,18 +3,13 @@ predictor LR, DDP against one process, and the script end to end (plain, both ad
 torchrun, resume after a kill, bad input, a non-finite loss)."""
 import math
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import simsiam
-from conftest import REPO, TINY, read_metrics, run, spawn, torchrun
+from conftest import TINY, kill_after_first_checkpoint, read_metrics, run, spawn, torchrun
 
 SMALL = ["--proj-hidden", "64", "--proj-dim", "32", "--pred-hidden", "16"]
 
@@ -210,15 +205,7 @@ def test_script_trains_and_writes_the_run(straight):
 def test_resume_after_kill_ends_with_the_same_weights(straight, tmp_path):
     broken = tmp_path / "broken"
     # start the same run, kill it as soon as epoch 1's checkpoint is written, then resume
-    proc = subprocess.Popen([sys.executable, "simsiam.py"] + RUN + ["--run-dir", str(broken)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"})
-    deadline = time.time() + 600  # generous: a loaded CI machine can take minutes for one epoch
-    while not (broken / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert torch.load(broken / "checkpoint.pt", weights_only=False)["epoch"] == 1, "the kill came too late"
+    kill_after_first_checkpoint(["simsiam.py"] + RUN, broken)
     run(["simsiam.py"] + RUN + ["--resume", str(broken)])
     a = torch.load(straight[0] / "checkpoint.pt", weights_only=False)
     b = torch.load(broken / "checkpoint.pt", weights_only=False)

@@ -1,11 +1,6 @@
 """swav.py: Sinkhorn against its marginals and closed form, the swapped-prediction loss against
 the paper's equations, their 2-process forms, and the script end to end (queue, resume)."""
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -13,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import swav
-from conftest import REPO, TINY, read_metrics, run, spawn, torchrun
+from conftest import TINY, kill_after_first_checkpoint, read_metrics, run, spawn, torchrun
 
 # Small heads and 2 local crops keep the subprocess runs short; the method is the same.
 SMALL = ["--local-crops", "2", "--prototypes", "30", "--proj-hidden", "64", "--proj-dim", "32"]
@@ -197,16 +192,7 @@ def test_resume_after_kill_keeps_the_queue_and_ends_with_the_same_weights(tmp_pa
                                   "--freeze-prototypes-epochs", "1"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     run(["swav.py"] + common_args + ["--run-dir", str(straight)])
-    proc = subprocess.Popen([sys.executable, "swav.py"] + common_args + ["--run-dir", str(broken)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "2"})
-    deadline = time.time() + 600  # generous: a loaded CI machine is slow
-    while not (broken / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    first = torch.load(broken / "checkpoint.pt", weights_only=False)
-    assert first["epoch"] == 1, "the kill came too late"
+    first = kill_after_first_checkpoint(["swav.py"] + common_args, broken)
     assert (first["queue"].norm(dim=2) > 0.99).all()
     run(["swav.py"] + common_args + ["--resume", str(broken)])
     a = torch.load(straight / "checkpoint.pt", weights_only=False)
