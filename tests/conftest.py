@@ -2,10 +2,12 @@
 function in 2 gloo processes to compare distributed code with one process."""
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import torch
@@ -79,8 +81,6 @@ def kill_after_first_checkpoint(args, run_dir, deadline=600):
     """Start `python ARGS --run-dir RUN_DIR`, SIGKILL it as soon as its first checkpoint is
     written (as a user's killed job), and return that checkpoint, which must be epoch 1's.
     The deadline is generous: a loaded CI machine is slow, and the wait ends at the file."""
-    import signal
-    import time
     ckpt = os.path.join(run_dir, "checkpoint.pt")
     proc = subprocess.Popen([sys.executable] + list(args) + ["--run-dir", str(run_dir)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "2"})
