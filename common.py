@@ -154,46 +154,59 @@ class View:
     jitter: tuple = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
     jitter_p: float = 0.8
     gray_p: float = 0.2
-    blur_p: float = 0.0  # Gaussian blur, sigma in [0.1, 2], kernel 10% of the side
+    blur_p: float = 0.0  # Gaussian blur, sigma in [0.1, 2], kernel blur_kernel(size)
     solarize_p: float = 0.0  # solarize at threshold 128 (of 255)
 
 
-def blur_prob(size, p):
-    """Probability p of a Gaussian blur for images of side `size`, or 0 at 32 px and less."""
-    # SimCLR blurs only at ImageNet scale; at 32 px a 3-pixel kernel just destroys the image
-    # (solo-learn's CIFAR recipes turn it off), so small images get none.
-    return p if size > 32 else 0.0
+def blur_kernel(side):
+    """Odd Gaussian-blur kernel for a crop of `side` pixels, used by both data paths: 10% of
+    the side (SimCLR, App. A), but at least 13 taps, so that sigma up to 2 stays a Gaussian
+    (+-3 sigma) on small crops, as the PIL blur (radius = sigma) of solo-learn's CIFAR recipes
+    is; never wider than the crop, which reflect padding needs."""
+    return min(max(int(0.1 * side) // 2 * 2 + 1, 13), (side - 1) // 2 * 2 + 1)
 
 
-def simclr_views(size):
-    """SimCLR (Chen et al. 2020, App. A): two views, crop (0.08, 1), colour strength 1.0
-    scaled to 0.4/0.4/0.4/0.1 as in MoCo v2 and solo-learn, blur p=0.5 above 32 px."""
-    v = View(size, blur_p=blur_prob(size, 0.5))
+def jitter_of(strength):
+    """SimCLR's colour distortion of strength s (Chen et al. 2020, App. A):
+    brightness, contrast, saturation 0.8 s, hue 0.2 s. s = 0.5 is MoCo v2's 0.4/0.4/0.4/0.1."""
+    return (0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength)
+
+
+def simclr_views(size, crop_min=0.08, strength=1.0, blur_p=0.5):
+    """Two views of one distribution (SimCLR, Chen et al. 2020, App. A; MoCo v2; SimSiam):
+    crop (crop_min, 1), flip, colour jitter of `strength` with p 0.8, grey p 0.2, blur p.
+    The defaults are SimCLR's ImageNet ones, which solo-learn's CIFAR `symmetric.yaml` keeps."""
+    v = View(size, scale=(crop_min, 1.0), jitter=jitter_of(strength), blur_p=blur_p)
     return [v, v]
 
 
-def byol_views(size):
-    """BYOL (Grill et al. 2020, Table 6): asymmetric views, jitter 0.4/0.4/0.2/0.1,
-    blur 1.0 / 0.1, solarization 0.0 / 0.2."""
-    v = View(size, jitter=(0.4, 0.4, 0.2, 0.1))
-    return [replace(v, blur_p=blur_prob(size, 1.0)), replace(v, blur_p=blur_prob(size, 0.1), solarize_p=0.2)]
+def byol_views(size, crop_min=0.08, blur_p=(1.0, 0.1), solarize_p=(0.0, 0.2)):
+    """BYOL (Grill et al. 2020, Table 6), also MoCo v3: asymmetric views, jitter
+    0.4/0.4/0.2/0.1 with p 0.8, grey p 0.2, blur p and solarization p per view.
+    solo-learn's CIFAR `asymmetric.yaml` keeps all of it but the blur: (0, 0)."""
+    v = View(size, scale=(crop_min, 1.0), jitter=(0.4, 0.4, 0.2, 0.1))
+    return [replace(v, blur_p=blur_p[0], solarize_p=solarize_p[0]), replace(v, blur_p=blur_p[1], solarize_p=solarize_p[1])]
 
 
-def multicrop_views(size, local_crops, global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), local_size=None):
+def multicrop_views(size, local_crops, global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), local_size=None,
+                    jitter=jitter_of(1.0), blur_p=(0.5, 0.5, 0.5), solarize_p=(0.0, 0.0, 0.0)):
     """Multi-crop (SwAV, Caron et al. 2020, Sec. 3.2): two global crops of `size` and
-    `local_crops` small crops. 224 -> 96 px as in the papers; smaller images get
-    local crops of half their side (16 px for CIFAR, 48 px for STL-10).
-    DINO uses global_scale=(0.4, 1), local_scale=(0.05, 0.4) and solarization on
-    the second global crop; pass them from dino.py."""
+    `local_crops` small crops. 224 -> 96 px as in the papers; smaller images get local crops
+    of half their side (16 px for CIFAR, 48 px for STL-10). blur_p and solarize_p: for the
+    first global crop, the second, and every local crop. The defaults are SwAV's; DINO
+    passes its own (global scale (0.4, 1), jitter 0.4/0.4/0.2/0.1, blur 1.0/0.1/0.5,
+    solarization 0/0.2/0)."""
     local_size = local_size or (96 if size >= 224 else size // 2)
-    g = View(size, scale=global_scale, blur_p=blur_prob(size, 0.5))
-    l = View(local_size, scale=local_scale, blur_p=blur_prob(size, 0.5))
-    return [g, g] + [l] * local_crops
+    g = View(size, scale=tuple(global_scale), jitter=tuple(jitter))
+    l = View(local_size, scale=tuple(local_scale), jitter=tuple(jitter), blur_p=blur_p[2], solarize_p=solarize_p[2])
+    return ([replace(g, blur_p=blur_p[0], solarize_p=solarize_p[0]), replace(g, blur_p=blur_p[1], solarize_p=solarize_p[1])]
+            + [l] * local_crops)
 
 
-def positive_view(size):
-    """The single crop of each positive image of the cross-attention add-on (Seyfi et al., App. 1.2)."""
-    return View(size, blur_p=blur_prob(size, 0.5))
+def positive_view(size, blur_p=0.5):
+    """The single crop of each positive image of the cross-attention add-on (Seyfi et al.,
+    App. 1.2): SimCLR's view."""
+    return simclr_views(size, blur_p=blur_p)[0]
 
 
 def cpu_transform(view, stats):
@@ -206,7 +219,7 @@ def cpu_transform(view, stats):
         T.RandomGrayscale(view.gray_p),
     ]
     if view.blur_p > 0:
-        k = max(3, int(0.1 * view.size) // 2 * 2 + 1)  # odd kernel, 10% of the side (SimCLR)
+        k = blur_kernel(view.size)
         steps.append(T.RandomApply([T.GaussianBlur(k, sigma=(0.1, 2.0))], p=view.blur_p))
     if view.solarize_p > 0:
         steps.append(T.RandomSolarize(128, p=view.solarize_p))
@@ -443,7 +456,7 @@ def apply_view(images, p, view, stats):
     if view.gray_p > 0:
         x = torch.where(p["gray"].view(b, 1, 1, 1), _gray(x).expand(-1, 3, -1, -1), x)
     if view.blur_p > 0:  # separable Gaussian, reflect padding, per-sample sigma: grouped convolutions
-        k = max(3, int(0.1 * s) // 2 * 2 + 1)  # the kernel of cpu_transform
+        k = blur_kernel(s)  # the kernel of cpu_transform
         t = torch.linspace(-(k // 2), k // 2, k, device=x.device)
         kern = torch.exp(-0.5 * (t / p["sigma"][:, None]) ** 2)
         kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(3, 0)  # (B*3, k)
@@ -620,11 +633,13 @@ class Backbone(nn.Module):
     For images of 64 px and less, the 7x7 stride-2 stem and the max-pool would shrink a
     32 px image to 1x1 by layer4; the CIFAR stem is a 3x3 stride-1 convolution, no pool."""
 
-    def __init__(self, name="resnet18", small_images=True):
+    def __init__(self, name="resnet18", small_images=True, zero_init_residual=False):
         super().__init__()
         if name not in ("resnet18", "resnet34", "resnet50"):
             raise UserError(f"unknown backbone '{name}': choose resnet18, resnet34 or resnet50.")
-        net = getattr(torchvision.models, name)(weights=None)
+        # zero_init_residual: the last BN of each residual branch starts at 0, so every block
+        # starts as the identity (Goyal et al. 2017; MoCo v3's and BYOL's ImageNet recipes)
+        net = getattr(torchvision.models, name)(weights=None, zero_init_residual=zero_init_residual)
         if small_images:
             net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
             net.maxpool = nn.Identity()
@@ -638,9 +653,9 @@ class Backbone(nn.Module):
         return f, f.mean(dim=(2, 3))  # h: global average pooling, (B, D)
 
 
-def build_backbone(name="resnet18", small_images=True, weights=None):
+def build_backbone(name="resnet18", small_images=True, weights=None, zero_init_residual=False):
     """A Backbone; `weights` is the path of a `backbone.pt` written by a method script."""
-    net = Backbone(name, small_images)
+    net = Backbone(name, small_images, zero_init_residual)
     if weights is not None:
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)

@@ -30,14 +30,32 @@ def test_bad_datasets_raise_one_sentence(tmp_path):
 
 
 def test_views_follow_the_papers():
-    v1, v2 = common.simclr_views(32)
-    assert v1 == v2 and v1.scale == (0.08, 1.0) and v1.jitter == (0.4, 0.4, 0.4, 0.1) and v1.blur_p == 0  # no blur at 32 px
-    assert common.simclr_views(224)[0].blur_p == 0.5
+    v1, v2 = common.simclr_views(32)  # SimCLR App. A = solo-learn's symmetric.yaml, blur included at 32 px
+    assert v1 == v2 and v1.scale == (0.08, 1.0) and v1.jitter == (0.8, 0.8, 0.8, 0.2) and v1.blur_p == 0.5
+    m = common.simclr_views(32, crop_min=0.2, strength=0.5, blur_p=0.0)[0]  # MoCo v2's jitter
+    assert m.scale == (0.2, 1.0) and m.jitter == (0.4, 0.4, 0.4, 0.1) and m.blur_p == 0.0
     b1, b2 = common.byol_views(224)
     assert (b1.blur_p, b2.blur_p, b1.solarize_p, b2.solarize_p) == (1.0, 0.1, 0.0, 0.2)
+    assert b1.jitter == (0.4, 0.4, 0.2, 0.1)
     crops = common.multicrop_views(224, 6)
     assert [c.size for c in crops] == [224, 224] + [96] * 6
     assert [c.size for c in common.multicrop_views(32, 2)] == [32, 32, 16, 16]
+    d = common.multicrop_views(224, 2, blur_p=(1.0, 0.1, 0.5), solarize_p=(0.0, 0.2, 0.0))
+    assert [(c.blur_p, c.solarize_p) for c in d] == [(1.0, 0.0), (0.1, 0.2), (0.5, 0.0), (0.5, 0.0)]
+
+
+def test_blur_kernel_is_a_gaussian_on_small_crops():
+    # 10% of the side on ImageNet crops (SimCLR: 23 at 224 px), at least +-3 sigma_max = 13 taps
+    # below, never wider than the crop (reflect padding)
+    assert [common.blur_kernel(s) for s in (224, 96, 32, 16, 8)] == [23, 13, 13, 13, 7]
+
+
+def test_zero_init_residual_starts_each_block_as_identity():
+    for name, last in (("resnet18", "bn2"), ("resnet50", "bn3")):
+        net = common.build_backbone(name, small_images=True, zero_init_residual=True)
+        assert all(getattr(blk, last).weight.abs().sum() == 0 for blk in net.layer1)
+        plain = common.build_backbone(name, small_images=True)
+        assert all(getattr(blk, last).weight.abs().sum() > 0 for blk in plain.layer1)
 
 
 def test_train_loader_splits_the_global_batch_and_brings_positives():
