@@ -2,15 +2,26 @@
 a momentum encoder, a moving average of the query encoder (He et al., CVPR 2020).
 
 v2 (default): Chen et al., "Improved Baselines with Momentum Contrastive Learning", 2020:
-MLP head, a queue of negative keys from all processes, shuffled BN; loss symmetrized as in
-solo-learn's mocov2plus. v3: Chen, Xie, He, "An Empirical Study of Training Self-Supervised
-Vision Transformers", ICCV 2021, ResNet form: predictor, in-batch keys of all processes, LARS.
-Defaults: solo-learn's CIFAR recipes (mocov2plus.yaml, mocov3.yaml) unless a help says else.
+MLP head, a queue of negative keys from all processes, shuffled BN, SGD; loss symmetrized
+as in solo-learn's mocov2plus (--no-symmetric-loss: the paper's one direction). v3: Chen,
+Xie, He, "An Empirical Study of Training Self-Supervised Vision Transformers", ICCV 2021,
+ResNet form: predictor, in-batch keys of all processes, global BN, LARS.
+Defaults: solo-learn's CIFAR recipes, scripts/pretrain/cifar/mocov2plus.yaml with
+augmentations/symmetric_weak.yaml (v2) and mocov3.yaml with augmentations/asymmetric.yaml
+(v3). The ImageNet commands are the official ones: facebookresearch/moco's README (MoCo v2,
+ResNet-50, 200 epochs) and facebookresearch/moco-v3's CONFIG.md (ResNet-50, 100 epochs).
+RECIPES.md compares them, flag for flag.
 
     python moco.py --dataset digits --epochs 1                    # offline demo
-    python moco.py --dataset cifar10 --data-dir data              # 1000 epochs, 1 GPU
-    torchrun --nproc_per_node=4 moco.py --dataset folder --data-dir /imagenet \
-        --backbone resnet50 --moco-version 3 --batch-size 4096
+    python moco.py --dataset cifar10 --data-dir data              # v2, 1000 epochs, 1 GPU
+    python moco.py --dataset cifar10 --data-dir data --moco-version 3
+    torchrun --nproc_per_node=8 moco.py --dataset folder --data-dir /imagenet --moco-version 2 \
+        --backbone resnet50 --epochs 200 --batch-size 256 --lr 0.03 --warmup-epochs 0 --proj-dim 128 \
+        --queue-size 65536 --tau-base 0.999 --crop-min-scale 0.2 --no-symmetric-loss
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_endpoint=HOST:29500 moco.py --dataset folder \
+        --data-dir /imagenet --moco-version 3 --backbone resnet50 --epochs 100 --batch-size 4096 \
+        --lr 0.6 --lars-mode official --lars-eta 0.001 --temperature 1.0 --crop-min-scale 0.2 \
+        --blur-prob 1.0 0.1 --zero-init-residual
 """
 import argparse
 import copy
@@ -18,6 +29,7 @@ import json
 import math
 import os
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -28,10 +40,13 @@ import torch.nn.functional as F
 import common
 
 METHOD = "moco"
-# Flags whose default depends on --moco-version (solo-learn CIFAR; MoCo v2's 128-d output).
+# Defaults that depend on --moco-version: solo-learn's mocov2plus.yaml + symmetric_weak.yaml
+# (v2) and mocov3.yaml + asymmetric.yaml (v3). parse_args resolves them.
 VERSION_DEFAULTS = {
-    2: dict(lr=0.3, weight_decay=1e-4, proj_hidden=2048, proj_dim=128, tau_end=0.999),
-    3: dict(lr=0.3, weight_decay=1e-6, proj_hidden=4096, proj_dim=256, tau_end=1.0),
+    2: dict(weight_decay=1e-4, proj_hidden=2048, tau_end=0.999, sync_bn=False, blur_prob=(0.5, 0.5),
+            solarize_prob=(0.0, 0.0)),
+    3: dict(weight_decay=1e-6, proj_hidden=4096, tau_end=1.0, sync_bn=True, blur_prob=(0.0, 0.0),
+            solarize_prob=(0.0, 0.2)),
 }
 
 
@@ -42,22 +57,56 @@ def parse_args(argv=None):
     p.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet34", "resnet50"], help="torchvision ResNet")
     p.add_argument("--image-size", type=int, default=0, help="crop side in pixels; 0: the data set's native size")
     p.add_argument("--moco-version", type=int, default=2, choices=[2, 3], help="2: queue of negatives, SGD; 3: predictor, in-batch keys, LARS")
-    p.add_argument("--epochs", type=int, default=1000, help="training epochs (solo-learn CIFAR: 1000)")
-    p.add_argument("--batch-size", type=int, default=256, help="global batch, split over processes (solo-learn: 256)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate per 256 images; v2: SGD 0.3, v3: LARS 0.3 (solo-learn)")
-    p.add_argument("--weight-decay", type=float, default=None, help="weight decay, not on biases and norms; v2: 1e-4, v3: 1e-6 (solo-learn)")
-    p.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient, v3 only (solo-learn CIFAR: 0.02)")
-    p.add_argument("--warmup-epochs", type=float, default=10, help="linear warm-up, then cosine decay (solo-learn: 10)")
-    p.add_argument("--temperature", type=float, default=0.2, help="InfoNCE temperature (MoCo v2 paper and solo-learn: 0.2)")
-    p.add_argument("--proj-hidden", type=int, default=None, help="projector hidden width; v2: 2048 (paper), v3: 4096 (solo-learn)")
-    p.add_argument("--proj-dim", type=int, default=None, help="projector output width; v2: 128 (paper), v3: 256 (solo-learn)")
-    p.add_argument("--pred-hidden", type=int, default=4096, help="v3 predictor hidden width (solo-learn CIFAR: 4096)")
-    p.add_argument("--queue-size", type=int, default=32768, help="v2 negative keys, a multiple of --batch-size (solo-learn CIFAR: 32768)")
-    p.add_argument("--tau-base", type=float, default=0.99, help="momentum of the key encoder at step 0 (solo-learn: 0.99)")
-    p.add_argument("--tau-end", type=float, default=None, help="momentum at the last step, cosine per step; v2: 0.999, v3: 1.0 (solo-learn)")
-    p.add_argument("--sync-bn", action="store_true",
-                   help="SyncBatchNorm (CUDA only) in both encoders; default: shuffled BN in the key encoder (MoCo, "
-                        "Sec. 3.3), which needs one exchange of the batch per step instead of one per BN layer")
+    p.add_argument("--epochs", type=int, default=1000,
+                   help="training epochs (solo-learn CIFAR: 1000; official ImageNet: v2 200, v3 100)")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="global batch, split over processes (solo-learn CIFAR: 256; official ImageNet: v2 256, v3 4096)")
+    p.add_argument("--lr", type=float, default=0.3,
+                   help="learning rate per 256 images, v2 SGD, v3 LARS (solo-learn CIFAR: 0.3; official: v2 0.03, v3 0.6)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="v2: SGD weight decay on every weight, biases and norms included; v3: LARS weight decay, not "
+                        "on biases and norms (solo-learn CIFAR and official ImageNet: v2 1e-4, v3 1e-6)")
+    p.add_argument("--lars-mode", default="clip", choices=["clip", "official"],
+                   help="v3 only, LARS form (see class LARS): clip as solo-learn's CIFAR recipe, official as MoCo v3's code")
+    p.add_argument("--lars-eta", type=float, default=0.02,
+                   help="v3 only, LARS trust coefficient (solo-learn CIFAR: 0.02; official ImageNet: 0.001)")
+    p.add_argument("--warmup-epochs", type=float, default=10,
+                   help="linear warm-up, then cosine decay per step (solo-learn CIFAR: 10; official ImageNet: v2 0, v3 10)")
+    p.add_argument("--temperature", type=float, default=0.2,
+                   help="InfoNCE temperature (solo-learn CIFAR: 0.2; official ImageNet: v2 0.2, v3 1.0)")
+    p.add_argument("--symmetric-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="both directions, view 1 -> 2 and 2 -> 1 (solo-learn CIFAR and official v3: yes; "
+                        "official v2: no, queries of view 1 against keys of view 2 only)")
+    p.add_argument("--proj-hidden", type=int, default=None,
+                   help="projector hidden width (solo-learn CIFAR and official ImageNet: v2 2048, v3 4096)")
+    p.add_argument("--proj-dim", type=int, default=256,
+                   help="projector output width (solo-learn CIFAR: 256; official ImageNet: v2 128, v3 256)")
+    p.add_argument("--pred-hidden", type=int, default=4096,
+                   help="v3 only, predictor hidden width (solo-learn CIFAR, official: 4096)")
+    p.add_argument("--queue-size", type=int, default=32768,
+                   help="v2 only, negative keys, a multiple of --batch-size (solo-learn CIFAR: 32768; official: 65536)")
+    p.add_argument("--tau-base", type=float, default=0.99,
+                   help="momentum of the key encoder at step 0 (solo-learn CIFAR: 0.99; official ImageNet: v2 0.999, v3 0.99)")
+    p.add_argument("--tau-end", type=float, default=None,
+                   help="momentum at the last step, cosine per step (solo-learn CIFAR and official ImageNet: v2 0.999, v3 1.0)")
+    p.add_argument("--crop-min-scale", type=float, default=0.08,
+                   help="smallest crop area of RandomResizedCrop (solo-learn CIFAR: 0.08; official ImageNet: 0.2)")
+    p.add_argument("--jitter-strength", type=float, default=0.5,
+                   help="colour jitter strength s: v2 0.8s/0.8s/0.8s/0.2s (brightness, contrast, saturation, hue), "
+                        "v3 0.8s/0.8s/0.4s/0.2s, BYOL's; p 0.8 (solo-learn CIFAR and official: 0.5, i.e. "
+                        "0.4/0.4/0.4/0.1 and 0.4/0.4/0.2/0.1)")
+    p.add_argument("--blur-prob", type=float, nargs="+", default=None, metavar="P",
+                   help="Gaussian blur probability, one for both views or one per view (solo-learn CIFAR: v2 0.5 0.5, "
+                        "v3 0 0; official ImageNet: v2 0.5 0.5, v3 1.0 0.1)")
+    p.add_argument("--solarize-prob", type=float, nargs="+", default=None, metavar="P",
+                   help="solarization probability, one for both views or one per view (solo-learn CIFAR and official "
+                        "ImageNet: v2 0 0, v3 0 0.2)")
+    p.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=False,
+                   help="each residual branch's last BN starts at 0 (solo-learn CIFAR: no; official ImageNet: v2 no, v3 yes)")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="global BatchNorm (SyncBatchNorm, CUDA) in both encoders (default v3, as MoCo v3's code); "
+                        "--no-sync-bn: shuffled BN in the key encoder (default v2, MoCo Sec. 3.3), which exchanges "
+                        "the crops once per step instead of the statistics once per BN layer")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentations")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -76,6 +125,11 @@ def parse_args(argv=None):
     for k, v in VERSION_DEFAULTS[args.moco_version].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    for k in ("blur_prob", "solarize_prob"):  # one probability means both views
+        v = tuple(getattr(args, k))
+        if len(v) not in (1, 2):
+            p.error(f"--{k.replace('_', '-')} takes one probability (both views) or two (view 1, view 2)")
+        setattr(args, k, v * 2 if len(v) == 1 else v)
     return args
 
 
@@ -94,7 +148,7 @@ class MoCo(nn.Module):
 
     def __init__(self, args, small_images):
         super().__init__()
-        self.backbone = common.build_backbone(args.backbone, small_images)
+        self.backbone = common.build_backbone(args.backbone, small_images, zero_init_residual=args.zero_init_residual)
         d = self.backbone.dim
         self.projector = mlp(d, args.proj_hidden, args.proj_dim, args.moco_version)
         self.predictor = None
@@ -105,13 +159,16 @@ class MoCo(nn.Module):
         self.xattn = CrossAttentionHead(d, args.xattn_clusters, args.xattn_temp) if args.xattn else None
 
     def forward(self, crops, positives=None):
-        b = crops[0].shape[0]
-        x = torch.cat(crops + ([positives] if positives is not None else []))  # all views share one size
-        f, h = self.backbone(x)  # (2b [+ b*P], D, h, w), (2b [+ b*P], D)
-        z = self.projector(h[: 2 * b])  # (2b, d)
-        out = {"h": h[: 2 * b], "q": z if self.predictor is None else self.predictor(z)}
+        """crops: the V views (V = 2, or 1 for the one-directional loss), each (b, 3, s, s)."""
+        b, n = crops[0].shape[0], len(crops) * crops[0].shape[0]
+        # One pass for all views (they share one size), so BN normalizes the views together; the
+        # official MoCo v2/v3 code and solo-learn run each view on its own, BN statistics per view.
+        x = torch.cat(crops + ([positives] if positives is not None else []))
+        f, h = self.backbone(x)  # (n [+ b*P], D, h, w), (n [+ b*P], D)
+        z = self.projector(h[:n])  # (n, d)
+        out = {"h": h[:n], "q": z if self.predictor is None else self.predictor(z)}
         if self.xattn is not None and positives is not None:
-            out["f"] = torch.cat([f[:b], f[2 * b:]])  # anchors (the first view), then their positives
+            out["f"] = torch.cat([f[:b], f[n:]])  # anchors (the first view), then their positives
             out["beta"], out["logits"] = self.xattn(out["f"])
         return out
 
@@ -143,7 +200,8 @@ def momentum_at(step, total, base, end):
 
 @torch.no_grad()
 def momentum_keys(key_encoder, x, shuffle=True):
-    """Normalized keys (n, d) of this process's images x (n, 3, s, s), no gradient.
+    """Normalized keys (n, d) of this process's images x (n, 3, s, s), no gradient. Both views
+    come in one batch, so BN normalizes them together (the official code: one view at a time).
     Shuffled BN (MoCo, Sec. 3.3): under DDP the key encoder sees a random share of the
     global batch, so a key's BN statistics do not come from its query's sub-batch (a
     shortcut to the positive); keys are put back in order. BN running statistics are
@@ -195,22 +253,36 @@ def infonce_loss(q, k, queue=None, temperature=0.2):
     return F.cross_entropy(logits, labels)
 
 
-def moco_loss(q, k, queue, temperature):
+def moco_loss(q, k, queue, temperature, symmetric=True):
     """Symmetrized: queries of view 1 against keys of view 2 and the other way round.
     q, k: (2b, d), view 1 then view 2. v2 (queue given): the mean of the two terms
-    (solo-learn's mocov2plus). v3: their sum, each scaled by 2t (MoCo v3, Alg. 1)."""
+    (solo-learn's mocov2plus). v3: their sum, each scaled by 2t (MoCo v3, Alg. 1).
+    symmetric=False: q (b, d) of view 1 against k (b, d) of view 2 only, as MoCo v2's code."""
+    if not symmetric:
+        loss = infonce_loss(q, k, queue, temperature)
+        return loss if queue is not None else 2 * temperature * loss
     b = len(q) // 2
     l12, l21 = infonce_loss(q[:b], k[b:], queue, temperature), infonce_loss(q[b:], k[:b], queue, temperature)
     return (l12 + l21) / 2 if queue is not None else 2 * temperature * (l12 + l21)
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and LARS (You et al. 2017): each weight's update is scaled by
-    eta * ||w|| / ||g + wd w||. Groups with `lars=False` (biases, norms) get plain SGD
-    and no weight decay, as in SimCLR and BYOL."""
+    """SGD with momentum and LARS (You et al. 2017) in the two forms the references run.
+    For each weight w with gradient g (groups with `lars=False`, i.e. biases and norms, get
+    plain SGD with momentum and no weight decay, as in SimCLR, BYOL and solo-learn):
+      official (SimCLR, BYOL, MoCo v3 and DINO code; eta 0.001 on ImageNet):
+          d = g + wd w,  d *= eta ||w|| / ||d||
+      clip (solo-learn's LARS with clip_lr, used by its CIFAR recipes; eta 0.02):
+          d = g + wd w,  d *= min(eta ||w|| / (||g|| + wd ||w||), 1 / lr),
+          so that a layer's step lr * trust is never larger than the plain SGD step lr.
+    SwAV's apex LARC (unclipped) uses the clip form's ratio without the cap; with SwAV's
+    wd of 1e-6 that ratio and the official one differ by far less than a percent.
+    A zero ||w|| or ||g|| leaves the trust at 1. Momentum accumulates the scaled d."""
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001, mode="official"):
+        if mode not in ("official", "clip"):
+            raise ValueError(f"LARS mode '{mode}': choose official or clip")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True, mode=mode))
 
     @torch.no_grad()
     def step(self):
@@ -220,10 +292,16 @@ class LARS(torch.optim.Optimizer):
                     continue
                 d = p.grad
                 if g["lars"]:
+                    w_norm, g_norm = p.norm(), d.norm()
                     d = d.add(p, alpha=g["weight_decay"])
-                    w_norm, d_norm = p.norm(), d.norm()
-                    trust = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, 1.0)
-                    d = d * trust  # no host sync: the ratio stays on the device
+                    if g["mode"] == "clip":
+                        trust = g["eta"] * w_norm / (g_norm + g["weight_decay"] * w_norm)
+                        if g["lr"] > 0:
+                            trust = trust.clamp(max=1.0 / g["lr"])
+                    else:
+                        g_norm = d.norm()
+                        trust = g["eta"] * w_norm / g_norm
+                    d = d * torch.where((w_norm > 0) & (g_norm > 0), trust, 1.0)  # on the device: no host sync
                 buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
                 buf.mul_(g["momentum"]).add_(d)
                 p.add_(buf, alpha=-g["lr"])
@@ -234,6 +312,26 @@ def param_groups(model):
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars": False}]
+
+
+def make_optimizer(model, args):
+    """v2: SGD, momentum 0.9, weight decay on every parameter, biases and BN included, as both
+    MoCo v2's code and solo-learn's SGD (exclude_bias_n_norm_wd off) do. v3: LARS, biases and
+    norms without decay or adaptation (MoCo v3's LARS; solo-learn's exclude_bias_n_norm)."""
+    if args.moco_version == 2:
+        return torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=args.weight_decay)
+    return LARS(param_groups(model), lr=0.0, weight_decay=args.weight_decay, eta=args.lars_eta, mode=args.lars_mode)
+
+
+def views_of(args, size):
+    """The two views of the recipe. v2: MoCo v2's (SimCLR's at jitter strength 0.5); v3: BYOL's,
+    whose jitter 0.4/0.4/0.2/0.1 is strength 0.5 with half the saturation. Per view: blur, solarize."""
+    s = args.jitter_strength
+    if args.moco_version == 2:
+        views = common.simclr_views(size, args.crop_min_scale, s)
+    else:
+        views = [replace(v, jitter=(0.8 * s, 0.8 * s, 0.4 * s, 0.2 * s)) for v in common.byol_views(size, args.crop_min_scale)]
+    return [replace(v, blur_p=b, solarize_p=z) for v, b, z in zip(views, args.blur_prob, args.solarize_prob)]
 
 
 # --- add-ons: Q-Score regularization and spatial cross-attention ------------------------
@@ -351,8 +449,6 @@ def check_args(args):
         raise common.UserError("--device cuda was asked for, but no GPU is visible.")
     if args.moco_version == 2 and (args.queue_size < args.batch_size or args.queue_size % args.batch_size):
         raise common.UserError(f"--queue-size {args.queue_size} is not a multiple of --batch-size {args.batch_size}.")
-    if args.sync_bn and world > 1 and (args.device == "cpu" or not torch.cuda.is_available()):
-        raise common.UserError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm does not run on CPU); leave it off for shuffled BN.")
     if args.resume:
         path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume, "checkpoint.pt")
         if not os.path.isfile(path):
@@ -414,25 +510,25 @@ def main(args):
         knn_train = torch.utils.data.Subset(knn_train, keep.tolist())
     knn_test = common.make_dataset(args.dataset, args.data_dir, train=False)
     num_classes = len(knn_test.classes)
-    views = common.simclr_views(size) if args.moco_version == 2 else common.byol_views(size)  # v3 uses BYOL's
+    views = views_of(args, size)
     loader = common.TrainLoader(train_set, views, args.batch_size, stats, device,
-                                seed=args.seed, workers=args.workers, positive=common.positive_view(size),
+                                seed=args.seed, workers=args.workers, positive=views[0],
                                 data_path=args.data_path, compile=args.compile)
     steps = min(len(loader), args.steps_per_epoch) if args.steps_per_epoch else len(loader)
 
     # model, momentum copy, queue and optimizer
     model = MoCo(args, small_images=size <= 64).to(device)
-    if args.sync_bn and distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.sync_bn and distributed and use_cuda:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the key encoder, a copy, gets it too
+    elif args.sync_bn and distributed and rank == 0:
+        print("note: SyncBatchNorm needs CUDA; on CPU each process normalizes its own share of the batch.", flush=True)
     if use_cuda:
         model = model.to(memory_format=torch.channels_last)
     key_encoder = KeyEncoder(model)  # starts as a copy of the query encoder (MoCo, Alg. 1)
     queue, ptr = None, 0
     if args.moco_version == 2:  # random unit vectors until real keys push them out (MoCo's init)
         queue = F.normalize(torch.randn(args.queue_size, args.proj_dim, device=device), dim=1)  # (K, d)
-        optimizer = torch.optim.SGD(param_groups(model), lr=0.0, momentum=0.9, weight_decay=args.weight_decay)
-    else:
-        optimizer = LARS(param_groups(model), lr=0.0, weight_decay=args.weight_decay, eta=args.lars_eta)
+    optimizer = make_optimizer(model, args)
     start_epoch = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -449,9 +545,12 @@ def main(args):
         ddp = torch.compile(ddp)
     base_lr = args.lr * args.batch_size / 256
     total, warmup = args.epochs * steps, int(args.warmup_epochs * steps)
+    bn = ("global" if use_cuda else "per process") if args.sync_bn else "shuffled"
+    bn = bn if distributed else "of one process"
     if rank == 0:
         print(f"{METHOD} v{args.moco_version}: {args.dataset} {len(train_set)} images at {size}px, {args.backbone}, "
-              f"{world} process(es) on {device.type}, batch {args.batch_size}, {steps} steps/epoch -> {run_dir}", flush=True)
+              f"{world} process(es) on {device.type}, BN {bn}, batch {args.batch_size}, {steps} steps/epoch -> {run_dir}",
+              flush=True)
 
     def embed(m, x):  # the memory bank holds the projections z of the query encoder (Seyfi et al., Sec. 2.1)
         return m.projector(m.backbone(x)[1])
@@ -479,12 +578,14 @@ def main(args):
             if use_cuda:
                 crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
-                out = ddp(crops, positives if args.xattn else None)
+                # symmetric: queries and keys of both views; else queries of view 1, keys of view 2
+                q_views, k_views = (crops, crops) if args.symmetric_loss else (crops[:1], crops[1:])
+                out = ddp(q_views, positives if args.xattn else None)
                 b = crops[0].shape[0]
                 tau = momentum_at(it, total, args.tau_base, args.tau_end)
                 ema_update(model, key_encoder, tau)  # before the keys, as in MoCo's Alg. 1
-                k = momentum_keys(key_encoder, torch.cat(crops), shuffle=not args.sync_bn)  # (2b, d)
-                terms = {"loss_ssl": moco_loss(out["q"], k, queue, args.temperature)}
+                k = momentum_keys(key_encoder, torch.cat(k_views), shuffle=not args.sync_bn)  # (2b or b, d)
+                terms = {"loss_ssl": moco_loss(out["q"], k, queue, args.temperature, args.symmetric_loss)}
                 loss = terms["loss_ssl"]
                 if args.qscore_lambda > 0:
                     terms["loss_qscore"], qstats = qscore_regularizer(out["h"], args.qscore_lambda, args.qscore_alpha, args.qscore_eps)
@@ -499,7 +600,7 @@ def main(args):
             loss.backward()
             optimizer.step()
             if queue is not None:
-                ptr = enqueue(queue, ptr, k[b:])  # after the loss: a batch is never its own negative
+                ptr = enqueue(queue, ptr, k[-b:])  # view 2's keys, after the loss: a batch is never its own negative
 
             # bookkeeping on the device; the host reads it only at log steps
             terms["loss"] = loss

@@ -1,5 +1,6 @@
 """moco.py: InfoNCE against Eq. (1), the queue, the momentum encoder, their distributed
-forms, and the script end to end (v2 plain, v3 with both add-ons, torchrun, resume)."""
+forms, each version's views and optimizer, and the script end to end (v2 plain, v3 with
+both add-ons, torchrun for each version, resume)."""
 import math
 import os
 
@@ -45,6 +46,10 @@ def test_infonce_matches_equation_1():
     assert torch.allclose(moco.moco_loss(q2, k2, queue, 0.2), (l12 + l21) / 2)
     l12, l21 = moco.infonce_loss(q2[:5], k2[5:], None, 0.2), moco.infonce_loss(q2[5:], k2[:5], None, 0.2)
     assert torch.allclose(moco.moco_loss(q2, k2, None, 0.2), 0.4 * (l12 + l21))
+    # one direction (MoCo v2's code): queries of view 1 against keys of view 2 only
+    assert torch.allclose(moco.moco_loss(q2[:5], k2[5:], queue, 0.2, symmetric=False),
+                          moco.infonce_loss(q2[:5], k2[5:], queue, 0.2))
+    assert torch.allclose(moco.moco_loss(q2[:5], k2[5:], None, 0.2, symmetric=False), 0.4 * l12)
     # a query on its own key, far from every negative, has a near-zero loss
     e = torch.eye(4, 8)
     assert moco.infonce_loss(e * 3, e, -e[:1].repeat(6, 1), 0.05) < 1e-3
@@ -94,6 +99,61 @@ def test_keys_never_get_gradient(version):
     moco.moco_loss(out["q"], k, queue, 0.2).backward()
     assert all(p.grad is None for p in keys.parameters())
     assert model.backbone.stem[0].weight.grad.abs().sum() > 0
+
+
+IMAGENET_V2 = ["--moco-version", "2", "--crop-min-scale", "0.2"]
+IMAGENET_V3 = ["--moco-version", "3", "--crop-min-scale", "0.2", "--blur-prob", "1.0", "0.1"]
+
+
+@pytest.mark.parametrize("argv,jitter,scale,blur,solarize", [
+    ([], (0.4, 0.4, 0.4, 0.1), (0.08, 1.0), (0.5, 0.5), (0.0, 0.0)),  # solo-learn symmetric_weak.yaml
+    (["--moco-version", "3"], (0.4, 0.4, 0.2, 0.1), (0.08, 1.0), (0.0, 0.0), (0.0, 0.2)),  # asymmetric.yaml
+    (IMAGENET_V2, (0.4, 0.4, 0.4, 0.1), (0.2, 1.0), (0.5, 0.5), (0.0, 0.0)),  # MoCo v2's aug_plus
+    (IMAGENET_V3, (0.4, 0.4, 0.2, 0.1), (0.2, 1.0), (1.0, 0.1), (0.0, 0.2)),  # MoCo v3's two augmentations
+])
+def test_views_are_the_recipes(argv, jitter, scale, blur, solarize):
+    views = moco.views_of(moco.parse_args(argv), 32)
+    assert len(views) == 2
+    for v, b, z in zip(views, blur, solarize):
+        assert v.size == 32 and v.scale == scale and v.jitter_p == 0.8 and v.gray_p == 0.2 and v.flip_p == 0.5
+        assert all(math.isclose(x, y) for x, y in zip(v.jitter, jitter)) and v.blur_p == b and v.solarize_p == z
+
+
+def test_one_probability_means_both_views_and_three_are_refused(capsys):
+    args = moco.parse_args(["--blur-prob", "0.3", "--solarize-prob", "0.1", "0.2"])
+    assert args.blur_prob == (0.3, 0.3) and args.solarize_prob == (0.1, 0.2)
+    with pytest.raises(SystemExit) as e:
+        moco.parse_args(["--blur-prob", "0.1", "0.2", "0.3"])
+    assert e.value.code == 2 and "one probability" in capsys.readouterr().err
+
+
+def test_optimizer_per_version():
+    """v2: SGD decays every weight, biases and BN included (MoCo v2's code, solo-learn's SGD);
+    v3: LARS in the recipe's mode, 1-d tensors without decay or adaptation."""
+    model, _ = _make(2)
+    opt = moco.make_optimizer(model, moco.parse_args(SMALL))
+    assert isinstance(opt, torch.optim.SGD) and len(opt.param_groups) == 1
+    g = opt.param_groups[0]
+    assert g["weight_decay"] == 1e-4 and g["momentum"] == 0.9 and len(g["params"]) == len(list(model.parameters()))
+    model, _ = _make(3)
+    opt = moco.make_optimizer(model, moco.parse_args(SMALL + ["--moco-version", "3"]))
+    assert isinstance(opt, moco.LARS)
+    decay, no_decay = opt.param_groups
+    assert decay["mode"] == "clip" and decay["eta"] == 0.02 and decay["weight_decay"] == 1e-6 and decay["lars"]
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and not no_decay["lars"]
+    opt = moco.make_optimizer(model, moco.parse_args(SMALL + ["--moco-version", "3", "--lars-mode", "official",
+                                                              "--lars-eta", "0.001"]))
+    assert opt.param_groups[0]["mode"] == "official" and opt.param_groups[0]["eta"] == 0.001
+
+
+def test_zero_init_residual_reaches_both_encoders():
+    args = moco.parse_args(SMALL + ["--moco-version", "3", "--zero-init-residual"])
+    model = moco.MoCo(args, small_images=True)
+    keys = moco.KeyEncoder(model)
+    for enc in (model.backbone, keys.backbone):
+        assert all(blk.bn2.weight.abs().sum() == 0 for layer in (enc.layer1, enc.layer4) for blk in layer)
+    assert moco.MoCo(moco.parse_args(SMALL), small_images=True).backbone.layer1[0].bn2.weight.abs().sum() > 0
 
 
 def _ddp_losses(rank, world, q, k, queue, t):
@@ -249,24 +309,37 @@ def test_v3_with_both_addons(tmp_path):
 
 
 def test_torchrun_two_processes(tmp_path):
+    """v2 as MoCo v2's code runs it: shuffled BN, one direction."""
     d = tmp_path / "run"
-    p = torchrun("moco.py", TINY + SMALL + ["--epochs", "1", "--run-dir", str(d)], timeout=SLOW)
-    assert "2 process(es)" in p.stdout
+    p = torchrun("moco.py", TINY + SMALL + ["--epochs", "1", "--no-symmetric-loss", "--run-dir", str(d)], timeout=SLOW)
+    assert "2 process(es)" in p.stdout and "BN shuffled" in p.stdout and "note:" not in p.stdout
     assert read_metrics(d)[0]["knn_top1"] > 0
     ckpt = torch.load(d / "checkpoint.pt", weights_only=False)
     assert ckpt["queue_ptr"] == 3 * 32 % 64  # 32 keys a step from both processes together
 
 
+def test_torchrun_v3_global_bn_on_cpu_says_so_once(tmp_path):
+    """v3 asks for SyncBatchNorm, which PyTorch runs on CUDA only: on CPU one line says so and
+    the run goes on with per-process BN (no shuffle either)."""
+    d = tmp_path / "run"
+    p = torchrun("moco.py", TINY + SMALL + ["--moco-version", "3", "--epochs", "1", "--knn-every", "0",
+                                            "--run-dir", str(d)], timeout=SLOW)
+    assert p.stdout.count("note: SyncBatchNorm needs CUDA") == 1 and "BN per process" in p.stdout
+    assert len(read_metrics(d)) == 1
+
+
 @pytest.mark.parametrize("argv,world,needle", [
     (["--queue-size", "100"], "1", "not a multiple of --batch-size"),
-    (["--sync-bn", "--device", "cpu", "--batch-size", "32"], "2", "needs CUDA"),
+    (["--batch-size", "33"], "2", "not divisible by the 2 processes"),
 ])
 def test_bad_input_is_refused_before_any_work(argv, world, needle, monkeypatch):
-    """check_args raises UserError (one sentence, exit 2 in __main__: see the next test)."""
+    """check_args raises UserError (one sentence, exit 2 in __main__: see the next test).
+    Global BN on CPU is not bad input any more: the run goes on (see the torchrun v3 test)."""
     import common
     monkeypatch.setenv("WORLD_SIZE", world)
     with pytest.raises(common.UserError, match=needle):
         moco.check_args(moco.parse_args(argv))
+    moco.check_args(moco.parse_args(["--sync-bn", "--device", "cpu", "--batch-size", "32"]))
 
 
 def test_checkpoint_of_another_version_is_refused(tmp_path):
