@@ -273,8 +273,8 @@ class LARS(torch.optim.Optimizer):
       official (SimCLR, BYOL, MoCo v3 and DINO code; eta 0.001 on ImageNet):
           d = g + wd w,  d *= eta ||w|| / ||d||
       clip (solo-learn's LARS with clip_lr, used by its CIFAR recipes; eta 0.02):
-          d = g + wd w,  d *= min(eta ||w|| / (||g|| + wd ||w||), 1 / lr),
-          so that a layer's step lr * trust is never larger than the plain SGD step lr.
+          d = g + wd w,  d *= min(eta ||w|| / (||g|| + wd ||w||) / lr, 1),
+          so that a layer's step min(eta ||w|| / (...), lr) is never larger than plain SGD's.
     SwAV's apex LARC (unclipped) uses the clip form's ratio without the cap; with SwAV's
     wd of 1e-6 that ratio and the official one differ by far less than a percent.
     A zero ||w|| or ||g|| leaves the trust at 1. Momentum accumulates the scaled d."""
@@ -297,7 +297,7 @@ class LARS(torch.optim.Optimizer):
                     if g["mode"] == "clip":
                         trust = g["eta"] * w_norm / (g_norm + g["weight_decay"] * w_norm)
                         if g["lr"] > 0:
-                            trust = trust.clamp(max=1.0 / g["lr"])
+                            trust = (trust / g["lr"]).clamp(max=1.0)
                     else:
                         g_norm = d.norm()
                         trust = g["eta"] * w_norm / g_norm

@@ -2,12 +2,16 @@
 every other image of the batch, gathered from all processes (NT-Xent).
 
 Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of
-Visual Representations", ICML 2020. Defaults: solo-learn's CIFAR recipe.
+Visual Representations", ICML 2020. Defaults: solo-learn's CIFAR recipe,
+scripts/pretrain/cifar/simclr.yaml with augmentations/symmetric.yaml; the ImageNet
+command is the official one (google-research/simclr README, ResNet-50, 100 epochs).
+RECIPES.md compares both, flag for flag.
 
     python simclr.py --dataset digits --epochs 1                  # offline demo
     python simclr.py --dataset cifar10 --data-dir data            # 1000 epochs, 1 GPU
-    torchrun --nproc_per_node=4 simclr.py --dataset folder --data-dir /imagenet \
-        --backbone resnet50 --batch-size 4096 --lr 0.3 --qscore-lambda 0.1
+    torchrun --nproc_per_node=8 simclr.py --dataset folder --data-dir /imagenet --backbone resnet50 \
+        --epochs 100 --batch-size 4096 --lr 0.3 --weight-decay 1e-4 --lars-mode official --lars-eta 0.001 \
+        --temperature 0.1 --proj-dim 128 --zero-init-residual
 """
 import argparse
 import json
@@ -34,14 +38,25 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=0, help="crop side in pixels; 0: the data set's native size")
     p.add_argument("--epochs", type=int, default=1000, help="training epochs (solo-learn CIFAR: 1000)")
     p.add_argument("--batch-size", type=int, default=256, help="global batch, split over processes (solo-learn: 256)")
-    p.add_argument("--lr", type=float, default=0.4, help="LARS learning rate per 256 images (solo-learn: 0.4)")
-    p.add_argument("--weight-decay", type=float, default=1e-5, help="weight decay, not on biases and norms (solo-learn: 1e-5)")
-    p.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn CIFAR: 0.02)")
-    p.add_argument("--warmup-epochs", type=float, default=10, help="linear warm-up, then cosine decay (solo-learn: 10)")
-    p.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature (solo-learn CIFAR: 0.2)")
-    p.add_argument("--proj-hidden", type=int, default=2048, help="projector hidden width (solo-learn: 2048)")
-    p.add_argument("--proj-dim", type=int, default=256, help="projector output width (solo-learn: 256)")
-    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (SimCLR uses global BN)")
+    p.add_argument("--lr", type=float, default=0.4, help="LARS learning rate per 256 images (solo-learn CIFAR: 0.4; official ImageNet: 0.3)")
+    p.add_argument("--weight-decay", type=float, default=1e-4,
+                   help="weight decay, not on biases and norms (solo-learn CIFAR and official: 1e-4)")
+    p.add_argument("--lars-mode", default="clip", choices=["clip", "official"],
+                   help="LARS form (see class LARS): clip as solo-learn's CIFAR recipe, official as SimCLR's code")
+    p.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn CIFAR: 0.02; official: 0.001)")
+    p.add_argument("--warmup-epochs", type=float, default=10, help="linear warm-up, then cosine decay (solo-learn, official: 10)")
+    p.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature (solo-learn CIFAR: 0.2; official ImageNet: 0.1)")
+    p.add_argument("--proj-hidden", type=int, default=2048, help="projector hidden width (solo-learn, official: 2048)")
+    p.add_argument("--proj-dim", type=int, default=256, help="projector output width (solo-learn CIFAR: 256; official: 128)")
+    p.add_argument("--crop-min-scale", type=float, default=0.08, help="smallest crop area (SimCLR, solo-learn: 0.08)")
+    p.add_argument("--jitter-strength", type=float, default=1.0,
+                   help="colour distortion strength s: jitter 0.8s/0.8s/0.8s/0.2s (solo-learn CIFAR, official ImageNet: 1.0)")
+    p.add_argument("--blur-prob", type=float, default=0.5, help="Gaussian blur probability per view (solo-learn CIFAR, official: 0.5)")
+    p.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=False,
+                   help="each residual branch's last BN starts at 0 (official SimCLR ResNet: yes; solo-learn CIFAR: no)")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="global BatchNorm over all processes (SimCLR Sec. 3: without it a positive pair shares its "
+                        "process's BN statistics, which the negatives from other processes do not; CUDA only)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentations")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -65,7 +80,7 @@ class SimCLR(nn.Module):
 
     def __init__(self, args, small_images):
         super().__init__()
-        self.backbone = common.build_backbone(args.backbone, small_images)
+        self.backbone = common.build_backbone(args.backbone, small_images, zero_init_residual=args.zero_init_residual)
         d = self.backbone.dim
         self.projector = nn.Sequential(  # SimCLR's 2-layer MLP head, with BN as in solo-learn
             nn.Linear(d, args.proj_hidden, bias=False), nn.BatchNorm1d(args.proj_hidden), nn.ReLU(inplace=True),
@@ -74,7 +89,9 @@ class SimCLR(nn.Module):
 
     def forward(self, crops, positives=None):
         b = crops[0].shape[0]
-        x = torch.cat(crops + ([positives] if positives is not None else []))  # all views share one size
+        # all views share one size and one forward pass, so BN normalizes both views together
+        # (and the positives); SimCLR's global BN does the same over the whole global batch
+        x = torch.cat(crops + ([positives] if positives is not None else []))
         f, h = self.backbone(x)  # (V*b [+ b*P], D, h, w), (V*b [+ b*P], D)
         out = {"h": h[: 2 * b], "z": self.projector(h[: 2 * b])}
         if self.xattn is not None and positives is not None:
@@ -125,12 +142,22 @@ def nt_xent_loss(z1, z2, temperature=0.2):
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and LARS (You et al. 2017): each weight's update is scaled by
-    eta * ||w|| / ||g + wd w||. Groups with `lars=False` (biases, norms) get plain SGD
-    and no weight decay, as in SimCLR and BYOL."""
+    """SGD with momentum and LARS (You et al. 2017) in the two forms the references run.
+    For each weight w with gradient g (groups with `lars=False`, i.e. biases and norms, get
+    plain SGD with momentum and no weight decay, as in SimCLR, BYOL and solo-learn):
+      official (SimCLR, BYOL, MoCo v3 and DINO code; eta 0.001 on ImageNet):
+          d = g + wd w,  d *= eta ||w|| / ||d||
+      clip (solo-learn's LARS with clip_lr, used by its CIFAR recipes; eta 0.02):
+          d = g + wd w,  d *= min(eta ||w|| / (||g|| + wd ||w||) / lr, 1),
+          so that a layer's step min(eta ||w|| / (...), lr) is never larger than plain SGD's.
+    SwAV's apex LARC (unclipped) uses the clip form's ratio without the cap; with SwAV's
+    wd of 1e-6 that ratio and the official one differ by far less than a percent.
+    A zero ||w|| or ||g|| leaves the trust at 1. Momentum accumulates the scaled d."""
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001, mode="official"):
+        if mode not in ("official", "clip"):
+            raise ValueError(f"LARS mode '{mode}': choose official or clip")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True, mode=mode))
 
     @torch.no_grad()
     def step(self):
@@ -140,10 +167,16 @@ class LARS(torch.optim.Optimizer):
                     continue
                 d = p.grad
                 if g["lars"]:
+                    w_norm, g_norm = p.norm(), d.norm()
                     d = d.add(p, alpha=g["weight_decay"])
-                    w_norm, d_norm = p.norm(), d.norm()
-                    trust = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, 1.0)
-                    d = d * trust  # no host sync: the ratio stays on the device
+                    if g["mode"] == "clip":
+                        trust = g["eta"] * w_norm / (g_norm + g["weight_decay"] * w_norm)
+                        if g["lr"] > 0:
+                            trust = (trust / g["lr"]).clamp(max=1.0)
+                    else:
+                        g_norm = d.norm()
+                        trust = g["eta"] * w_norm / g_norm
+                    d = d * torch.where((w_norm > 0) & (g_norm > 0), trust, 1.0)  # on the device: no host sync
                 buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
                 buf.mul_(g["momentum"]).add_(d)
                 p.add_(buf, alpha=-g["lr"])
@@ -269,8 +302,6 @@ def check_args(args):
         raise common.UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes.")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise common.UserError("--device cuda was asked for, but no GPU is visible.")
-    if args.sync_bn and world > 1 and (args.device == "cpu" or not torch.cuda.is_available()):
-        raise common.UserError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm does not run on CPU); leave it off on CPU.")
     if args.resume:
         path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume, "checkpoint.pt")
         if not os.path.isfile(path):
@@ -330,18 +361,21 @@ def main(args):
         knn_train = torch.utils.data.Subset(knn_train, keep.tolist())
     knn_test = common.make_dataset(args.dataset, args.data_dir, train=False)
     num_classes = len(knn_test.classes)
-    loader = common.TrainLoader(train_set, common.simclr_views(size), args.batch_size, stats, device,
-                                seed=args.seed, workers=args.workers, positive=common.positive_view(size),
+    views = common.simclr_views(size, args.crop_min_scale, args.jitter_strength, args.blur_prob)
+    loader = common.TrainLoader(train_set, views, args.batch_size, stats, device,
+                                seed=args.seed, workers=args.workers, positive=views[0],
                                 data_path=args.data_path, compile=args.compile)
     steps = min(len(loader), args.steps_per_epoch) if args.steps_per_epoch else len(loader)
 
     # model and optimizer
     model = SimCLR(args, small_images=size <= 64).to(device)
-    if args.sync_bn and distributed:
+    if args.sync_bn and distributed and use_cuda:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif args.sync_bn and distributed and rank == 0:
+        print("note: SyncBatchNorm needs CUDA; on CPU each process normalizes its own share of the batch.", flush=True)
     if use_cuda:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = LARS(param_groups(model), lr=0.0, weight_decay=args.weight_decay, eta=args.lars_eta)
+    optimizer = LARS(param_groups(model), lr=0.0, weight_decay=args.weight_decay, eta=args.lars_eta, mode=args.lars_mode)
     start_epoch = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])

@@ -138,8 +138,10 @@ def test_one_sgd_step_lowers_the_loss():
 
 def test_script_trains_and_writes_the_run(tmp_path):
     d = tmp_path / "run"
+    # milder views than the recipe's (strength 1.0 and blur on 16 px digits), so that 4 steps an
+    # epoch show the loss fall
     p = run(["simclr.py"] + TINY + ["--epochs", "2", "--steps-per-epoch", "4", "--warmup-epochs", "0", "--lr", "1.0",
-                                    "--run-dir", str(d)])
+                                    "--jitter-strength", "0.5", "--blur-prob", "0", "--run-dir", str(d)])
     assert "img/s" in p.stdout and "knn_top1" in p.stdout
     m = read_metrics(d)
     assert [r["epoch"] for r in m] == [1, 2]
@@ -168,6 +170,7 @@ def test_torchrun_two_processes(tmp_path):
     d = tmp_path / "run"
     p = torchrun("simclr.py", TINY + ["--epochs", "1", "--xattn", "--xattn-clusters", "8", "--run-dir", str(d)])
     assert "2 process(es)" in p.stdout
+    assert p.stdout.count("SyncBatchNorm needs CUDA") == 1  # global BN is the default; on CPU said once, not refused
     assert read_metrics(d)[0]["knn_top1"] > 0
 
 
@@ -191,7 +194,6 @@ def test_resume_after_kill_ends_with_the_same_weights(tmp_path):
     (["--dataset", "folder", "--data-dir", "/nonexistent"], {}, "does not exist"),
     (["--batch-size", "33"], {"WORLD_SIZE": "2", "RANK": "0"}, "not divisible"),
     (["--resume", "/nonexistent/run"], {}, "no checkpoint"),
-    (["--sync-bn", "--device", "cpu"], {"WORLD_SIZE": "2", "RANK": "0"}, "SyncBatchNorm does not run on CPU"),
 ])
 def test_bad_input_is_one_sentence_and_exit_2(argv, env, needle):
     p = run(["simclr.py"] + argv, env=env, check=False)
