@@ -2,12 +2,18 @@
 of another view. The target is a slow moving average of the online network; no negatives.
 
 Grill et al., "Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning",
-NeurIPS 2020. Defaults: solo-learn's CIFAR recipe.
+NeurIPS 2020. Defaults: solo-learn's CIFAR recipe, scripts/pretrain/cifar/byol.yaml with
+augmentations/asymmetric.yaml (clipped LARS, eta 0.02; no blur at 32 px). The ImageNet command
+is the paper's 1000-epoch ResNet-50 recipe (App. B and C) as deepmind-research byol/configs/byol.py
+sets it: batch 4096, LARS eta 0.001 unclipped, lr 0.2 per 256, wd 1.5e-6, tau 0.996, 10 warm-up
+epochs. RECIPES.md lists every flag against both sources.
 
     python byol.py --dataset digits --epochs 1                    # offline demo
-    python byol.py --dataset cifar10 --data-dir data              # 1000 epochs, 1 GPU
-    torchrun --nproc_per_node=4 byol.py --dataset folder --data-dir /imagenet \
-        --backbone resnet50 --batch-size 4096 --lr 0.2 --weight-decay 1.5e-6 --tau-base 0.996
+    python byol.py --dataset cifar10 --data-dir data              # solo-learn CIFAR: 1000 epochs, 1 GPU
+    torchrun --nproc_per_node=8 byol.py --dataset folder --data-dir /imagenet --backbone resnet50 \
+        --batch-size 4096 --epochs 1000 --lr 0.2 --weight-decay 1.5e-6 --lars-mode official --lars-eta 0.001 \
+        --tau-base 0.996 --blur-prob 1.0 0.1 --solarize-prob 0.0 0.2
+(official presets for 300 epochs: --epochs 300 --lr 0.3 --weight-decay 1e-6 --tau-base 0.99)
 """
 import argparse
 import copy
@@ -33,18 +39,38 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="data", help="where torchvision data sets are downloaded, or the ImageFolder root")
     p.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet34", "resnet50"], help="torchvision ResNet")
     p.add_argument("--image-size", type=int, default=0, help="crop side in pixels; 0: the data set's native size")
-    p.add_argument("--epochs", type=int, default=1000, help="training epochs (solo-learn CIFAR: 1000)")
-    p.add_argument("--batch-size", type=int, default=256, help="global batch, split over processes (solo-learn: 256)")
-    p.add_argument("--lr", type=float, default=1.0, help="LARS learning rate per 256 images (solo-learn CIFAR: 1.0)")
-    p.add_argument("--weight-decay", type=float, default=1e-5, help="weight decay, not on biases and norms (solo-learn: 1e-5)")
-    p.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn CIFAR: 0.02)")
-    p.add_argument("--warmup-epochs", type=float, default=10, help="linear warm-up, then cosine decay (solo-learn: 10)")
-    p.add_argument("--tau-base", type=float, default=0.99, help="target EMA decay at the first step (solo-learn CIFAR: 0.99)")
-    p.add_argument("--tau-final", type=float, default=1.0, help="target EMA decay at the last step (BYOL Sec. 3.2: 1.0)")
-    p.add_argument("--proj-hidden", type=int, default=4096, help="projector hidden width (BYOL, solo-learn: 4096)")
-    p.add_argument("--proj-dim", type=int, default=256, help="projector output width (BYOL, solo-learn: 256)")
-    p.add_argument("--pred-hidden", type=int, default=4096, help="predictor hidden width (BYOL, solo-learn: 4096)")
-    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (solo-learn and BYOL use it)")
+    p.add_argument("--epochs", type=int, default=1000, help="training epochs (solo-learn CIFAR: 1000; official ImageNet: 1000)")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="global batch, split over processes (solo-learn CIFAR: 256; official ImageNet: 4096)")
+    p.add_argument("--lr", type=float, default=1.0,
+                   help="LARS learning rate per 256 images, used as lr * batch / 256 (solo-learn CIFAR: 1.0; official ImageNet: 0.2)")
+    p.add_argument("--weight-decay", type=float, default=1e-5,
+                   help="weight decay, not on biases and norms (solo-learn CIFAR: 1e-5; official ImageNet: 1.5e-6)")
+    p.add_argument("--lars-mode", default="clip", choices=["clip", "official"],
+                   help="clip: step min(lr, eta ||w|| / (||g|| + wd ||w||)), solo-learn's clip_lr; official: unclipped "
+                   "lr eta ||w|| / ||g + wd w|| (solo-learn CIFAR: clip; official ImageNet: official)")
+    p.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn CIFAR: 0.02; official ImageNet: 0.001)")
+    p.add_argument("--warmup-epochs", type=float, default=10,
+                   help="linear warm-up, then cosine decay to 0 (solo-learn CIFAR: 10; official ImageNet: 10)")
+    p.add_argument("--tau-base", type=float, default=0.99,
+                   help="target EMA decay at the first step (solo-learn CIFAR: 0.99; official ImageNet: 0.996)")
+    p.add_argument("--tau-final", type=float, default=1.0, help="target EMA decay at the last step (solo-learn, BYOL Sec. 3.2: 1.0)")
+    p.add_argument("--proj-hidden", type=int, default=4096, help="projector hidden width (solo-learn, BYOL: 4096)")
+    p.add_argument("--proj-dim", type=int, default=256, help="projector output width (solo-learn, BYOL: 256)")
+    p.add_argument("--pred-hidden", type=int, default=4096, help="predictor hidden width (solo-learn, BYOL: 4096)")
+    p.add_argument("--crop-min-scale", type=float, default=0.08,
+                   help="smallest random-crop area (solo-learn CIFAR: 0.08; official ImageNet: 0.08)")
+    p.add_argument("--blur-prob", type=float, nargs=2, default=(0.0, 0.0), metavar=("P1", "P2"),
+                   help="Gaussian-blur probability of view 1 and view 2 (solo-learn CIFAR: 0 0; official ImageNet: 1.0 0.1)")
+    p.add_argument("--solarize-prob", type=float, nargs=2, default=(0.0, 0.2), metavar=("P1", "P2"),
+                   help="solarization probability of view 1 and view 2 (solo-learn CIFAR: 0 0.2; official ImageNet: 0 0.2)")
+    p.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=False,
+                   help="last BN of each residual block starts at 0 (solo-learn CIFAR: no; BYOL paper: no, "
+                   "its README: the released code's Haiku ResNet does, which did not change ResNet-50 1x)")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="BatchNorm statistics over the global batch (SyncBatchNorm) when several CUDA processes run "
+                   "(solo-learn CIFAR: sync_batchnorm True; official ImageNet: cross-replica BN); on CPU each "
+                   "process normalizes its own share")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentations")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -86,11 +112,12 @@ class BYOL(nn.Module):
 
     def __init__(self, args, small_images):
         super().__init__()
-        self.backbone = common.build_backbone(args.backbone, small_images)
+        self.backbone = common.build_backbone(args.backbone, small_images, zero_init_residual=args.zero_init_residual)
         d = self.backbone.dim
         self.projector = mlp(d, args.proj_hidden, args.proj_dim)
         self.predictor = mlp(args.proj_dim, args.pred_hidden, args.proj_dim)
-        # Same initial weights as the online network (BYOL's and solo-learn's start), never trained by gradient.
+        # Same initial weights as the online network (solo-learn's start; the official code draws the
+        # target with its own seed and finds no difference), never trained by gradient.
         self.target_backbone = without_running_stats(copy.deepcopy(self.backbone)).requires_grad_(False)
         self.target_projector = without_running_stats(copy.deepcopy(self.projector)).requires_grad_(False)
         self.xattn = CrossAttentionHead(d, args.xattn_clusters, args.xattn_temp) if args.xattn else None
@@ -98,6 +125,8 @@ class BYOL(nn.Module):
     def forward(self, crops, positives=None):
         b = crops[0].shape[0]
         x = torch.cat(crops + ([positives] if positives is not None else []))  # all views share one size
+        # One forward pass for both views (and the positives): BatchNorm statistics mix the two views,
+        # where the official code and solo-learn run each view through the networks separately.
         f, h = self.backbone(x)  # (V*b [+ b*P], D, h, w), (V*b [+ b*P], D)
         z = self.projector(h[: 2 * b])  # (2b, d)
         out = {"h": h[: 2 * b], "z": z, "p": self.predictor(z)}
@@ -137,12 +166,22 @@ def ema_update(target, online, tau):
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and LARS (You et al. 2017): each weight's update is scaled by
-    eta * ||w|| / ||g + wd w||. Groups with `lars=False` (biases, norms) get plain SGD
-    and no weight decay, as in SimCLR and BYOL."""
+    """SGD with momentum and LARS (You et al. 2017) in the two forms the references run.
+    For each weight w with gradient g (groups with `lars=False`, i.e. biases and norms, get
+    plain SGD with momentum and no weight decay, as in SimCLR, BYOL and solo-learn):
+      official (SimCLR, BYOL, MoCo v3 and DINO code; eta 0.001 on ImageNet):
+          d = g + wd w,  d *= eta ||w|| / ||d||
+      clip (solo-learn's LARS with clip_lr, used by its CIFAR recipes; eta 0.02):
+          d = g + wd w,  d *= min(eta ||w|| / (||g|| + wd ||w||) / lr, 1),
+          so that a layer's step min(eta ||w|| / (...), lr) is never larger than plain SGD's.
+    SwAV's apex LARC (unclipped) uses the clip form's ratio without the cap; with SwAV's
+    wd of 1e-6 that ratio and the official one differ by far less than a percent.
+    A zero ||w|| or ||g|| leaves the trust at 1. Momentum accumulates the scaled d."""
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001, mode="official"):
+        if mode not in ("official", "clip"):
+            raise ValueError(f"LARS mode '{mode}': choose official or clip")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True, mode=mode))
 
     @torch.no_grad()
     def step(self):
@@ -152,13 +191,26 @@ class LARS(torch.optim.Optimizer):
                     continue
                 d = p.grad
                 if g["lars"]:
+                    w_norm, g_norm = p.norm(), d.norm()
                     d = d.add(p, alpha=g["weight_decay"])
-                    w_norm, d_norm = p.norm(), d.norm()
-                    trust = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, 1.0)
-                    d = d * trust  # no host sync: the ratio stays on the device
+                    if g["mode"] == "clip":
+                        trust = g["eta"] * w_norm / (g_norm + g["weight_decay"] * w_norm)
+                        if g["lr"] > 0:
+                            trust = (trust / g["lr"]).clamp(max=1.0)
+                    else:
+                        g_norm = d.norm()
+                        trust = g["eta"] * w_norm / g_norm
+                    d = d * torch.where((w_norm > 0) & (g_norm > 0), trust, 1.0)  # on the device: no host sync
                 buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
                 buf.mul_(g["momentum"]).add_(d)
                 p.add_(buf, alpha=-g["lr"])
+
+
+def train_views(args, size):
+    """The two asymmetric views of the recipe: BYOL's (Table 6) with the flags' crop minimum,
+    blur and solarization probabilities (solo-learn's CIFAR asymmetric.yaml: no blur)."""
+    return common.byol_views(size, crop_min=args.crop_min_scale, blur_p=tuple(args.blur_prob),
+                             solarize_p=tuple(args.solarize_prob))
 
 
 def param_groups(model):
@@ -281,8 +333,6 @@ def check_args(args):
         raise common.UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes.")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise common.UserError("--device cuda was asked for, but no GPU is visible.")
-    if args.sync_bn and world > 1 and (args.device == "cpu" or not torch.cuda.is_available()):
-        raise common.UserError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm does not run on CPU); leave it off on CPU.")
     if args.resume:
         path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume, "checkpoint.pt")
         if not os.path.isfile(path):
@@ -342,18 +392,20 @@ def main(args):
         knn_train = torch.utils.data.Subset(knn_train, keep.tolist())
     knn_test = common.make_dataset(args.dataset, args.data_dir, train=False)
     num_classes = len(knn_test.classes)
-    loader = common.TrainLoader(train_set, common.byol_views(size), args.batch_size, stats, device,
+    loader = common.TrainLoader(train_set, train_views(args, size), args.batch_size, stats, device,
                                 seed=args.seed, workers=args.workers, positive=common.positive_view(size),
                                 data_path=args.data_path, compile=args.compile)
     steps = min(len(loader), args.steps_per_epoch) if args.steps_per_epoch else len(loader)
 
     # model and optimizer
     model = BYOL(args, small_images=size <= 64).to(device)
-    if args.sync_bn and distributed:
+    if args.sync_bn and distributed and use_cuda:  # the recipes normalize over the global batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif args.sync_bn and distributed and rank == 0:
+        print("note: SyncBatchNorm needs CUDA; on CPU each process normalizes its own share of the batch.", flush=True)
     if use_cuda:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = LARS(param_groups(model), lr=0.0, weight_decay=args.weight_decay, eta=args.lars_eta)
+    optimizer = LARS(param_groups(model), lr=0.0, weight_decay=args.weight_decay, eta=args.lars_eta, mode=args.lars_mode)
     start_epoch = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])

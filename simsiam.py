@@ -4,19 +4,26 @@ from the gradient (stop-gradient). No negatives, no momentum encoder, no large b
 the stop-gradient alone keeps the outputs from collapsing to a constant.
 
 Chen, He, "Exploring Simple Siamese Representation Learning", CVPR 2021.
-Defaults: the paper's CIFAR setting (App. D) and facebookresearch/simsiam.
+Defaults: solo-learn's CIFAR recipe, scripts/pretrain/cifar/simsiam.yaml with
+augmentations/symmetric_weak.yaml (SGD lr 0.5, wd 1e-5 on every weight, 10 warm-up epochs, MoCo v2
+colour jitter, blur p 0.5, 3-layer projector). The ImageNet command is facebookresearch/simsiam's
+README command (main_simsiam.py defaults + --fix-pred-lr: ResNet-50, 100 epochs, batch 512, lr 0.05
+per 256, wd 1e-4, crop from 0.2, zero-init residual). RECIPES.md lists every flag against both.
 
     python simsiam.py --dataset digits --epochs 1                  # offline demo
-    python simsiam.py --dataset cifar10 --data-dir data            # 800 epochs, 1 GPU
-    torchrun --nproc_per_node=8 simsiam.py --dataset folder --data-dir /imagenet \
-        --backbone resnet50 --epochs 100 --lr 0.05 --weight-decay 1e-4 --sync-bn
+    python simsiam.py --dataset cifar10 --data-dir data            # solo-learn CIFAR: 1000 epochs, 1 GPU
+    torchrun --nproc_per_node=8 simsiam.py --dataset folder --data-dir /imagenet --backbone resnet50 \
+        --epochs 100 --batch-size 512 --lr 0.05 --weight-decay 1e-4 --warmup-epochs 0 --fix-pred-lr \
+        --crop-min-scale 0.2 --zero-init-residual
+    # the paper's own CIFAR-10 setting (App. D: 800 epochs, 2-layer projector, no blur):
+    python simsiam.py --dataset cifar10 --data-dir data --epochs 800 --batch-size 512 --lr 0.03 \
+        --weight-decay 5e-4 --warmup-epochs 0 --proj-layers 2 --blur-prob 0 --crop-min-scale 0.2
 """
 import argparse
 import json
 import math
 import os
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -35,19 +42,38 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="data", help="where torchvision data sets are downloaded, or the ImageFolder root")
     p.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet34", "resnet50"], help="torchvision ResNet")
     p.add_argument("--image-size", type=int, default=0, help="crop side in pixels; 0: the data set's native size")
-    p.add_argument("--epochs", type=int, default=800, help="training epochs (SimSiam CIFAR, App. D: 800)")
-    p.add_argument("--batch-size", type=int, default=512, help="global batch, split over processes (SimSiam CIFAR: 512)")
-    p.add_argument("--lr", type=float, default=0.03, help="SGD learning rate per 256 images (SimSiam CIFAR: 0.03)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay, not on biases and norms (SimSiam CIFAR: 5e-4)")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (SimSiam: 0.9)")
-    p.add_argument("--warmup-epochs", type=float, default=0, help="linear warm-up, then cosine decay (SimSiam: none)")
+    p.add_argument("--epochs", type=int, default=1000,
+                   help="training epochs (solo-learn CIFAR: 1000; official ImageNet: 100; paper CIFAR, App. D: 800)")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="global batch, split over processes (solo-learn CIFAR: 256; official ImageNet: 512; App. D: 512)")
+    p.add_argument("--lr", type=float, default=0.5, help="SGD learning rate per 256 images, used as lr * batch / 256 "
+                   "(solo-learn CIFAR: 0.5; official ImageNet: 0.05; App. D: 0.03)")
+    p.add_argument("--weight-decay", type=float, default=1e-5, help="weight decay on every weight, biases and norms too, "
+                   "as both sources do (solo-learn CIFAR: 1e-5; official ImageNet: 1e-4; App. D: 5e-4)")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (solo-learn CIFAR: 0.9; official ImageNet: 0.9)")
+    p.add_argument("--warmup-epochs", type=float, default=10,
+                   help="linear warm-up, then cosine decay to 0 (solo-learn CIFAR: 10; official ImageNet: 0)")
     p.add_argument("--fix-pred-lr", action=argparse.BooleanOptionalAction, default=True,
-                   help="predictor keeps the base LR, no decay (SimSiam Table 1c: 68.1%% vs 67.7%%; official --fix-pred-lr)")
-    p.add_argument("--proj-hidden", type=int, default=2048, help="projector hidden width (SimSiam: 2048)")
-    p.add_argument("--proj-dim", type=int, default=2048, help="projector output width (SimSiam CIFAR: 2048)")
-    p.add_argument("--pred-hidden", type=int, default=512, help="predictor bottleneck width (SimSiam: 512)")
-    p.add_argument("--crop-min-scale", type=float, default=0.2, help="smallest crop area (official SimSiam: 0.2)")
-    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (official SimSiam uses it)")
+                   help="predictor keeps the base LR, no warm-up or decay (SimSiam Table 1c: 68.1%% vs 67.7%%; "
+                   "solo-learn CIFAR: static_lr; official ImageNet: --fix-pred-lr)")
+    p.add_argument("--proj-hidden", type=int, default=2048, help="projector hidden width (solo-learn CIFAR: 2048; official ImageNet: 2048)")
+    p.add_argument("--proj-dim", type=int, default=2048, help="projector output width (solo-learn CIFAR: 2048; official ImageNet: 2048)")
+    p.add_argument("--proj-layers", type=int, default=3, choices=[2, 3],
+                   help="projector depth, BN on every layer (solo-learn CIFAR: 3; official ImageNet: 3; App. D: 2)")
+    p.add_argument("--pred-hidden", type=int, default=512,
+                   help="predictor bottleneck width (solo-learn CIFAR: 512; official ImageNet: 512)")
+    p.add_argument("--crop-min-scale", type=float, default=0.08,
+                   help="smallest random-crop area (solo-learn CIFAR: 0.08; official ImageNet: 0.2)")
+    p.add_argument("--jitter-strength", type=float, default=0.5, help="colour jitter of strength s: brightness, contrast, "
+                   "saturation 0.8 s, hue 0.2 s, p 0.8 (solo-learn CIFAR: 0.5, i.e. 0.4/0.4/0.4/0.1; official ImageNet: 0.5)")
+    p.add_argument("--blur-prob", type=float, default=0.5,
+                   help="Gaussian-blur probability of each view (solo-learn CIFAR: 0.5; official ImageNet: 0.5; App. D: 0)")
+    p.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=False,
+                   help="last BN of each residual block starts at 0 (solo-learn CIFAR: no; official ImageNet: yes)")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="BatchNorm statistics over the global batch (SyncBatchNorm) when several CUDA processes run "
+                   "(solo-learn CIFAR: sync_batchnorm True; official ImageNet: SyncBatchNorm); on CPU each process "
+                   "normalizes its own share")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentations")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -72,12 +98,13 @@ class SimSiam(nn.Module):
 
     def __init__(self, args, small_images):
         super().__init__()
-        self.backbone = common.build_backbone(args.backbone, small_images)
+        self.backbone = common.build_backbone(args.backbone, small_images, zero_init_residual=args.zero_init_residual)
         d, hid, out = self.backbone.dim, args.proj_hidden, args.proj_dim
-        self.projector = nn.Sequential(  # 3 layers, BN on every one; no bias in front of a BN
-            nn.Linear(d, hid, bias=False), nn.BatchNorm1d(hid), nn.ReLU(inplace=True),
-            nn.Linear(hid, hid, bias=False), nn.BatchNorm1d(hid), nn.ReLU(inplace=True),
-            nn.Linear(hid, out, bias=False), nn.BatchNorm1d(out, affine=False))
+        layers, width = [], d  # 3 layers (ImageNet, solo-learn) or 2 (App. D's CIFAR): BN on every one,
+        for _ in range(args.proj_layers - 1):  # no bias in front of a BN
+            layers += [nn.Linear(width, hid, bias=False), nn.BatchNorm1d(hid), nn.ReLU(inplace=True)]
+            width = hid
+        self.projector = nn.Sequential(*layers, nn.Linear(width, out, bias=False), nn.BatchNorm1d(out, affine=False))
         self.predictor = nn.Sequential(  # bottleneck; BN at its output makes training unstable (Table 3)
             nn.Linear(out, args.pred_hidden, bias=False), nn.BatchNorm1d(args.pred_hidden), nn.ReLU(inplace=True),
             nn.Linear(args.pred_hidden, out))
@@ -86,6 +113,8 @@ class SimSiam(nn.Module):
     def forward(self, crops, positives=None):
         b = crops[0].shape[0]
         x = torch.cat(crops + ([positives] if positives is not None else []))  # all views share one size
+        # One forward pass for both views (and the positives): BatchNorm statistics mix the two views,
+        # where the official code and solo-learn run each view through the encoder separately.
         f, h = self.backbone(x)  # (2b [+ b*P], D, h, w), (2b [+ b*P], D)
         z = self.projector(h[: 2 * b])  # (2b, d): views 1 then 2
         out = {"h": h[: 2 * b], "z": z, "p": self.predictor(z)}
@@ -112,17 +141,23 @@ def negative_cosine_loss(p1, p2, z1, z2):
 
 
 def param_groups(model, weight_decay, fix_pred_lr):
-    """Biases and norm weights (1-d tensors) get no weight decay; with `fix_pred_lr` the
-    predictor's groups are marked `fix_lr` and keep the base LR (SimSiam Sec. 4.2: a
-    predictor that keeps adapting to the latest representation trains better)."""
+    """Every weight is decayed, biases and norms too, as in the official code and solo-learn's
+    SGD (its exclude_bias_n_norm_wd is off). With `fix_pred_lr` the predictor's group is marked
+    `fix_lr` and keeps the base LR (SimSiam Sec. 4.2: a predictor that keeps adapting to the
+    latest representation trains better)."""
     groups = []
     for fixed in (False, True):
-        for decay in (True, False):
-            params = [p for n, p in model.named_parameters() if p.requires_grad and (p.ndim > 1) == decay
-                      and (fix_pred_lr and n.startswith("predictor.")) == fixed]
-            if params:
-                groups.append({"params": params, "weight_decay": weight_decay if decay else 0.0, "fix_lr": fixed})
+        params = [p for n, p in model.named_parameters()
+                  if p.requires_grad and (fix_pred_lr and n.startswith("predictor.")) == fixed]
+        if params:
+            groups.append({"params": params, "weight_decay": weight_decay, "fix_lr": fixed})
     return groups
+
+
+def train_views(args, size):
+    """Two views of one distribution (MoCo v2's, which SimSiam uses): crop from
+    `--crop-min-scale`, flip, colour jitter of `--jitter-strength`, grey, blur `--blur-prob`."""
+    return common.simclr_views(size, crop_min=args.crop_min_scale, strength=args.jitter_strength, blur_p=args.blur_prob)
 
 
 # --- add-ons: Q-Score regularization and spatial cross-attention ------------------------
@@ -238,8 +273,6 @@ def check_args(args):
         raise common.UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes.")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise common.UserError("--device cuda was asked for, but no GPU is visible.")
-    if args.sync_bn and world > 1 and (args.device == "cpu" or not torch.cuda.is_available()):
-        raise common.UserError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm does not run on CPU); leave it off on CPU.")
     if args.resume:
         path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume, "checkpoint.pt")
         if not os.path.isfile(path):
@@ -299,16 +332,17 @@ def main(args):
         knn_train = torch.utils.data.Subset(knn_train, keep.tolist())
     knn_test = common.make_dataset(args.dataset, args.data_dir, train=False)
     num_classes = len(knn_test.classes)
-    views = [replace(v, scale=(args.crop_min_scale, 1.0)) for v in common.simclr_views(size)]  # official SimSiam
-    loader = common.TrainLoader(train_set, views, args.batch_size, stats, device,
+    loader = common.TrainLoader(train_set, train_views(args, size), args.batch_size, stats, device,
                                 seed=args.seed, workers=args.workers, positive=common.positive_view(size),
                                 data_path=args.data_path, compile=args.compile)
     steps = min(len(loader), args.steps_per_epoch) if args.steps_per_epoch else len(loader)
 
     # model and optimizer
     model = SimSiam(args, small_images=size <= 64).to(device)
-    if args.sync_bn and distributed:
+    if args.sync_bn and distributed and use_cuda:  # the recipes normalize over the global batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif args.sync_bn and distributed and rank == 0:
+        print("note: SyncBatchNorm needs CUDA; on CPU each process normalizes its own share of the batch.", flush=True)
     if use_cuda:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(param_groups(model, args.weight_decay, args.fix_pred_lr), lr=0.0, momentum=args.momentum)

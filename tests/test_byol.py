@@ -81,6 +81,34 @@ def test_target_gets_no_gradient_and_keeps_no_buffers():
     assert {id(p) for p in model.predictor.parameters()} <= trained and not {id(p) for p in targets} & trained
 
 
+def _imagenet_args():
+    import test_recipes
+    return byol.parse_args(test_recipes.imagenet_argv(byol, "byol.py", []))
+
+
+def test_recipe_flags_reach_the_views_the_backbone_and_lars():
+    """The defaults (solo-learn CIFAR) and the docstring's ImageNet command (official BYOL)
+    are not only parsed: they build the views, the backbone and the optimizer's groups."""
+    cifar, imagenet = byol.parse_args([]), _imagenet_args()
+    v1, v2 = byol.train_views(cifar, 32)
+    assert (v1.blur_p, v2.blur_p, v1.solarize_p, v2.solarize_p) == (0.0, 0.0, 0.0, 0.2)  # asymmetric.yaml
+    assert v1.scale == v2.scale == (0.08, 1.0) and v1.jitter == (0.4, 0.4, 0.2, 0.1) and v1.jitter_p == 0.8
+    v1, v2 = byol.train_views(imagenet, 224)
+    assert (v1.blur_p, v2.blur_p, v1.solarize_p, v2.solarize_p) == (1.0, 0.1, 0.0, 0.2)  # Grill et al., Table 6
+    assert (cifar.lars_mode, cifar.lars_eta, imagenet.lars_mode, imagenet.lars_eta) == ("clip", 0.02, "official", 0.001)
+    assert cifar.sync_bn and imagenet.sync_bn and not byol.parse_args(["--no-sync-bn"]).sync_bn
+    model = byol.BYOL(byol.parse_args(SMALL + ["--zero-init-residual"]), small_images=True)
+    last_bn = [m.bn2.weight for m in model.backbone.modules() if hasattr(m, "bn2")]
+    assert last_bn and all(torch.all(w == 0) for w in last_bn)  # each block starts as the identity
+    assert all(torch.equal(a, b) for a, b in zip(model.backbone.parameters(), model.target_backbone.parameters()))
+    assert not any(torch.all(m.bn2.weight == 0) for m in _model().backbone.modules() if hasattr(m, "bn2"))
+    opt = byol.LARS(byol.param_groups(model), lr=0.1, weight_decay=cifar.weight_decay, eta=cifar.lars_eta,
+                    mode=cifar.lars_mode)
+    lars, plain = opt.param_groups
+    assert lars["lars"] and lars["mode"] == "clip" and lars["weight_decay"] == 1e-5
+    assert not plain["lars"] and plain["weight_decay"] == 0.0 and all(p.ndim == 1 for p in plain["params"])
+
+
 def _no_bn(module):
     """Batch statistics tie every output to the per-process batch; without BatchNorm, the
     model's rows are independent and 2 processes must reproduce 1 process exactly."""
@@ -219,6 +247,8 @@ def test_end_to_end_with_both_add_ons(tmp_path):
 def test_torchrun_two_processes(tmp_path):
     p = torchrun("byol.py", TINY + ["--epochs", "1", "--knn-every", "0", "--run-dir", str(tmp_path / "r")])
     assert "2 process(es)" in p.stdout
+    # --sync-bn is on by default (the recipes use global BN); gloo has no SyncBatchNorm: one note, and the run goes on
+    assert p.stdout.count("each process normalizes its own share of the batch") == 1
     row = read_metrics(tmp_path / "r")[0]
     assert row["epoch"] == 1 and 0 <= row["loss"] <= 8
     assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)["momentum_step"] == 3

@@ -135,7 +135,8 @@ def test_ddp_step_two_processes_equal_one_process():
         assert torch.equal(results[0][2][k], results[1][2][k]), k
 
 
-def test_param_groups_fix_the_predictor_and_spare_biases_and_norms():
+def test_param_groups_fix_the_predictor_and_decay_every_weight():
+    """Official SimSiam and solo-learn's SGD decay every weight, biases and norms included."""
     args = simsiam.parse_args(SMALL + ["--xattn", "--xattn-clusters", "4"])
     model = simsiam.SimSiam(args, small_images=True)
     groups = simsiam.param_groups(model, 5e-4, fix_pred_lr=True)
@@ -143,10 +144,35 @@ def test_param_groups_fix_the_predictor_and_spare_biases_and_norms():
     assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(set(ids)) == len(ids)
     fixed = {id(p) for g in groups if g["fix_lr"] for p in g["params"]}
     assert fixed == {id(p) for p in model.predictor.parameters()}
-    for g in groups:
-        assert g["weight_decay"] == (5e-4 if all(p.ndim > 1 for p in g["params"]) else 0.0)
+    assert all(g["weight_decay"] == 5e-4 for g in groups)
+    assert any(p.ndim == 1 for g in groups for p in g["params"])  # biases and BN weights are among them
     assert not any(g["fix_lr"] for g in simsiam.param_groups(model, 5e-4, fix_pred_lr=False))
     assert simsiam.parse_args([]).fix_pred_lr and not simsiam.parse_args(["--no-fix-pred-lr"]).fix_pred_lr
+
+
+def _imagenet_args():
+    import test_recipes
+    return simsiam.parse_args(test_recipes.imagenet_argv(simsiam, "simsiam.py", []))
+
+
+def test_recipe_flags_reach_the_views_and_the_model():
+    """The defaults (solo-learn CIFAR) and the docstring's ImageNet command (official SimSiam)
+    build the views, the backbone's initialization and the projector."""
+    cifar, imagenet = simsiam.parse_args([]), _imagenet_args()
+    v1, v2 = simsiam.train_views(cifar, 32)
+    assert v1 == v2 and v1.scale == (0.08, 1.0) and v1.blur_p == 0.5 and v1.gray_p == 0.2  # symmetric_weak.yaml
+    assert v1.jitter == pytest.approx((0.4, 0.4, 0.4, 0.1)) and v1.jitter_p == 0.8
+    v1, _ = simsiam.train_views(imagenet, 224)
+    assert v1.scale == (0.2, 1.0) and v1.blur_p == 0.5 and v1.jitter == pytest.approx((0.4, 0.4, 0.4, 0.1))
+    assert imagenet.zero_init_residual and not cifar.zero_init_residual and cifar.sync_bn and imagenet.sync_bn
+    model = simsiam.SimSiam(simsiam.parse_args(SMALL + ["--zero-init-residual"]), small_images=True)
+    last_bn = [m.bn2.weight for m in model.backbone.modules() if hasattr(m, "bn2")]
+    assert last_bn and all(torch.all(w == 0) for w in last_bn)
+    linears = lambda net: [m for m in net if isinstance(m, nn.Linear)]
+    assert len(linears(model.projector)) == 3 and isinstance(model.projector[-1], nn.BatchNorm1d)
+    two = simsiam.SimSiam(simsiam.parse_args(SMALL + ["--proj-layers", "2"]), small_images=True)  # paper App. D
+    assert [(m.in_features, m.out_features) for m in linears(two.projector)] == [(512, 64), (64, 32)]
+    assert two([torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)])["z"].shape == (8, 32)
 
 
 def test_model_outputs_and_add_on_rows():
@@ -165,12 +191,13 @@ def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit):
         simsiam.parse_args(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--fix-pred-lr", "--pred-hidden", "--qscore-lambda", "--xattn-positives", "--resume", "--sync-bn"):
+    for flag in ("--fix-pred-lr", "--pred-hidden", "--qscore-lambda", "--xattn-positives", "--resume", "--sync-bn",
+                 "--no-sync-bn", "--proj-layers", "--jitter-strength", "--blur-prob", "--zero-init-residual"):
         assert flag in text
 
 
 # --- the script end to end ----------------------------------------------------------------
-RUN = TINY + ["--epochs", "2", "--lr", "3", "--knn-every", "2"]
+RUN = TINY + ["--epochs", "2", "--lr", "3", "--warmup-epochs", "0", "--knn-every", "2"]  # no warm-up: 2 epochs of cosine
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +260,8 @@ def test_torchrun_two_processes(tmp_path):
     d = tmp_path / "run"
     p = torchrun("simsiam.py", TINY + ["--epochs", "1", "--xattn", "--xattn-clusters", "8", "--run-dir", str(d)])
     assert "2 process(es)" in p.stdout
+    # --sync-bn is on by default (the recipes use global BN); gloo has no SyncBatchNorm: one note, and the run goes on
+    assert p.stdout.count("each process normalizes its own share of the batch") == 1
     m = read_metrics(d)
     assert len(m) == 1 and m[0]["knn_top1"] > 0 and math.isfinite(m[0]["loss"])
 
