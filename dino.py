@@ -3,15 +3,18 @@ momentum teacher that sees only the two global crops. Centering and sharpening t
 outputs keep them from collapsing: no negatives, no predictor. Here with a ResNet backbone.
 
 Caron, Touvron, Misra, Jegou, Mairal, Bojanowski, Joulin, "Emerging Properties in
-Self-Supervised Vision Transformers", ICCV 2021. Defaults: solo-learn's CIFAR recipe, and
-DINO's own (facebookresearch/dino, main_dino.py) where solo-learn has none (multi-crop).
+Self-Supervised Vision Transformers", ICCV 2021. Defaults: solo-learn's CIFAR recipe,
+scripts/pretrain/cifar/dino.yaml with augmentations/asymmetric.yaml (2 crops of 32 px, no
+local crops); the ImageNet command is the official ResNet-50 one (facebookresearch/dino
+README, main_dino.py's defaults for the rest: 8 GPUs x 64, 100 epochs, 2x224 + 8x96).
+RECIPES.md compares both, flag for flag.
 
     python dino.py --dataset digits --epochs 1                    # offline demo
     python dino.py --dataset cifar10 --data-dir data              # 1000 epochs, 1 GPU
     torchrun --nproc_per_node=8 dino.py --dataset folder --data-dir /imagenet --backbone resnet50 \
         --epochs 100 --batch-size 512 --optimizer sgd --lr 0.03 --weight-decay 1e-4 --prototypes 65536 \
-        --global-scale 0.14 1 --local-scale 0.05 0.14 --teacher-momentum 0.996 --teacher-temp 0.04 \
-        --warmup-teacher-temp-epochs 0 --sync-bn                  # DINO's ResNet-50 command
+        --teacher-temp 0.04 --teacher-momentum 0.996 --clip-grad 3.0 --local-crops 8 \
+        --global-scale 0.14 1 --local-scale 0.05 0.14 --blur-prob 1.0 0.1 0.5
 """
 import argparse
 import copy
@@ -20,7 +23,6 @@ import json
 import math
 import os
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -39,28 +41,46 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="data", help="where torchvision data sets are downloaded, or the ImageFolder root")
     p.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet34", "resnet50"], help="torchvision ResNet")
     p.add_argument("--image-size", type=int, default=0, help="crop side in pixels; 0: the data set's native size")
-    p.add_argument("--epochs", type=int, default=1000, help="training epochs (solo-learn CIFAR: 1000)")
-    p.add_argument("--batch-size", type=int, default=256, help="global batch, split over processes (solo-learn: 256)")
-    p.add_argument("--optimizer", default="lars", choices=["lars", "sgd"], help="lars (solo-learn CIFAR) or sgd (DINO's ResNet-50)")
-    p.add_argument("--lr", type=float, default=0.3, help="learning rate per 256 images (solo-learn CIFAR LARS: 0.3; DINO RN50 SGD: 0.03)")
-    p.add_argument("--weight-decay", type=float, default=1e-6, help="not on biases and norms (solo-learn CIFAR: 1e-6; DINO RN50: 1e-4)")
-    p.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn CIFAR: 0.02)")
-    p.add_argument("--warmup-epochs", type=float, default=10, help="linear warm-up, then cosine decay (solo-learn, DINO: 10)")
-    p.add_argument("--local-crops", type=int, default=8, help="local crops besides the 2 global ones (DINO main_dino.py: 8)")
-    p.add_argument("--global-scale", type=float, nargs=2, default=(0.4, 1.0), help="global crop area range (DINO: 0.4 1)")
-    p.add_argument("--local-scale", type=float, nargs=2, default=(0.05, 0.4), help="local crop area range (DINO: 0.05 0.4)")
-    p.add_argument("--proj-hidden", type=int, default=2048, help="head MLP hidden width (DINO, solo-learn: 2048)")
-    p.add_argument("--proj-dim", type=int, default=256, help="head bottleneck width (DINO, solo-learn: 256)")
-    p.add_argument("--prototypes", type=int, default=4096, help="head output width K (solo-learn CIFAR: 4096; DINO: 65536)")
-    p.add_argument("--student-temp", type=float, default=0.1, help="student temperature tau_s (DINO: 0.1)")
-    p.add_argument("--teacher-temp", type=float, default=0.07, help="teacher temperature tau_t after warm-up (solo-learn CIFAR: 0.07)")
-    p.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="tau_t at the first epoch (DINO, solo-learn: 0.04)")
-    p.add_argument("--warmup-teacher-temp-epochs", type=int, default=50, help="epochs of linear tau_t warm-up (solo-learn CIFAR: 50)")
-    p.add_argument("--center-momentum", type=float, default=0.9, help="EMA rate m of the center (DINO Eq. 4: 0.9)")
-    p.add_argument("--teacher-momentum", type=float, default=0.9995, help="teacher EMA rate, cosine to 1 (solo-learn CIFAR: 0.9995)")
-    p.add_argument("--clip-grad", type=float, default=3.0, help="clip each gradient tensor to this norm (DINO: 3.0); 0: off")
-    p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs with the head's last layer frozen (DINO: 1)")
-    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm for student and teacher (DINO's ResNet runs)")
+    p.add_argument("--epochs", type=int, default=1000, help="training epochs (solo-learn CIFAR: 1000; official RN50: 100)")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="global batch, split over processes (solo-learn CIFAR: 256; official RN50: 8 x 64 = 512)")
+    p.add_argument("--optimizer", default="lars", choices=["lars", "sgd"], help="lars (solo-learn CIFAR) or sgd (official RN50)")
+    p.add_argument("--lr", type=float, default=0.3, help="learning rate per 256 images (solo-learn CIFAR LARS: 0.3; official RN50 SGD: 0.03)")
+    p.add_argument("--weight-decay", type=float, default=1e-6,
+                   help="not on biases and norms (solo-learn CIFAR: 1e-6; official RN50: 1e-4, constant)")
+    p.add_argument("--lars-mode", default="clip", choices=["clip", "official"],
+                   help="LARS form (see class LARS), --optimizer lars only (solo-learn CIFAR: clip)")
+    p.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn CIFAR: 0.02; DINO's LARS: 0.001)")
+    p.add_argument("--warmup-epochs", type=float, default=10, help="linear warm-up, then cosine decay (solo-learn, official: 10)")
+    p.add_argument("--local-crops", type=int, default=0,
+                   help="local crops besides the 2 global ones (solo-learn CIFAR: 0; official: 8 of 96 px)")
+    p.add_argument("--global-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
+                   help="global crop area range (solo-learn CIFAR: 0.08 1; official RN50: 0.14 1)")
+    p.add_argument("--local-scale", type=float, nargs=2, default=(0.05, 0.4), metavar=("MIN", "MAX"),
+                   help="local crop area range (main_dino.py: 0.05 0.4; official RN50: 0.05 0.14)")
+    p.add_argument("--blur-prob", type=float, nargs=3, default=(0.0, 0.0, 0.5), metavar=("G1", "G2", "L"),
+                   help="Gaussian blur probability of global crop 1, 2 and each local crop (solo-learn CIFAR: 0 0; official: 1.0 0.1 0.5)")
+    p.add_argument("--solarize-prob", type=float, nargs=3, default=(0.0, 0.2, 0.0), metavar=("G1", "G2", "L"),
+                   help="solarization probability of global crop 1, 2 and each local crop (solo-learn CIFAR, official: 0 0.2 0)")
+    p.add_argument("--proj-hidden", type=int, default=2048, help="head MLP hidden width (solo-learn, official: 2048)")
+    p.add_argument("--proj-dim", type=int, default=256, help="head bottleneck width (solo-learn, official: 256)")
+    p.add_argument("--prototypes", type=int, default=4096, help="head output width K (solo-learn CIFAR: 4096; official: 65536)")
+    p.add_argument("--student-temp", type=float, default=0.1, help="student temperature tau_s (solo-learn, official: 0.1)")
+    p.add_argument("--teacher-temp", type=float, default=0.07,
+                   help="teacher temperature tau_t after warm-up (solo-learn CIFAR: 0.07; official: 0.04)")
+    p.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="tau_t at the first epoch (solo-learn, official: 0.04)")
+    p.add_argument("--warmup-teacher-temp-epochs", type=int, default=0,
+                   help="epochs of linear tau_t warm-up (solo-learn CIFAR, official: 0)")
+    p.add_argument("--center-momentum", type=float, default=0.9, help="EMA rate m of the center (DINO Eq. 4, solo-learn: 0.9)")
+    p.add_argument("--teacher-momentum", type=float, default=0.9995,
+                   help="teacher EMA rate, cosine to 1 (solo-learn CIFAR: 0.9995; official: 0.996)")
+    p.add_argument("--clip-grad", type=float, default=0.0,
+                   help="clip each gradient tensor to this norm; 0: off (solo-learn CIFAR: 0; official: 3.0)")
+    p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs with the head's last layer frozen (solo-learn, official: 1)")
+    p.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=False,
+                   help="each residual branch's last BN starts at 0 (solo-learn CIFAR, official torchvision ResNet-50: no)")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="SyncBatchNorm for student and teacher (solo-learn CIFAR: yes; official: yes, any net with BN); CUDA only")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentations")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -79,15 +99,14 @@ def parse_args(argv=None):
 
 
 # --- the method ---------------------------------------------------------------------
-def dino_views(size, local_crops, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4)):
-    """DINO's multi-crop (Caron et al. 2021, App.): BYOL's jitter 0.4/0.4/0.2/0.1 on every crop;
-    global crops blurred with p 1.0 / 0.1, the second solarized with p 0.2; local crops blurred
-    with p 0.5. At 32 px and less nothing is blurred (common.blur_prob)."""
-    views = common.multicrop_views(size, local_crops, tuple(global_scale), tuple(local_scale))
-    views = [replace(v, jitter=(0.4, 0.4, 0.2, 0.1)) for v in views]
-    g1 = replace(views[0], blur_p=common.blur_prob(size, 1.0))
-    g2 = replace(views[1], blur_p=common.blur_prob(size, 0.1), solarize_p=0.2)
-    return [g1, g2] + views[2:]
+def dino_views(size, local_crops, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), blur_p=(1.0, 0.1, 0.5),
+               solarize_p=(0.0, 0.2, 0.0)):
+    """DINO's multi-crop (Caron et al. 2021, App.; main_dino.py's defaults here): BYOL's jitter
+    0.4/0.4/0.2/0.1 with p 0.8 and grey 0.2 on every crop; blur and solarization probabilities
+    for global crop 1, 2 and every local crop. solo-learn's CIFAR recipe: no local crops, no
+    blur, the second crop solarized with p 0.2 (the script's defaults)."""
+    return common.multicrop_views(size, local_crops, global_scale, local_scale, jitter=(0.4, 0.4, 0.2, 0.1),
+                                  blur_p=blur_p, solarize_p=solarize_p)
 
 
 def size_groups(crops):
@@ -123,7 +142,7 @@ class DINO(nn.Module):
 
     def __init__(self, args, small_images):
         super().__init__()
-        self.backbone = common.build_backbone(args.backbone, small_images)
+        self.backbone = common.build_backbone(args.backbone, small_images, zero_init_residual=args.zero_init_residual)
         d = self.backbone.dim
         self.head = DINOHead(d, args.proj_hidden, args.proj_dim, args.prototypes)
         self.xattn = CrossAttentionHead(d, args.xattn_clusters, args.xattn_temp) if args.xattn else None
@@ -132,7 +151,9 @@ class DINO(nn.Module):
         b = crops[0].shape[0]
         hs = []
         for start, end in size_groups(crops):
-            # The positives have the global crops' size: they ride along with the first run.
+            # One pass per run, as DINO's MultiCropWrapper: BN statistics over all crops of that size
+            # (solo-learn, the CIFAR recipe, passes each crop on its own). The positives have the
+            # global crops' size: they ride along with the first run.
             extra = [positives] if positives is not None and start == 0 else []
             f, h = self.backbone(torch.cat(crops[start:end] + extra))  # (n*b [+ b*P], D, h, w), (n*b [+ b*P], D)
             hs.append(h[: (end - start) * b])
@@ -163,7 +184,7 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, global_crops):  # [(b, 3, s, s)] * 2 -> logits (2b, K)
-        return self.head(self.backbone(torch.cat(global_crops))[1])[1]
+        return self.head(self.backbone(torch.cat(global_crops))[1])[1]  # one BN batch of both crops, as DINO's
 
 
 def dino_loss(student, teacher, center, student_temp=0.1, teacher_temp=0.04):
@@ -223,12 +244,22 @@ def clip_gradients(model, clip):
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and LARS (You et al. 2017): each weight's update is scaled by
-    eta * ||w|| / ||g + wd w||. Groups with `lars=False` (biases, norms) get plain SGD
-    and no weight decay, as in SimCLR and BYOL."""
+    """SGD with momentum and LARS (You et al. 2017) in the two forms the references run.
+    For each weight w with gradient g (groups with `lars=False`, i.e. biases and norms, get
+    plain SGD with momentum and no weight decay, as in SimCLR, BYOL and solo-learn):
+      official (SimCLR, BYOL, MoCo v3 and DINO code; eta 0.001 on ImageNet):
+          d = g + wd w,  d *= eta ||w|| / ||d||
+      clip (solo-learn's LARS with clip_lr, used by its CIFAR recipes; eta 0.02):
+          d = g + wd w,  d *= min(eta ||w|| / (||g|| + wd ||w||) / lr, 1),
+          so that a layer's step min(eta ||w|| / (...), lr) is never larger than plain SGD's.
+    SwAV's apex LARC (unclipped) uses the clip form's ratio without the cap; with SwAV's
+    wd of 1e-6 that ratio and the official one differ by far less than a percent.
+    A zero ||w|| or ||g|| leaves the trust at 1. Momentum accumulates the scaled d."""
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001, mode="official"):
+        if mode not in ("official", "clip"):
+            raise ValueError(f"LARS mode '{mode}': choose official or clip")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True, mode=mode))
 
     @torch.no_grad()
     def step(self):
@@ -238,10 +269,16 @@ class LARS(torch.optim.Optimizer):
                     continue
                 d = p.grad
                 if g["lars"]:
+                    w_norm, g_norm = p.norm(), d.norm()
                     d = d.add(p, alpha=g["weight_decay"])
-                    w_norm, d_norm = p.norm(), d.norm()
-                    trust = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, 1.0)
-                    d = d * trust  # no host sync: the ratio stays on the device
+                    if g["mode"] == "clip":
+                        trust = g["eta"] * w_norm / (g_norm + g["weight_decay"] * w_norm)
+                        if g["lr"] > 0:
+                            trust = (trust / g["lr"]).clamp(max=1.0)
+                    else:
+                        g_norm = d.norm()
+                        trust = g["eta"] * w_norm / g_norm
+                    d = d * torch.where((w_norm > 0) & (g_norm > 0), trust, 1.0)  # on the device: no host sync
                 buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
                 buf.mul_(g["momentum"]).add_(d)
                 p.add_(buf, alpha=-g["lr"])
@@ -367,8 +404,6 @@ def check_args(args):
         raise common.UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes.")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise common.UserError("--device cuda was asked for, but no GPU is visible.")
-    if args.sync_bn and world > 1 and (args.device == "cpu" or not torch.cuda.is_available()):
-        raise common.UserError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm does not run on CPU); leave it off on CPU.")
     if args.resume:
         path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume, "checkpoint.pt")
         if not os.path.isfile(path):
@@ -428,7 +463,7 @@ def main(args):
         knn_train = torch.utils.data.Subset(knn_train, keep.tolist())
     knn_test = common.make_dataset(args.dataset, args.data_dir, train=False)
     num_classes = len(knn_test.classes)
-    views = dino_views(size, args.local_crops, args.global_scale, args.local_scale)
+    views = dino_views(size, args.local_crops, args.global_scale, args.local_scale, args.blur_prob, args.solarize_prob)
     loader = common.TrainLoader(train_set, views, args.batch_size, stats, device,
                                 seed=args.seed, workers=args.workers, positive=common.positive_view(size),
                                 data_path=args.data_path, compile=args.compile)
@@ -436,14 +471,16 @@ def main(args):
 
     # model and optimizer
     model = DINO(args, small_images=size <= 64).to(device)
-    if args.sync_bn and distributed:
+    if args.sync_bn and distributed and use_cuda:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif args.sync_bn and distributed and rank == 0:
+        print("note: SyncBatchNorm needs CUDA; on CPU each process normalizes its own share of the batch.", flush=True)
     if use_cuda:
         model = model.to(memory_format=torch.channels_last)
     teacher = Teacher(model)  # after the SyncBN conversion: the teacher's BN is synced too
     center = torch.zeros(1, args.prototypes, device=device)
     if args.optimizer == "lars":
-        optimizer = LARS(param_groups(model), lr=0.0, weight_decay=args.weight_decay, eta=args.lars_eta)
+        optimizer = LARS(param_groups(model), lr=0.0, weight_decay=args.weight_decay, eta=args.lars_eta, mode=args.lars_mode)
     else:
         optimizer = torch.optim.SGD(param_groups(model), lr=0.0, momentum=0.9, weight_decay=args.weight_decay)
     start_epoch = 0

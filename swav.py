@@ -3,19 +3,25 @@ them (Sinkhorn-Knopp, sums over all processes); each crop predicts the assignmen
 of the others. Multi-crop: 2 global crops give codes; they and N small crops predict them.
 
 Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster
-Assignments", NeurIPS 2020. Defaults: solo-learn's CIFAR recipe, the paper's multi-crop.
+Assignments", NeurIPS 2020. Defaults: solo-learn's CIFAR recipe,
+scripts/pretrain/cifar/swav.yaml with augmentations/symmetric.yaml (2 crops of 32 px, no
+local crops); the ImageNet command is the official one (facebookresearch/swav,
+scripts/swav_800ep_pretrain.sh: 2x224 + 6x96, batch 4096 on 64 GPUs, 75.3% linear).
+RECIPES.md compares both, flag for flag.
 
     python swav.py --dataset digits --epochs 1                    # offline demo
     python swav.py --dataset cifar10 --data-dir data              # 1000 epochs, 1 GPU
-    torchrun --nproc_per_node=4 swav.py --dataset folder --data-dir /imagenet \
-        --backbone resnet50 --batch-size 4096 --lr 0.3 --queue-size 0
+    torchrun --nnodes=8 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 swav.py \
+        --dataset folder --data-dir /imagenet --backbone resnet50 --epochs 800 --batch-size 4096 \
+        --lr 0.3 --weight-decay 1e-6 --lars-mode official --lars-eta 0.001 --no-exclude-bias-norm \
+        --local-crops 6 --global-scale 0.14 1 --local-scale 0.05 0.14 --queue-size 0 \
+        --freeze-prototypes-epochs 1
 """
 import argparse
 import json
 import math
 import os
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -34,23 +40,43 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="data", help="where torchvision data sets are downloaded, or the ImageFolder root")
     p.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet34", "resnet50"], help="torchvision ResNet")
     p.add_argument("--image-size", type=int, default=0, help="global crop side in pixels; 0: the data set's native size")
-    p.add_argument("--local-crops", type=int, default=6, help="small crops beside the 2 global ones (paper: 6; solo-learn CIFAR: 0)")
-    p.add_argument("--epochs", type=int, default=1000, help="training epochs (solo-learn CIFAR: 1000)")
-    p.add_argument("--batch-size", type=int, default=256, help="global batch, split over processes (solo-learn: 256)")
-    p.add_argument("--lr", type=float, default=0.6, help="LARS learning rate per 256 images (solo-learn CIFAR: 0.6)")
-    p.add_argument("--weight-decay", type=float, default=1e-6, help="weight decay, not on biases and norms (solo-learn: 1e-6)")
-    p.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn CIFAR: 0.02)")
-    p.add_argument("--warmup-epochs", type=float, default=10, help="linear warm-up, then cosine decay (solo-learn: 10)")
-    p.add_argument("--temperature", type=float, default=0.1, help="temperature tau of the predictions (paper, solo-learn: 0.1)")
-    p.add_argument("--prototypes", type=int, default=3000, help="number of prototypes K (paper, solo-learn CIFAR: 3000)")
-    p.add_argument("--sinkhorn-epsilon", type=float, default=0.05, help="entropy weight epsilon of the codes (paper: 0.05)")
-    p.add_argument("--sinkhorn-iters", type=int, default=3, help="Sinkhorn-Knopp iterations (paper: 3)")
-    p.add_argument("--queue-size", type=int, default=3840, help="global queue of past embeddings; 0: none (solo-learn CIFAR: 3840)")
+    p.add_argument("--local-crops", type=int, default=0,
+                   help="small crops beside the 2 global ones (solo-learn CIFAR: 0; official ImageNet: 6 of 96 px)")
+    p.add_argument("--global-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
+                   help="area range of the global crops (solo-learn CIFAR: 0.08 1; official ImageNet: 0.14 1)")
+    p.add_argument("--local-scale", type=float, nargs=2, default=(0.05, 0.14), metavar=("MIN", "MAX"),
+                   help="area range of the local crops (official ImageNet: 0.05 0.14)")
+    p.add_argument("--blur-prob", type=float, nargs=3, default=(0.5, 0.5, 0.5), metavar=("G1", "G2", "L"),
+                   help="Gaussian blur probability of global crop 1, 2 and each local crop (solo-learn CIFAR, official: 0.5)")
+    p.add_argument("--epochs", type=int, default=1000, help="training epochs (solo-learn CIFAR: 1000; official ImageNet: 800)")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="global batch, split over processes (solo-learn CIFAR: 256; official ImageNet: 4096)")
+    p.add_argument("--lr", type=float, default=0.6,
+                   help="LARS learning rate per 256 images (solo-learn CIFAR: 0.6; official ImageNet: 4.8 at 4096 = 0.3)")
+    p.add_argument("--weight-decay", type=float, default=1e-6, help="weight decay (solo-learn CIFAR, official: 1e-6)")
+    p.add_argument("--exclude-bias-norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="biases and norm weights get no weight decay and no LARS adaptation (solo-learn CIFAR: "
+                        "yes; official SwAV: no, its LARC wraps SGD over all parameters)")
+    p.add_argument("--lars-mode", default="clip", choices=["clip", "official"],
+                   help="LARS form (see class LARS): clip as solo-learn's CIFAR recipe, official (unclipped) as SwAV's LARC")
+    p.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn CIFAR: 0.02; official: 0.001)")
+    p.add_argument("--warmup-epochs", type=float, default=10, help="linear warm-up, then cosine decay (solo-learn, official: 10)")
+    p.add_argument("--temperature", type=float, default=0.1, help="temperature tau of the predictions (solo-learn, official: 0.1)")
+    p.add_argument("--prototypes", type=int, default=3000, help="number of prototypes K (solo-learn, official: 3000)")
+    p.add_argument("--sinkhorn-epsilon", type=float, default=0.05, help="entropy weight epsilon of the codes (solo-learn, official: 0.05)")
+    p.add_argument("--sinkhorn-iters", type=int, default=3, help="Sinkhorn-Knopp iterations (solo-learn, official: 3)")
+    p.add_argument("--queue-size", type=int, default=3840,
+                   help="global queue of past embeddings; 0: none (solo-learn CIFAR: 3840; official at batch 4096: 0)")
     p.add_argument("--queue-start", type=int, default=50, help="epoch at which the queue starts filling (solo-learn CIFAR: 50)")
-    p.add_argument("--freeze-prototypes-epochs", type=float, default=2, help="prototypes held for N epochs (solo-learn CIFAR: 2)")
-    p.add_argument("--proj-hidden", type=int, default=2048, help="projector hidden width (paper, solo-learn: 2048)")
-    p.add_argument("--proj-dim", type=int, default=128, help="projector output width (paper, solo-learn: 128)")
-    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (solo-learn: on)")
+    p.add_argument("--freeze-prototypes-epochs", type=float, default=2,
+                   help="prototypes held for N epochs (solo-learn CIFAR: 2; official ImageNet: 313 iterations, 1 epoch)")
+    p.add_argument("--proj-hidden", type=int, default=2048, help="projector hidden width (solo-learn, official: 2048)")
+    p.add_argument("--proj-dim", type=int, default=128, help="projector output width (solo-learn, official: 128)")
+    p.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=False,
+                   help="each residual branch's last BN starts at 0 (solo-learn CIFAR, official SwAV ResNet-50: no)")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="global BatchNorm over all processes (solo-learn CIFAR: yes; official: apex SyncBN over groups "
+                        "of 8 GPUs); CUDA only")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentations")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -75,7 +101,7 @@ class SwAV(nn.Module):
 
     def __init__(self, args, small_images):
         super().__init__()
-        self.backbone = common.build_backbone(args.backbone, small_images)
+        self.backbone = common.build_backbone(args.backbone, small_images, zero_init_residual=args.zero_init_residual)
         d = self.backbone.dim
         self.projector = nn.Sequential(  # SwAV's 2-layer MLP head with BN
             nn.Linear(d, args.proj_hidden), nn.BatchNorm1d(args.proj_hidden), nn.ReLU(inplace=True),
@@ -85,7 +111,8 @@ class SwAV(nn.Module):
 
     def forward(self, crops, positives=None):
         # As in the official code, consecutive crops of one size share one backbone pass: fewer,
-        # larger passes. The positives have the global crops' size and ride with them.
+        # larger passes, and BN statistics over all crops of that size together (solo-learn, the
+        # CIFAR recipe, passes each crop on its own). The positives have the global size and ride along.
         b = crops[0].shape[0]
         sizes = [c.shape[-1] for c in crops]
         cuts = [0] + [i for i in range(1, len(crops)) if sizes[i] != sizes[i - 1]] + [len(crops)]
@@ -155,12 +182,22 @@ def assign_codes(scores, queue, prototypes, epsilon, iterations):
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and LARS (You et al. 2017): each weight's update is scaled by
-    eta * ||w|| / ||g + wd w||. Groups with `lars=False` (biases, norms) get plain SGD
-    and no weight decay, as in SimCLR and BYOL."""
+    """SGD with momentum and LARS (You et al. 2017) in the two forms the references run.
+    For each weight w with gradient g (groups with `lars=False`, i.e. biases and norms, get
+    plain SGD with momentum and no weight decay, as in SimCLR, BYOL and solo-learn):
+      official (SimCLR, BYOL, MoCo v3 and DINO code; eta 0.001 on ImageNet):
+          d = g + wd w,  d *= eta ||w|| / ||d||
+      clip (solo-learn's LARS with clip_lr, used by its CIFAR recipes; eta 0.02):
+          d = g + wd w,  d *= min(eta ||w|| / (||g|| + wd ||w||) / lr, 1),
+          so that a layer's step min(eta ||w|| / (...), lr) is never larger than plain SGD's.
+    SwAV's apex LARC (unclipped) uses the clip form's ratio without the cap; with SwAV's
+    wd of 1e-6 that ratio and the official one differ by far less than a percent.
+    A zero ||w|| or ||g|| leaves the trust at 1. Momentum accumulates the scaled d."""
 
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.02):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001, mode="official"):
+        if mode not in ("official", "clip"):
+            raise ValueError(f"LARS mode '{mode}': choose official or clip")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True, mode=mode))
 
     @torch.no_grad()
     def step(self):
@@ -170,20 +207,37 @@ class LARS(torch.optim.Optimizer):
                     continue
                 d = p.grad
                 if g["lars"]:
+                    w_norm, g_norm = p.norm(), d.norm()
                     d = d.add(p, alpha=g["weight_decay"])
-                    w_norm, d_norm = p.norm(), d.norm()
-                    trust = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, 1.0)
-                    d = d * trust  # no host sync: the ratio stays on the device
+                    if g["mode"] == "clip":
+                        trust = g["eta"] * w_norm / (g_norm + g["weight_decay"] * w_norm)
+                        if g["lr"] > 0:
+                            trust = (trust / g["lr"]).clamp(max=1.0)
+                    else:
+                        g_norm = d.norm()
+                        trust = g["eta"] * w_norm / g_norm
+                    d = d * torch.where((w_norm > 0) & (g_norm > 0), trust, 1.0)  # on the device: no host sync
                 buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
                 buf.mul_(g["momentum"]).add_(d)
                 p.add_(buf, alpha=-g["lr"])
 
 
-def param_groups(model):
-    """Biases and norm weights (1-d tensors) get no weight decay and no LARS adaptation."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars": False}]
+def param_groups(model, exclude_bias_norm=True):
+    """Biases and norm weights (1-d tensors) get no weight decay and no LARS adaptation
+    (solo-learn's exclude_bias_n_norm); with exclude_bias_norm=False they are treated like
+    every other weight, as official SwAV's LARC around SGD(model.parameters()) treats them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not exclude_bias_norm:
+        return [{"params": params}]
+    return [{"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lars": False}]
+
+
+def swav_views(size, args):
+    """SwAV's multi-crop (Sec. 3.2): SimCLR's colour distortion at strength 1 (jitter
+    0.8/0.8/0.8/0.2 with p 0.8, grey 0.2) and blur on every crop; 2 global crops of `size`
+    and --local-crops small ones (96 px from 224 px images, else half the side)."""
+    return common.multicrop_views(size, args.local_crops, args.global_scale, args.local_scale, blur_p=args.blur_prob)
 
 
 # --- add-ons: Q-Score regularization and spatial cross-attention ------------------------
@@ -299,8 +353,6 @@ def check_args(args):
         raise common.UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes.")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise common.UserError("--device cuda was asked for, but no GPU is visible.")
-    if args.sync_bn and world > 1 and (args.device == "cpu" or not torch.cuda.is_available()):
-        raise common.UserError("--sync-bn needs CUDA (PyTorch's SyncBatchNorm does not run on CPU); leave it off on CPU.")
     if args.resume:
         path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume, "checkpoint.pt")
         if not os.path.isfile(path):
@@ -362,8 +414,7 @@ def main(args):
         knn_train = torch.utils.data.Subset(knn_train, keep.tolist())
     knn_test = common.make_dataset(args.dataset, args.data_dir, train=False)
     num_classes = len(knn_test.classes)
-    # SwAV's colour distortion is SimCLR's at strength 1: jitter 0.8/0.8/0.8/0.2 (its code, solo-learn)
-    views = [replace(v, jitter=(0.8, 0.8, 0.8, 0.2)) for v in common.multicrop_views(size, args.local_crops)]
+    views = swav_views(size, args)
     loader = common.TrainLoader(train_set, views, args.batch_size, stats, device,
                                 seed=args.seed, workers=args.workers, positive=common.positive_view(size),
                                 data_path=args.data_path, compile=args.compile)
@@ -371,11 +422,14 @@ def main(args):
 
     # model, optimizer and queue
     model = SwAV(args, small_images=size <= 64).to(device)
-    if args.sync_bn and distributed:
+    if args.sync_bn and distributed and use_cuda:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif args.sync_bn and distributed and rank == 0:
+        print("note: SyncBatchNorm needs CUDA; on CPU each process normalizes its own share of the batch.", flush=True)
     if use_cuda:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = LARS(param_groups(model), lr=0.0, weight_decay=args.weight_decay, eta=args.lars_eta)
+    optimizer = LARS(param_groups(model, args.exclude_bias_norm), lr=0.0, weight_decay=args.weight_decay,
+                     eta=args.lars_eta, mode=args.lars_mode)
     queue_len = (args.queue_size - args.queue_size % args.batch_size) // world  # whole batches, as the official code
     queue = torch.zeros(2, queue_len, args.proj_dim, device=device)  # this process's past z of the global crops, newest first
     start_epoch = 0

@@ -146,15 +146,24 @@ def test_ddp_forward_and_gradients_equal_one_process():
 
 
 def test_views_follow_dino():
-    v = dino.dino_views(224, 6)
+    v = dino.dino_views(224, 6)  # the function's defaults: main_dino.py's
     assert [x.size for x in v] == [224, 224] + [96] * 6
     assert [x.blur_p for x in v] == [1.0, 0.1] + [0.5] * 6
     assert [x.solarize_p for x in v] == [0.0, 0.2] + [0.0] * 6
     assert all(x.scale == (0.4, 1.0) for x in v[:2]) and all(x.scale == (0.05, 0.4) for x in v[2:])
     assert all(x.jitter == (0.4, 0.4, 0.2, 0.1) for x in v)
     small = dino.dino_views(32, 2, (0.14, 1.0), (0.05, 0.14))
-    assert [x.size for x in small] == [32, 32, 16, 16] and all(x.blur_p == 0 for x in small)
+    assert [x.size for x in small] == [32, 32, 16, 16] and [x.blur_p for x in small] == [1.0, 0.1, 0.5, 0.5]
     assert small[0].scale == (0.14, 1.0) and small[2].scale == (0.05, 0.14)
+
+
+def test_script_defaults_are_solo_learns_cifar_views():
+    """asymmetric.yaml: 2 crops of 32 px at (0.08, 1), no blur, the second solarized with p 0.2."""
+    a = dino.parse_args([])
+    v = dino.dino_views(32, a.local_crops, a.global_scale, a.local_scale, a.blur_prob, a.solarize_prob)
+    assert [x.size for x in v] == [32, 32] and all(x.scale == (0.08, 1.0) for x in v)
+    assert [x.blur_p for x in v] == [0.0, 0.0] and [x.solarize_p for x in v] == [0.0, 0.2]
+    assert all(x.jitter == (0.4, 0.4, 0.2, 0.1) for x in v)
 
 
 def test_multicrop_batches_and_one_backbone_pass_per_size():
@@ -277,6 +286,7 @@ def test_torchrun_two_processes(tmp_path):
     d = tmp_path / "run"
     p = torchrun("dino.py", SMALL + ["--epochs", "1", "--run-dir", str(d)])
     assert "2 process(es)" in p.stdout
+    assert p.stdout.count("SyncBatchNorm needs CUDA") == 1  # global BN is the default; on CPU said once, not refused
     assert read_metrics(d)[0]["knn_top1"] > 0
 
 
@@ -329,7 +339,8 @@ def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit):
         dino.parse_args(["--help"])
     out = capsys.readouterr().out
-    for flag in ("--local-crops", "--teacher-temp", "--center-momentum", "--clip-grad", "--freeze-last-layer",
+    for flag in ("--local-crops", "--global-scale", "--blur-prob", "--solarize-prob", "--lars-mode", "--zero-init-residual",
+                 "--no-sync-bn", "--teacher-temp", "--center-momentum", "--clip-grad", "--freeze-last-layer",
                  "--optimizer", "--qscore-lambda", "--xattn-positives", "--resume"):
         assert flag in out
     assert "(DINO" in out and "(solo-learn" in out  # defaults say where they come from

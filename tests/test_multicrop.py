@@ -18,6 +18,19 @@ def test_views_are_two_global_and_n_local_crops():
     assert len(common.multicrop_views(32, 0)) == 2
 
 
+def test_swav_views_are_the_recipes():
+    # CIFAR defaults: solo-learn's symmetric.yaml, 2 crops of 32 px, no local crops
+    views = swav.swav_views(32, swav.parse_args([]))
+    assert [v.size for v in views] == [32, 32] and all(v.scale == (0.08, 1.0) for v in views)
+    assert all(v.blur_p == 0.5 and v.solarize_p == 0 and v.jitter == (0.8, 0.8, 0.8, 0.2) for v in views)
+    # the docstring's ImageNet command: 2x224 + 6x96 (swav_800ep_pretrain.sh)
+    args = swav.parse_args(["--local-crops", "6", "--global-scale", "0.14", "1", "--local-scale", "0.05", "0.14"])
+    views = swav.swav_views(224, args)
+    assert [v.size for v in views] == [224] * 2 + [96] * 6
+    assert {v.scale for v in views[:2]} == {(0.14, 1.0)} and {v.scale for v in views[2:]} == {(0.05, 0.14)}
+    assert all(v.blur_p == 0.5 for v in views)
+
+
 @pytest.mark.parametrize("data_path", ["cpu", "tensor"])
 def test_loader_yields_one_tensor_per_crop_and_positives_at_the_global_size(data_path):
     ds = common.make_dataset("digits", "x")

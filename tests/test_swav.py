@@ -180,6 +180,7 @@ def test_torchrun_two_processes(tmp_path):
     p = torchrun("swav.py", TINY + SMALL + ["--epochs", "1", "--queue-size", "64", "--queue-start", "0",
                                             "--xattn", "--xattn-clusters", "8", "--run-dir", str(d)])
     assert "2 process(es)" in p.stdout
+    assert p.stdout.count("SyncBatchNorm needs CUDA") == 1  # global BN is the default; on CPU said once, not refused
     m = read_metrics(d)[0]
     assert m["knn_top1"] > 0 and m["queue_used"] == pytest.approx(1 / 3)  # same schedule as one process
     queue = torch.load(d / "checkpoint.pt", weights_only=False)["queue"]
@@ -219,10 +220,21 @@ def test_bad_input_is_one_sentence_and_exit_2(tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1  # ours: the sentence alone
 
 
+def test_bias_and_norm_weights_are_excluded_as_solo_learn_or_not_as_official_swav():
+    model = tiny_model()
+    one_d = {id(p) for p in model.parameters() if p.ndim == 1}
+    groups = swav.param_groups(model)  # the CIFAR default, --exclude-bias-norm
+    assert {id(p) for p in groups[1]["params"]} == one_d and groups[1]["weight_decay"] == 0 and not groups[1]["lars"]
+    assert not one_d & {id(p) for p in groups[0]["params"]}
+    (every,) = swav.param_groups(model, exclude_bias_norm=False)  # official: LARC around SGD(model.parameters())
+    assert len(every["params"]) == len(list(model.parameters())) and "lars" not in every
+
+
 def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit):
         swav.parse_args(["--help"])
     out = capsys.readouterr().out
-    for flag in ("--local-crops", "--queue-size", "--queue-start", "--freeze-prototypes-epochs", "--sinkhorn-epsilon",
+    for flag in ("--local-crops", "--global-scale", "--local-scale", "--blur-prob", "--lars-mode", "--exclude-bias-norm",
+                 "--zero-init-residual", "--no-sync-bn", "--queue-size", "--queue-start", "--freeze-prototypes-epochs", "--sinkhorn-epsilon",
                  "--qscore-lambda", "--xattn-positives", "--resume", "--steps-per-epoch"):
         assert flag in out
