@@ -17,6 +17,7 @@ Sections, in order:
   7. `grad_cam`
 This file imports nothing of ours.
 """
+import functools
 import hashlib
 import math
 import os
@@ -362,6 +363,14 @@ def targets_of(dataset):
     return y if idx is None else y[torch.as_tensor(idx)]
 
 
+@functools.lru_cache(maxsize=None)
+def device_constant(values, device):
+    """A small float32 tensor of `values` (a tuple) on `device`, made once per device: built per
+    batch, torch.tensor(..., device=cuda) is a blocking host-to-device copy that keeps the host
+    from running ahead of the GPU."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
 def _gray(x):  # (B, 3, H, W) -> (B, 1, H, W), the ITU-R 601 luma that torchvision and PIL use
     return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
@@ -376,7 +385,7 @@ def _shift_hue(x, shift):
     h = torch.where(chroma > 0, h / 6, torch.zeros_like(h))
     h = torch.remainder(h + shift[:, None, None], 1.0) * 6  # in sextants [0, 6)
     # back to RGB: each channel is v - chroma * clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    n = device_constant((5.0, 3.0, 1.0), x.device).view(1, 3, 1, 1)
     k = torch.remainder(n + h.unsqueeze(1), 6.0)
     return v.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
 
@@ -465,7 +474,7 @@ def apply_view(images, p, view, stats):
         x = torch.where(p["blur"].view(b, 1, 1, 1), y.view(b, 3, s, s), x)
     if view.solarize_p > 0:  # PIL: pixels >= 128 become 255 - pixel
         x = torch.where(p["solarize"].view(b, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
-    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in stats)
+    mean, std = (device_constant(tuple(v), x.device).view(1, 3, 1, 1) for v in stats)
     return (x - mean) / std
 
 
@@ -488,7 +497,7 @@ def eval_tensor(images, size, stats, native):
         h, w = x.shape[-2:]
         top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
         x = x[..., top:top + size, left:left + size]
-    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in stats)
+    mean, std = (device_constant(tuple(v), x.device).view(1, 3, 1, 1) for v in stats)
     return (x - mean) / std
 
 

@@ -502,7 +502,7 @@ def main(args):
 
             # bookkeeping on the device; the host reads it only at log steps
             terms["loss"] = loss
-            terms["queue_used"] = torch.tensor(float(use_queue), device=device)
+            terms["queue_used"] = torch.full((), float(use_queue), device=device)  # a fill, not a host copy
             terms["collapse_std"] = out["z"][: 2 * b].detach().float().std(0).mean()  # solo-learn's monitor
             for k, v in {**terms, **qstats}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
