@@ -271,7 +271,7 @@ def correlation_mask(f_s, f_p):
     rho_ij(I_s, I') = (1/D) max_{i',j'} <f_s[:, i, j], f'[:, i', j']>, averaged over the P
     positives, then scaled to [0, 1] per image. Computed without gradient: it supervises.
     Returns mu (B, H, W)."""
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(f_s.device.type, enabled=False):  # float32 products under bf16 autocast too
         b, d, hgt, wid = f_s.shape
         s = f_s.float().flatten(2)  # (B, D, HW)
         p = f_p.float().flatten(3)  # (B, P, D, H'W')
@@ -296,7 +296,8 @@ class CrossAttentionHead(nn.Module):
 
     def forward(self, f):  # f (N, D, H, W) -> beta (N, 1, H, W), logits (N, K_c)
         beta = torch.sigmoid(self.attn(F.relu(f)))
-        logits = self.classifier((f * beta).mean(dim=(2, 3))) / self.temperature
+        with torch.autocast(f.device.type, enabled=False):  # logits / 0.05: float32 under bf16 autocast too
+            logits = self.classifier((f * beta).mean(dim=(2, 3)).float()) / self.temperature
         return beta, logits
 
 

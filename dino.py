@@ -134,7 +134,8 @@ class DINOHead(nn.Module):
 
     def forward(self, h):  # h (N, D) -> z (N, bottleneck) normalized, logits (N, K)
         z = F.normalize(self.mlp(h), dim=1)
-        return z, F.linear(z, F.normalize(self.last_layer.weight, dim=1))
+        with torch.autocast(z.device.type, enabled=False):  # cosines that the loss divides by 0.04-0.1: float32
+            return z, F.linear(z.float(), F.normalize(self.last_layer.weight.float(), dim=1))
 
 
 class DINO(nn.Module):
@@ -199,7 +200,8 @@ def dino_loss(student, teacher, center, student_temp=0.1, teacher_temp=0.04):
     v = student.shape[0] // b
     p_t = F.softmax((teacher.detach().float() - center) / teacher_temp, dim=1).view(2, b, -1)  # (2, b, K)
     log_p_s = F.log_softmax(student.float() / student_temp, dim=1).view(v, b, -1)  # (V, b, K)
-    ce = -torch.einsum("tbk,vbk->tvb", p_t, log_p_s)  # (2, V, b): H(P_t(global t), P_s(crop v))
+    with torch.autocast(student.device.type, enabled=False):  # a product under bf16 autocast is bf16 whatever its inputs
+        ce = -torch.einsum("tbk,vbk->tvb", p_t, log_p_s)  # (2, V, b): H(P_t(global t), P_s(crop v))
     pairs = ~torch.eye(2, v, dtype=torch.bool, device=ce.device)  # a global crop is not its own target
     return ce[pairs].mean()
 
@@ -342,7 +344,7 @@ def correlation_mask(f_s, f_p):
     rho_ij(I_s, I') = (1/D) max_{i',j'} <f_s[:, i, j], f'[:, i', j']>, averaged over the P
     positives, then scaled to [0, 1] per image. Computed without gradient: it supervises.
     Returns mu (B, H, W)."""
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(f_s.device.type, enabled=False):  # float32 products under bf16 autocast too
         b, d, hgt, wid = f_s.shape
         s = f_s.float().flatten(2)  # (B, D, HW)
         p = f_p.float().flatten(3)  # (B, P, D, H'W')
@@ -367,7 +369,8 @@ class CrossAttentionHead(nn.Module):
 
     def forward(self, f):  # f (N, D, H, W) -> beta (N, 1, H, W), logits (N, K_c)
         beta = torch.sigmoid(self.attn(F.relu(f)))
-        logits = self.classifier((f * beta).mean(dim=(2, 3))) / self.temperature
+        with torch.autocast(f.device.type, enabled=False):  # logits / 0.05: float32 under bf16 autocast too
+            logits = self.classifier((f * beta).mean(dim=(2, 3)).float()) / self.temperature
         return beta, logits
 
 

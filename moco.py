@@ -244,12 +244,13 @@ def infonce_loss(q, k, queue=None, temperature=0.2):
     The queue and gathered keys are the same on every process, so the DDP-averaged
     gradient is that of one process holding the whole batch."""
     q, k = F.normalize(q.float(), dim=1), k.detach().float()
-    if queue is not None:
-        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T.float()], 1) / temperature  # (b, 1 + K)
-        labels = torch.zeros(len(q), dtype=torch.long, device=q.device)
-    else:
-        logits = q @ common.all_gather(k).T / temperature  # (b, W b)
-        labels = torch.arange(len(q), device=q.device) + common.rank() * len(q)
+    with torch.autocast(q.device.type, enabled=False):  # a product under bf16 autocast is bf16 whatever its inputs
+        if queue is not None:
+            logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T.float()], 1) / temperature  # (b, 1 + K)
+            labels = torch.zeros(len(q), dtype=torch.long, device=q.device)
+        else:
+            logits = q @ common.all_gather(k).T / temperature  # (b, W b)
+            labels = torch.arange(len(q), device=q.device) + common.rank() * len(q)
     return F.cross_entropy(logits, labels)
 
 
@@ -385,7 +386,7 @@ def correlation_mask(f_s, f_p):
     rho_ij(I_s, I') = (1/D) max_{i',j'} <f_s[:, i, j], f'[:, i', j']>, averaged over the P
     positives, then scaled to [0, 1] per image. Computed without gradient: it supervises.
     Returns mu (B, H, W)."""
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(f_s.device.type, enabled=False):  # float32 products under bf16 autocast too
         b, d, hgt, wid = f_s.shape
         s = f_s.float().flatten(2)  # (B, D, HW)
         p = f_p.float().flatten(3)  # (B, P, D, H'W')
@@ -410,7 +411,8 @@ class CrossAttentionHead(nn.Module):
 
     def forward(self, f):  # f (N, D, H, W) -> beta (N, 1, H, W), logits (N, K_c)
         beta = torch.sigmoid(self.attn(F.relu(f)))
-        logits = self.classifier((f * beta).mean(dim=(2, 3))) / self.temperature
+        with torch.autocast(f.device.type, enabled=False):  # logits / 0.05: float32 under bf16 autocast too
+            logits = self.classifier((f * beta).mean(dim=(2, 3)).float()) / self.temperature
         return beta, logits
 
 

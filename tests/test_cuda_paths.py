@@ -64,3 +64,62 @@ def test_training_steps_build_no_device_constant(monkeypatch, tmp_path, script):
     assert len(marks) >= 4
     per_step = [b - a for a, b in zip(marks, marks[1:])]
     assert per_step[1:] == [0] * (len(per_step) - 1), per_step
+
+
+def _leaf(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).requires_grad_()
+
+
+def _losses():
+    """(name, inputs, function of the inputs -> scalar): every loss of every script, DINO's
+    last layer, and the add-ons' correlation mask and losses."""
+    import byol
+    import dino
+    import moco
+    import simclr
+    import simsiam
+    import swav
+
+    b, d, k = 8, 16, 32
+    codes = swav.sinkhorn(torch.randn(2 * b, k)).view(2, b, k)
+    queue = torch.nn.functional.normalize(torch.randn(64, d), dim=1)
+    head = dino.DINOHead(d, 32, d, k)
+    head.mlp = torch.nn.Identity()  # the MLP is the model's, in bf16 on purpose: only the last layer here
+    xhead = simclr.CrossAttentionHead(d, 5)
+    torch.nn.init.zeros_(xhead.attn.weight), torch.nn.init.zeros_(xhead.attn.bias)  # beta = 0.5 in any precision
+    labels = torch.arange(b) % 5
+    yield "nt_xent", [_leaf(b, d), _leaf(b, d, seed=1)], lambda z1, z2: simclr.nt_xent_loss(z1, z2, 0.2)
+    yield "infonce_queue", [_leaf(b, d), _leaf(b, d, seed=1)], lambda q, kk: moco.infonce_loss(q, kk, queue, 0.2)
+    yield "moco_v3", [_leaf(2 * b, d), _leaf(2 * b, d, seed=1)], lambda q, kk: moco.moco_loss(q, kk, None, 0.2)
+    yield "byol", [_leaf(b, d, seed=s) for s in range(4)], byol.regression_loss
+    yield "simsiam", [_leaf(b, d, seed=s) for s in range(4)], simsiam.negative_cosine_loss
+    yield "swav", [_leaf(4, b, k)], lambda s: swav.swav_loss(s, codes, 0.1)
+    yield "dino", [_leaf(4 * b, k), _leaf(2 * b, k, seed=1)], lambda s, t: dino.dino_loss(s, t, torch.zeros(1, k), 0.1, 0.04)
+    yield "dino_head", [_leaf(4 * b, d)], lambda h: dino.dino_loss(head(h)[1], head(h[: 2 * b])[1].detach(),
+                                                                  torch.zeros(1, k), 0.1, 0.04)
+    for name in SCRIPTS:
+        mod = importlib.import_module(name)
+        yield f"{name}.correlation_mask", [_leaf(b, d, 4, 4)], lambda f, m=mod: (
+            m.correlation_mask(f, f.detach().roll(1, 0)[:, None]).pow(2).sum() + f.sum())
+    yield "xattn_classifier", [_leaf(2 * b, d, 4, 4)], lambda f: xhead(f)[1].logsumexp(1).mean()
+    yield "xattn_losses", [_leaf(2 * b, d, 4, 4), _leaf(2 * b, 1, 4, 4, seed=1), _leaf(2 * b, 5, seed=2)], (
+        lambda f, beta, logits: sum(simclr.xattn_losses(f, beta.sigmoid(), logits, labels, 1)))
+
+
+@pytest.mark.parametrize("name", [n for n, _, _ in _losses()])
+def test_each_loss_is_float32_under_bf16_autocast(name):
+    """Under CPU bf16 autocast (the CUDA configuration's stand-in) each loss returns float32, equal
+    to its float32 value and gradient: its products run outside autocast, as SwAV's scores do.
+    A product left in bf16 misses by about 1e-2 (DINO: 8.4375 for 8.4176)."""
+    _, inputs, fn = next(x for x in _losses() if x[0] == name)
+    ref = fn(*inputs)
+    ref_grads = torch.autograd.grad(ref, inputs, allow_unused=True)  # targets and keys get none
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fn(*inputs)
+    grads = torch.autograd.grad(out, inputs, allow_unused=True)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        assert (g is None) == (r is None)
+        if r is not None:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
