@@ -77,6 +77,9 @@ def parse_args(argv=None):
                    help="data-loader processes per training process (default: 4, or fewer CPU cores)")
     p.add_argument("--data-path", default="auto", choices=common.DATA_PATHS, help="tensor: decode once, augment batches on "
                    "the device; cpu: PIL in --workers processes; auto: tensor on CUDA when the data set fits in memory, else cpu")
+    p.add_argument("--precision", default="auto", choices=common.PRECISIONS,
+                   help="bf16: bf16 autocast and channels_last (the losses stay float32); fp32: neither; "
+                        "auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model's forward pass and the tensor data path's augmentations")
     p.add_argument("--run-dir", default="", help="output folder; default runs/<method>_<dataset>_s<seed>_<time>")
     p.add_argument("--resume", default="", help="run folder (or checkpoint.pt) of a killed run to continue")
@@ -317,7 +320,7 @@ def cluster_bank(model, embed, train_set, args, size, stats, native, device, epo
     """Sec. 2.1: embed the whole training set, cluster it with k-means, and return each
     image's pseudo-label (N,) on `device` (identical on every process)."""
     z, _ = common.extract_features(model, train_set, size, stats, native, device, workers=args.workers, embed=embed,
-                                  data_path=args.data_path)
+                                  data_path=args.data_path, precision=args.precision)
     bank = common.MemoryBank(len(train_set), z.shape[1], device)
     bank.z.copy_(F.normalize(z, dim=1))
     labels, _ = bank.kmeans(args.xattn_clusters, seed=args.seed * 1000 + epoch)
@@ -368,6 +371,7 @@ def main(args):
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    bf16 = common.use_bf16(args.precision, device)  # bf16 autocast + channels_last: the CUDA configuration
     if distributed:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     rank, world = common.rank(), common.world_size()
@@ -404,7 +408,7 @@ def main(args):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif args.sync_bn and distributed and rank == 0:
         print("note: SyncBatchNorm needs CUDA; on CPU each process normalizes its own share of the batch.", flush=True)
-    if use_cuda:
+    if bf16:
         model = model.to(memory_format=torch.channels_last)
     optimizer = LARS(param_groups(model), lr=0.0, weight_decay=args.weight_decay, eta=args.lars_eta, mode=args.lars_mode)
     start_epoch = 0
@@ -447,9 +451,10 @@ def main(args):
             tau = tau_at(it, total, args.tau_base, args.tau_final)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            if use_cuda:
+            if bf16:  # the positives too: a torch.cat of mixed memory formats is a copy to the default one
                 crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+                positives = positives.contiguous(memory_format=torch.channels_last) if positives is not None else None
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = ddp(crops, positives if args.xattn else None)
                 b = crops[0].shape[0]
                 p, zt = out["p"], out["z_target"]
@@ -500,9 +505,11 @@ def main(args):
             metrics[k] = v.item() / steps
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
             htr, ytr = common.extract_features(model.backbone, knn_train, size, stats, native, device,
-                                               workers=args.workers, data_path=args.data_path)
+                                               workers=args.workers, data_path=args.data_path,
+                                               precision=args.precision)
             hte, yte = common.extract_features(model.backbone, knn_test, size, stats, native, device,
-                                               workers=args.workers, data_path=args.data_path)
+                                               workers=args.workers, data_path=args.data_path,
+                                               precision=args.precision)
             metrics["knn_top1"] = common.knn_top1(htr, ytr, hte, yte, num_classes)
         metrics.update(images_per_s=seen / seconds, seconds=seconds,
                        peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if use_cuda else 0.0)

@@ -63,6 +63,17 @@ def all_gather(x):
     return torch.cat(parts)
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def use_bf16(precision, device):
+    """--precision: bf16 autocast (and channels_last) or plain float32; auto is bf16 on CUDA and
+    float32 elsewhere, and `bf16` runs the CUDA configuration on the CPU. The losses stay float32."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}.")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 # ---------------------------------------------------------------- 2. data sets
 DATASETS = ("cifar10", "cifar100", "stl10", "folder", "digits")
 # Per-channel mean and std of the training images; ImageNet's for folders.
@@ -680,14 +691,15 @@ def build_backbone(name="resnet18", small_images=True, weights=None, zero_init_r
 # ---------------------------------------------------------------- 6. features, memory bank, kNN
 @torch.no_grad()
 def extract_features(model, dataset, size, stats, native, device, batch_size=256, workers=2, embed=None,
-                     data_path="cpu"):
+                     data_path="cpu", precision="auto"):
     """Embeddings of every image of `dataset`, with the evaluation transform and `model` in
     eval mode (BatchNorm running statistics, not batch statistics). `embed(model, x)`
     gives (B, d) features; the default takes the pooled h of a Backbone. Each process
     computes a strided share; the result (N, d) float32 and labels (N,) are the same
     on every process. data_path "tensor" (or "auto", see `resolve_data_path`) reads the
     decoded uint8 tensor on the device instead of PIL images in DataLoader workers; the
-    default stays "cpu" because callers may pass wrappers that transform their images."""
+    default stays "cpu" because callers may pass wrappers that transform their images.
+    precision: see `use_bf16`; the features are float32 either way."""
     embed = embed or (lambda m, x: m(x)[1])
     was_training = model.training
     model.eval()
@@ -703,7 +715,7 @@ def extract_features(model, dataset, size, stats, native, device, batch_size=256
         loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers)
     feats, labels = [], []
     for x, y in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(precision, device)):
             z = embed(model, x.to(device, non_blocking=True))
         feats.append(z.float())
         labels.append(y.to(device))

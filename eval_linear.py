@@ -67,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="data-loader processes per process (default: 4, or fewer CPU cores)")
+    p.add_argument("--precision", default="auto", choices=common.PRECISIONS,
+                   help="the backbone's forward pass: bf16 autocast or fp32; auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--train-limit", type=int, default=0, help="train on this many training images (fixed subset); 0: all")
     p.add_argument("--test-limit", type=int, default=0, help="evaluate on this many images (fixed subset); 0: all")
     return p.parse_args(argv)
@@ -211,7 +213,8 @@ def main(args):
               f"{len(test_set)} test images, {common.world_size()} process(es) on {device.type} -> {args.out}", flush=True)
 
     def features(dataset):  # (N, D) float32 h, not normalized, and labels (N,), identical on every process
-        return common.extract_features(backbone, dataset, size, stats, native, device, args.batch_size, args.workers)
+        return common.extract_features(backbone, dataset, size, stats, native, device, args.batch_size, args.workers,
+                                       precision=args.precision)
 
     htr, ytr = features(train_set)
     hte, yte = features(test_set)

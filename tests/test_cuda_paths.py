@@ -123,3 +123,44 @@ def test_each_loss_is_float32_under_bf16_autocast(name):
         assert (g is None) == (r is None)
         if r is not None:
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+CONFIGS = [["simclr"], ["moco", "--moco-version", "2"], ["moco", "--moco-version", "3"], ["byol"], ["simsiam"],
+           ["swav"], ["dino"]]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=" ".join)
+def test_one_step_in_the_cuda_configuration(monkeypatch, tmp_path, config):
+    """--precision bf16 on the CPU: the CUDA configuration (bf16 autocast, channels_last model and
+    crops) for one step at 16 px, batch 4, with both add-ons; the backbone really ran under
+    autocast on channels_last input, and the logged loss is finite."""
+    import json
+    import math
+
+    mod = importlib.import_module(config[0])
+    seen, real_forward = [], common.Backbone.forward
+
+    def recording(self, x):
+        seen.append((torch.is_autocast_enabled("cpu"), x.is_contiguous(memory_format=torch.channels_last),
+                     self.stem[0].weight.is_contiguous(memory_format=torch.channels_last)))
+        return real_forward(self, x)
+
+    monkeypatch.setattr(common.Backbone, "forward", recording)
+    args = mod.parse_args(config[1:] + STEP + ["--steps-per-epoch", "1", "--precision", "bf16", "--qscore-lambda", "0.1",
+                                               "--xattn", "--xattn-clusters", "4", "--run-dir", str(tmp_path)])
+    assert mod.main(args) == 0
+    assert (True, True, True) in seen
+    with open(tmp_path / "metrics.jsonl") as fh:
+        metrics = json.loads(fh.readline())
+    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["loss_mask"]) and math.isfinite(metrics["loss_cls"])
+
+
+def test_extract_features_precision():
+    """bf16 runs the backbone under autocast; the features come back float32 either way and agree."""
+    net = common.build_backbone("resnet18", small_images=True).eval()
+    ds = torch.utils.data.Subset(common.make_dataset("digits", "", train=True), range(8))
+    out = {p: common.extract_features(net, ds, 16, common.STATS["digits"], 32, torch.device("cpu"), workers=0,
+                                      data_path="tensor", precision=p)[0] for p in ("fp32", "bf16")}
+    assert out["fp32"].dtype == out["bf16"].dtype == torch.float32
+    assert not torch.equal(out["fp32"], out["bf16"])
+    torch.testing.assert_close(out["bf16"], out["fp32"], rtol=0.1, atol=0.1)
