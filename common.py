@@ -144,8 +144,12 @@ def make_dataset(name, data_dir, train=True, download=True):
         raise UserError(f"could not load dataset '{name}' from '{data_dir}' ({str(e).splitlines()[0]}).") from e
 
 
-def eval_dataset(name, data_dir, download=True):
-    """The split that kNN and linear evaluation train on: STL-10's labelled train split, else train."""
+def eval_dataset(name, data_dir, download=True, train_set=None):
+    """The split that kNN and linear evaluation train on: STL-10's labelled train split, else train.
+    Pass the `train_set` already loaded: where it is that split it comes back itself, so that the
+    training data and the kNN bank share one decoded copy (the decode cache is per object)."""
+    if train_set is not None and name != "stl10":
+        return train_set
     if name == "stl10":
         ds = torchvision.datasets.STL10(data_dir, split="train", download=download)
         ds.targets = [int(t) for t in ds.labels]
@@ -707,9 +711,10 @@ def extract_features(model, dataset, size, stats, native, device, batch_size=256
     per = math.ceil(n / world)
     mine = [min(i, n - 1) for i in range(r * per, (r + 1) * per)]  # pad the last share with repeats
     if resolve_data_path(data_path, dataset, device) == "tensor":
-        images, y_all = decode_uint8(dataset, device), targets_of(dataset).to(device)
-        mine_t = torch.tensor(mine, device=device)
-        loader = ((eval_tensor(images[i], size, stats, native), y_all[i]) for i in mine_t.split(batch_size))
+        base, sub = _base(dataset)  # a Subset reads its rows of its base's decoded tensor, never a copy of its own
+        images, y_all = decode_uint8(base, device), targets_of(base).to(device)
+        rows = torch.as_tensor(np.asarray(mine) if sub is None else sub[mine]).to(device)
+        loader = ((eval_tensor(images[i], size, stats, native), y_all[i]) for i in rows.split(batch_size))
     else:
         data = _EvalSet(dataset, mine, eval_transform(size, stats, native))
         loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers)

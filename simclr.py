@@ -361,7 +361,7 @@ def main(args):
     size = args.image_size or native
     stats = common.STATS[args.dataset]
     train_set = common.make_dataset(args.dataset, args.data_dir, train=True)
-    knn_train = common.eval_dataset(args.dataset, args.data_dir)
+    knn_train = common.eval_dataset(args.dataset, args.data_dir, train_set=train_set)  # one decoded copy of a split
     if args.knn_limit and args.knn_limit < len(knn_train):
         keep = np.random.RandomState(0).permutation(len(knn_train))[: args.knn_limit]
         knn_train = torch.utils.data.Subset(knn_train, keep.tolist())

@@ -146,13 +146,40 @@ def test_one_step_in_the_cuda_configuration(monkeypatch, tmp_path, config):
         return real_forward(self, x)
 
     monkeypatch.setattr(common.Backbone, "forward", recording)
+    decoded, real_decode = [], common.decode_uint8
+
+    def decode(dataset, device=torch.device("cpu")):
+        decoded.append(dataset)
+        return real_decode(dataset, device)
+
+    monkeypatch.setattr(common, "decode_uint8", decode)
     args = mod.parse_args(config[1:] + STEP + ["--steps-per-epoch", "1", "--precision", "bf16", "--qscore-lambda", "0.1",
-                                               "--xattn", "--xattn-clusters", "4", "--run-dir", str(tmp_path)])
+                                               "--xattn", "--xattn-clusters", "4", "--knn-every", "1", "--knn-limit", "16",
+                                               "--run-dir", str(tmp_path)])
     assert mod.main(args) == 0
     assert (True, True, True) in seen
+    # the training split (the loader, the k-means bank, the kNN bank's 16 images) and the test split
+    assert len({id(d) for d in decoded}) == 2, "the kNN bank decoded its own copy of the training split"
     with open(tmp_path / "metrics.jsonl") as fh:
         metrics = json.loads(fh.readline())
     assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["loss_mask"]) and math.isfinite(metrics["loss_cls"])
+    assert 0 <= metrics["knn_top1"] <= 1
+
+
+def test_eval_dataset_is_the_training_split_itself():
+    """Fix 3: kNN's bank and the training data are one object, so one decoded copy; a fixed
+    subset of it reads the rows of that copy (the decode cache gets no entry of its own)."""
+    train = common.make_dataset("digits", "", train=True)
+    assert common.eval_dataset("digits", "", train_set=train) is train
+    images = common.decode_uint8(train)
+    bank = torch.utils.data.Subset(train, [5, 3, 200])
+    net = common.build_backbone("resnet18", small_images=True).eval()
+    args = (32, common.STATS["digits"], 32, torch.device("cpu"))
+    h, y = common.extract_features(net, bank, *args, workers=0, data_path="tensor", precision="fp32")
+    assert bank not in common._DECODED and common.decode_uint8(train) is images
+    assert y.tolist() == [train.targets[i] for i in (5, 3, 200)]
+    ref, _ = common.extract_features(net, bank, *args, workers=0, data_path="cpu", precision="fp32")
+    torch.testing.assert_close(h, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_extract_features_precision():
