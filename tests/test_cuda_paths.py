@@ -191,3 +191,50 @@ def test_extract_features_precision():
     assert out["fp32"].dtype == out["bf16"].dtype == torch.float32
     assert not torch.equal(out["fp32"], out["bf16"])
     torch.testing.assert_close(out["bf16"], out["fp32"], rtol=0.1, atol=0.1)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_cuda_setup_keeps_float32_products_float32(monkeypatch, tmp_path, script):
+    """Fix 6, with a stand-in GPU up to the data: main() asks for 'highest' float32 matmul
+    precision (no TF32 for the losses' and SwAV's float32 products); convolutions keep TF32."""
+    mod = importlib.import_module(script)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch, "manual_seed", lambda s: None)
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", asked.append)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", torch.backends.cudnn.allow_tf32)
+
+    def stop(*a, **k):
+        raise _Stop
+
+    monkeypatch.setattr(common, "make_dataset", stop)
+    with pytest.raises(_Stop):
+        mod.main(mod.parse_args(["--run-dir", str(tmp_path)]))
+    assert asked == ["highest"]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=" ".join)
+def test_compile_with_sync_bn_under_ddp_is_refused(monkeypatch, config):
+    """Fix 5: --compile + SyncBatchNorm + DDP on CUDA (an open PyTorch bug) gets one sentence,
+    before any work; wherever SyncBatchNorm would not apply (CPU, one process, --no-sync-bn,
+    MoCo v2's shuffled BN), --compile is allowed."""
+    mod = importlib.import_module(config[0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = mod.parse_args(config[1:] + ["--compile"])
+    if args.sync_bn:
+        with pytest.raises(common.UserError, match="--compile with SyncBatchNorm under DDP"):
+            mod.check_args(args)
+    else:
+        assert mod.check_args(args) == (None, None)  # MoCo v2: shuffled BN, no SyncBatchNorm
+    for ok in (["--no-sync-bn"], ["--device", "cpu"]):
+        assert mod.check_args(mod.parse_args(config[1:] + ["--compile"] + ok)) == (None, None)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert mod.check_args(mod.parse_args(config[1:] + ["--compile"])) == (None, None)
