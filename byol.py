@@ -85,7 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", default="", help="run folder (or checkpoint.pt) of a killed run to continue")
     p.add_argument("--steps-per-epoch", type=int, default=0, help="cap on steps per epoch, for tests and benchmarks; 0: all")
     p.add_argument("--knn-every", type=int, default=1, help="kNN evaluation every N epochs (and after the last); 0: never")
-    p.add_argument("--knn-limit", type=int, default=0, help="kNN bank: this many training images (fixed subset); 0: all")
+    p.add_argument("--knn-limit", type=int, default=None,
+                   help="kNN bank: this many training images (fixed subset); 0: all; default: all, 50000 for folders")
     p.add_argument("--log-every", type=int, default=50, help="progress line every N steps")
     add_addon_flags(p)
     return p.parse_args(argv)
@@ -398,10 +399,7 @@ def main(args):
     size = args.image_size or native
     stats = common.STATS[args.dataset]
     train_set = common.make_dataset(args.dataset, args.data_dir, train=True)
-    knn_train = common.eval_dataset(args.dataset, args.data_dir, train_set=train_set)  # one decoded copy of a split
-    if args.knn_limit and args.knn_limit < len(knn_train):
-        keep = np.random.RandomState(0).permutation(len(knn_train))[: args.knn_limit]
-        knn_train = torch.utils.data.Subset(knn_train, keep.tolist())
+    knn_train = common.knn_bank(args.dataset, args.data_dir, train_set, args.knn_limit)  # one decoded copy of a split
     knn_test = common.make_dataset(args.dataset, args.data_dir, train=False)
     num_classes = len(knn_test.classes)
     loader = common.TrainLoader(train_set, train_views(args, size), args.batch_size, stats, device,
@@ -501,6 +499,7 @@ def main(args):
 
         # end of epoch: metrics, kNN, checkpoint
         seconds = time.time() - t0
+        peak_gb = torch.cuda.max_memory_allocated() / 2**30 if use_cuda else 0.0  # the training steps', before the kNN pass
         stop = check_finite(bad, epoch, run_dir)
         if stop:
             return stop
@@ -511,15 +510,15 @@ def main(args):
                 v = v / world
             metrics[k] = v.item() / steps
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            htr, ytr = common.extract_features(model.backbone, knn_train, size, stats, native, device,
+            htr, ytr = common.extract_features(model.backbone, knn_train, size, stats, native, device,  # this share
                                                workers=args.workers, data_path=args.data_path,
-                                               precision=args.precision)
+                                               precision=args.precision, gather=False)
             hte, yte = common.extract_features(model.backbone, knn_test, size, stats, native, device,
                                                workers=args.workers, data_path=args.data_path,
                                                precision=args.precision)
-            metrics["knn_top1"] = common.knn_top1(htr, ytr, hte, yte, num_classes)
+            metrics["knn_top1"] = common.knn_top1(htr, ytr, hte, yte, num_classes, sharded=True)
         metrics.update(images_per_s=seen / seconds, seconds=seconds,
-                       peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if use_cuda else 0.0)
+                       peak_mem_gb=peak_gb)
         if rank == 0:
             with open(os.path.join(run_dir, "metrics.jsonl"), "a") as fh:
                 fh.write(json.dumps(metrics) + "\n")

@@ -157,6 +157,21 @@ def eval_dataset(name, data_dir, download=True, train_set=None):
     return make_dataset(name, data_dir, train=True, download=download)
 
 
+KNN_LIMIT_FOLDER = 50000  # --knn-limit's default for image folders (ImageNet: ~4% of the train split)
+
+
+def knn_bank(name, data_dir, train_set, limit=None):
+    """The online kNN's bank: eval_dataset (the training split itself where it is that split),
+    limited to a fixed subset of `limit` images (seed 0); 0: all; None: all, but
+    KNN_LIMIT_FOLDER for an image folder, where a bank of the whole split (ImageNet: 1.28M
+    images) costs an epoch-end pass over it and gigabytes of features."""
+    bank = eval_dataset(name, data_dir, train_set=train_set)
+    limit = (KNN_LIMIT_FOLDER if name == "folder" else 0) if limit is None else limit
+    if limit and limit < len(bank):
+        bank = torch.utils.data.Subset(bank, np.random.RandomState(0).permutation(len(bank))[:limit].tolist())
+    return bank
+
+
 # ---------------------------------------------------------------- 3. augmentations
 @dataclass(frozen=True)
 class View:
@@ -695,7 +710,7 @@ def build_backbone(name="resnet18", small_images=True, weights=None, zero_init_r
 # ---------------------------------------------------------------- 6. features, memory bank, kNN
 @torch.no_grad()
 def extract_features(model, dataset, size, stats, native, device, batch_size=256, workers=2, embed=None,
-                     data_path="cpu", precision="auto"):
+                     data_path="cpu", precision="auto", gather=True):
     """Embeddings of every image of `dataset`, with the evaluation transform and `model` in
     eval mode (BatchNorm running statistics, not batch statistics). `embed(model, x)`
     gives (B, d) features; the default takes the pooled h of a Backbone. Each process
@@ -703,7 +718,9 @@ def extract_features(model, dataset, size, stats, native, device, batch_size=256
     on every process. data_path "tensor" (or "auto", see `resolve_data_path`) reads the
     decoded uint8 tensor on the device instead of PIL images in DataLoader workers; the
     default stays "cpu" because callers may pass wrappers that transform their images.
-    precision: see `use_bf16`; the features are float32 either way."""
+    precision: see `use_bf16`; the features are float32 either way. gather=False: only this
+    process's share (contiguous, in rank order, without padding), e.g. a kNN bank that no
+    process holds whole (`knn_top1(..., sharded=True)`)."""
     embed = embed or (lambda m, x: m(x)[1])
     was_training = model.training
     model.eval()
@@ -724,8 +741,12 @@ def extract_features(model, dataset, size, stats, native, device, batch_size=256
             z = embed(model, x.to(device, non_blocking=True))
         feats.append(z.float())
         labels.append(y.to(device))
-    z, y = all_gather(torch.cat(feats)), all_gather(torch.cat(labels))
     model.train(was_training)
+    z, y = torch.cat(feats), torch.cat(labels)
+    if not gather:
+        keep = max(0, min(per, n - r * per))  # the last shares hold padding (or nothing) only
+        return z[:keep], y[:keep]
+    z, y = all_gather(z), all_gather(y)
     return z[:n], y[:n]  # shares are contiguous and in rank order: only the padding is dropped
 
 
@@ -810,21 +831,38 @@ class MemoryBank:
 
     @staticmethod
     @torch.no_grad()
-    def knn_predict(query, bank, bank_labels, num_classes, k=200, t=0.1):
+    def knn_predict(query, bank, bank_labels, num_classes, k=200, t=0.1, sharded=False):
         """Weighted kNN (Wu et al. 2018, Sec. 3.4): cosine similarity to the k nearest
         bank samples, votes weighted by exp(sim / t). query (B, D), bank (N, D),
-        bank_labels (N,). Returns class scores (B, C); argmax is the prediction."""
+        bank_labels (N,). Returns class scores (B, C); argmax is the prediction.
+        sharded: `bank` is this process's share of the bank and `query` the same on every
+        process; each process's k nearest (B, k) are gathered and the best k kept, so no
+        process holds the whole bank (ImageNet's is ~10 GB for a ResNet-50)."""
         query, bank = F.normalize(query.float(), dim=1), F.normalize(bank.float(), dim=1)
-        sim, nn_idx = (query @ bank.T).topk(min(k, bank.shape[0]), dim=1)  # (B, k)
-        votes = F.one_hot(bank_labels[nn_idx], num_classes).float()  # (B, k, C)
+        with torch.autocast(query.device.type, enabled=False):
+            sim = query @ bank.T  # (B, N)
+        if sharded and world_size() > 1:
+            if sim.shape[1] < k:  # a share smaller than k (or empty): the missing neighbours vote with weight 0
+                sim = torch.cat([sim, sim.new_full((len(sim), k - sim.shape[1]), float("-inf"))], 1)
+            labels = torch.cat([bank_labels, bank_labels.new_zeros(max(0, k - len(bank_labels)))])
+            sim, nn_idx = sim.topk(k, dim=1)  # (B, k) of this share
+            sim, lab = (all_gather(a).unflatten(0, (world_size(), -1)).transpose(0, 1).flatten(1)
+                        for a in (sim, labels[nn_idx]))  # (B, W k)
+            sim, best = sim.topk(k, dim=1)
+            lab = lab.gather(1, best)
+        else:
+            sim, nn_idx = sim.topk(min(k, bank.shape[0]), dim=1)  # (B, k)
+            lab = bank_labels[nn_idx]
+        votes = F.one_hot(lab, num_classes).float()  # (B, k, C)
         return (votes * (sim / t).exp()[..., None]).sum(dim=1)
 
 
-def knn_top1(train_h, train_y, test_h, test_y, num_classes, k=200, t=0.1, chunk=1024):
-    """kNN top-1 accuracy (a float in [0, 1]) of test features against a train bank."""
+def knn_top1(train_h, train_y, test_h, test_y, num_classes, k=200, t=0.1, chunk=1024, sharded=False):
+    """kNN top-1 accuracy (a float in [0, 1]) of test features against a train bank.
+    sharded: train_h, train_y are this process's share (extract_features(..., gather=False))."""
     correct = 0
     for s in range(0, len(test_h), chunk):
-        scores = MemoryBank.knn_predict(test_h[s:s + chunk], train_h, train_y, num_classes, k, t)
+        scores = MemoryBank.knn_predict(test_h[s:s + chunk], train_h, train_y, num_classes, k, t, sharded)
         correct += (scores.argmax(1) == test_y[s:s + chunk]).sum().item()
     return correct / len(test_h)
 

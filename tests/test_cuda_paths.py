@@ -3,6 +3,7 @@
 one step of every model in the CUDA configuration (bf16 autocast + channels_last), one decoded
 copy of a split, and the set-up checks that only bite under CUDA and several processes."""
 import importlib
+import os
 
 import pytest
 import torch
@@ -238,3 +239,68 @@ def test_compile_with_sync_bn_under_ddp_is_refused(monkeypatch, config):
         assert mod.check_args(mod.parse_args(config[1:] + ["--compile"] + ok)) == (None, None)
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert mod.check_args(mod.parse_args(config[1:] + ["--compile"])) == (None, None)
+
+
+def _sharded_knn(rank, world, bank, bank_y, query, query_y, k):
+    share = -(-len(bank) // world)  # extract_features(gather=False)'s contiguous shares
+    mine = slice(rank * share, (rank + 1) * share)
+    scores = common.MemoryBank.knn_predict(query, bank[mine], bank_y[mine], 5, k=k, sharded=True)
+    return scores, common.knn_top1(bank[mine], bank_y[mine], query, query_y, 5, k=k, chunk=7, sharded=True)
+
+
+@pytest.mark.parametrize("n,k", [(41, 10), (41, 30), (3, 10)])
+def test_sharded_knn_matches_one_process(n, k):
+    """Fix 4: 2 gloo processes, each with half the bank (the last share may be smaller than k,
+    or empty), give the scores and top-1 of one process holding the whole bank."""
+    from conftest import spawn
+
+    g = torch.Generator().manual_seed(0)
+    bank, query = torch.randn(n, 8, generator=g), torch.randn(20, 8, generator=g)
+    bank_y, query_y = torch.randint(0, 5, (n,), generator=g), torch.randint(0, 5, (20,), generator=g)
+    ref = common.MemoryBank.knn_predict(query, bank, bank_y, 5, k=k)
+    ref_top1 = common.knn_top1(bank, bank_y, query, query_y, 5, k=k)
+    for scores, top1 in spawn(_sharded_knn, bank, bank_y, query, query_y, k):
+        torch.testing.assert_close(scores, ref, rtol=1e-5, atol=1e-5)
+        assert top1 == ref_top1
+
+
+def _shares(rank, world):
+    net = common.build_backbone("resnet18", small_images=True).eval()
+    ds = torch.utils.data.Subset(common.make_dataset("digits", "", train=True), range(7))
+    return common.extract_features(net, ds, 16, common.STATS["digits"], 32, torch.device("cpu"), batch_size=4,
+                                   workers=0, data_path="tensor", gather=False)
+
+
+def test_extract_features_shares_without_padding():
+    """gather=False: each process's contiguous share, the padding dropped; together the whole split."""
+    from conftest import spawn
+
+    (h0, y0), (h1, y1) = spawn(_shares)
+    assert len(h0) == 4 and len(h1) == 3
+    ds = torch.utils.data.Subset(common.make_dataset("digits", "", train=True), range(7))
+    assert torch.cat([y0, y1]).tolist() == common.targets_of(ds).tolist()
+
+
+def test_knn_bank_defaults():
+    """The folder default of --knn-limit; a fixed subset of the training split itself."""
+    train = common.make_dataset("digits", "", train=True)
+    assert common.knn_bank("digits", "", train) is train
+    assert common.knn_bank("digits", "", train, 0) is train
+    sub = common.knn_bank("digits", "", train, 100)
+    assert sub.dataset is train and len(sub) == 100 and sub.indices == common.knn_bank("digits", "", train, 100).indices
+    assert common.KNN_LIMIT_FOLDER == 50000
+
+
+def test_knn_bank_of_a_folder_is_limited_by_default(tmp_path, monkeypatch):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            os.makedirs(tmp_path / split / c)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / split / c / f"{i}.png")
+    monkeypatch.setattr(common, "KNN_LIMIT_FOLDER", 4)
+    train = common.make_dataset("folder", str(tmp_path), train=True)
+    bank = common.knn_bank("folder", str(tmp_path), train)
+    assert bank.dataset is train and len(bank) == 4
+    assert common.knn_bank("folder", str(tmp_path), train, 0) is train
