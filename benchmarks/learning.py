@@ -551,8 +551,10 @@ COMMON_NOTES = [
     "not common.TrainLoader's fresh permutation every script epoch",
     "lightly's cosine schedules reach their end value one step earlier (max_steps - 1)",
 ]
-LARS_NOTE = ("lightly.utils.lars.LARS: trust ratio eta ||w|| / (||g|| + wd ||w||), CleanSSL's eta ||w|| / ||g + wd w||; "
-             "both exempt biases and norm weights from weight decay and LARS")
+LARS_NOTE = ("lightly.utils.lars.LARS steps lr * eta ||w|| / (||g|| + wd ||w||), unclipped; CleanSSL's default "
+             "(--lars-mode clip, solo-learn's CIFAR recipe) steps min(lr, eta ||w|| / (||g|| + wd ||w||)), and "
+             "--lars-mode official lr * eta ||w|| / ||g + wd w||; both exempt biases and norm weights from weight "
+             "decay and LARS")
 
 
 def _groups(decayed, fixed=(), wd=0.0):
