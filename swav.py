@@ -94,6 +94,8 @@ def parse_args(argv=None):
     p.add_argument("--knn-limit", type=int, default=None,
                    help="kNN bank: this many training images (fixed subset); 0: all; default: all, 50000 for folders")
     p.add_argument("--log-every", type=int, default=50, help="progress line every N steps")
+    p.add_argument("--log-seconds", type=float, default=30, help="progress line also every S seconds; an epoch's "
+                   "first comes at the end of its first step past 10 s (or S, if smaller)")
     add_addon_flags(p)
     return p.parse_args(argv)
 
@@ -415,6 +417,7 @@ def main(args):
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "args.json"), "w") as fh:
             json.dump(vars(args), fh, indent=2)
+        tensorboard = tensorboard_writer(run_dir)  # rank 0 alone writes
 
     # data
     native = common.IMAGE_SIZE[args.dataset]
@@ -471,6 +474,7 @@ def main(args):
         sums = {}
         bad = torch.zeros((), device=device)  # first non-finite step + 1, or 0
         t0, seen = time.time(), 0
+        next_line = t0 + min(10.0, args.log_seconds)  # a first progress line soon, then every --log-seconds
         if use_cuda:
             torch.cuda.reset_peak_memory_stats()
         for step, (crops, idx, positives) in enumerate(loader):
@@ -519,15 +523,11 @@ def main(args):
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
             bad = torch.where((bad == 0) & ~torch.isfinite(loss.detach()), torch.full_like(bad, step + 1.0), bad)
             seen += b * world
-            if (step + 1) % args.log_every == 0 or step + 1 == steps:
-                stop = check_finite(bad, epoch, run_dir)
-                if stop:
-                    return stop
-                if rank == 0:
-                    el = time.time() - t0
-                    left = el / (step + 1) * ((args.epochs - epoch) * steps - step - 1)
-                    print(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} loss {loss.item():.4f} "
-                          f"lr {lr:.4g} {seen / el:.0f} img/s, {left / 60:.1f} min left", flush=True)
+            log = (step + 1) % args.log_every == 0 or step + 1 == steps  # by steps: the same on every process
+            if log and check_finite(bad, epoch, run_dir):  # an all-reduce, so never on a time-based line
+                return 1
+            if rank == 0 and (log or time.time() >= next_line):  # by time: rank 0 alone, no collective
+                next_line = progress(args, epoch, step, steps, loss, lr, seen, t0)
 
         # end of epoch: metrics, kNN, checkpoint
         seconds = time.time() - t0
@@ -558,7 +558,8 @@ def main(args):
             save_atomic({"method": METHOD, "args": vars(args), "epoch": epoch + 1, "model": model.state_dict(),
                          "optimizer": optimizer.state_dict(), "queue": queue_all}, os.path.join(run_dir, "checkpoint.pt"))
             save_atomic(model.backbone.state_dict(), os.path.join(run_dir, "backbone.pt"))
-            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()), flush=True)
+            tensorboard(metrics)
+            print(epoch_line(metrics, args.epochs), flush=True)
         if distributed:
             dist.barrier()
     if distributed:
@@ -576,6 +577,46 @@ def check_finite(bad, epoch, run_dir):
         print(f"error: the loss became non-finite at epoch {epoch + 1}, step {int(bad.item())}; "
               f"stopping, the last good checkpoint stays in {run_dir}.", flush=True)
     return 1
+
+
+def progress(args, epoch, step, steps, loss, lr, seen, t0):
+    """A progress line from rank 0 (loss.item() waits for the device); returns when the next is due by time."""
+    el = time.time() - t0
+    left = el / (step + 1) * ((args.epochs - epoch) * steps - step - 1)
+    print(f"epoch {epoch + 1}/{args.epochs}  step {step + 1}/{steps}  loss {loss.item():.4f}  lr {lr:.4g}  "
+          f"{seen / el:.1f} img/s  {duration(left)} left", flush=True)
+    return time.time() + args.log_seconds
+
+
+def epoch_line(m, epochs):
+    """For a person, rounded: loss terms | online kNN | Q-Score | collapse monitor | speed (metrics.jsonl: all)."""
+    terms = " ".join(f"{k[5:].replace('qscore', 'qscore-reg')} {v:.3f}" for k, v in m.items() if k.startswith("loss_"))
+    knn = f"  online-knn {m['knn_top1']:.3f}" if "knn_top1" in m else ""
+    mem = f"  {m['peak_mem_gb']:.1f} GB" if m["peak_mem_gb"] else ""
+    return (f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.3f} ({terms}){knn}  qscore {m['qscore']:.3f} "
+            f"|L| {m['qscore_active']:.1f} under-alpha {m['qscore_under_alpha']:.0%}  "
+            f"collapse-std {m['collapse_std']:.3f}  {m['images_per_s']:.1f} img/s{mem}  {duration(m['seconds'])}")
+
+
+def duration(s):
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.1f} h"
+
+
+def tensorboard_writer(run_dir):
+    """Each epoch's metrics as TensorBoard events in the run folder (`tensorboard --logdir runs`, as in cleanRL)
+    when the optional tensorboard package is installed; else a function that does nothing, silently."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return lambda metrics: None
+    writer = SummaryWriter(run_dir)
+
+    def write(metrics):
+        for k, v in metrics.items():
+            if k != "epoch":
+                writer.add_scalar(k, v, metrics["epoch"])  # step: the epoch
+        writer.flush()
+    return write
 
 
 if __name__ == "__main__":

@@ -251,7 +251,7 @@ def straight(tmp_path_factory):
 
 def test_script_trains_and_writes_the_run(straight):
     d, p = straight
-    assert "img/s" in p.stdout and "knn_top1" in p.stdout
+    assert "img/s" in p.stdout and "online-knn" in p.stdout
     m = read_metrics(d)
     assert [r["epoch"] for r in m] == [1, 2]
     for k in ("loss", "loss_ssl", "lr", "teacher_temp", "teacher_momentum", "qscore", "qscore_active",

@@ -1,5 +1,7 @@
 """interpret.py: Q-Score against simclr.qscore, AUROC/AUPRC against scikit-learn, A_j and the
-percentile band, soft IoU, AD/AI on a toy model, the whole pipeline end to end, bad input."""
+percentile band, soft IoU, AD/AI on a toy model, the whole pipeline end to end, the page a person
+reads (captions, readable names), --compare on two runs, bad input."""
+import html.parser
 import json
 import os
 import re
@@ -14,7 +16,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 import common
 import interpret
 import simclr
-from conftest import REPO, TINY, run
+from conftest import REPO, TINY, read_metrics, run
 
 
 def test_qscore_agrees_with_simclr():
@@ -157,7 +159,8 @@ def test_end_to_end_every_file_and_an_html_page_of_existing_files(trained, tmp_p
     assert len(report["miou"]["figures"]) == 1 and report["miou"]["n_images"] == 24
     page = (out / "index.html").read_text()
     refs = re.findall(r"src='([^']+)'", page)
-    assert len(refs) == 8 and all((out / r).is_file() for r in refs)
+    assert len(refs) == 9 and all((out / r).is_file() for r in refs) and refs[0] == "training.png"  # curves on top
+    assert_readable_page(page, keys_of(report) | set(read_metrics(trained)[0]))
     assert 0 <= report["qscore"]["auroc_correct_positive"] <= 1 and "offline_linear_top1" in report["run"]
     for k in ("miou_core_correct", "miou_spurious_correct"):
         assert 0 <= report["miou"][k] <= 1
@@ -169,6 +172,113 @@ def test_end_to_end_every_file_and_an_html_page_of_existing_files(trained, tmp_p
     assert again["run"]["eps"] == 2 and again["adai"] == report["adai"]
     assert again["qscore"]["mean_L_correct"] > report["qscore"]["mean_L_correct"]  # a lower eps admits more features
     assert "adai.png" not in (out / "index.html").read_text()  # only files that exist
+
+
+# --- the page as a person reads it ---------------------------------------------------------
+class Page(html.parser.HTMLParser):
+    """The visible text of a page, and each image with the tags around it and its figure's caption."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.open, self.text, self.images, self.captions, self.caption = [], [], [], [], None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append((dict(attrs)["src"], list(self.open)))
+        elif tag not in ("meta", "br"):
+            self.open.append(tag)
+        if tag == "figcaption":
+            self.caption = []
+
+    def handle_endtag(self, tag):
+        if tag == "figcaption":
+            self.captions.append(" ".join(self.caption))
+            self.caption = None
+        if tag in self.open:
+            del self.open[len(self.open) - 1 - self.open[::-1].index(tag):]
+
+    def handle_data(self, data):
+        if "style" not in self.open:
+            self.text.append(data)
+            if self.caption is not None:
+                self.caption.append(data)
+
+
+def keys_of(d):
+    """Every key of a JSON report, nested dicts and lists of dicts included."""
+    if isinstance(d, dict):
+        return set(d) | {k for v in d.values() for k in keys_of(v)}
+    if isinstance(d, list):
+        return {k for v in d for k in keys_of(v)}
+    return set()
+
+
+def assert_readable_page(text, keys):
+    """Each image sits in a <figure> whose caption is sentences, one caption per figure; no
+    snake_case key of the JSON outputs is shown as a label."""
+    page = Page(text)
+    assert page.images and len(page.captions) == len(page.images)
+    for src, around in page.images:
+        assert "figure" in around, f"{src} is not inside a <figure>"
+    for caption in page.captions:
+        assert len(caption.split()) >= 30 and caption.count(". ") >= 2 and caption.endswith("."), caption
+    visible = " ".join(page.text)
+    shown = [k for k in keys if "_" in k and re.search(rf"(?<![\w/-]){re.escape(k)}(?![\w-])", visible)]
+    assert not shown, f"raw keys on the page: {shown}"
+
+
+@pytest.fixture(scope="module")
+def regularized(tmp_path_factory):
+    """A second TINY SimCLR run, 2 epochs with the Q-Score regularizer and one online kNN, whose
+    metrics.jsonl then gains a key no label knows and a line cut short (a killed write)."""
+    run_dir = str(tmp_path_factory.mktemp("run") / "simclr_qscore")
+    run(["simclr.py"] + TINY + ["--epochs", "2", "--knn-every", "2", "--qscore-lambda", "0.1", "--run-dir", run_dir])
+    rows = read_metrics(run_dir)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as fh:
+        for r in rows:
+            fh.write(json.dumps({**r, "teacher_spread_x": 0.5 * r["epoch"]}) + "\n")
+        fh.write('{"epoch": 3, "loss": 4.')
+    return run_dir
+
+
+def whole_lines(run_dir):
+    """The lines of metrics.jsonl that parse (the fixture cut the last one short)."""
+    rows = []
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        for line in fh:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                pass
+    return rows
+
+
+def test_compare_two_runs_one_page_with_both_curves(trained, regularized, tmp_path):
+    out = tmp_path / "cmp"
+    assert interpret.main(interpret.parse_args(["--compare", trained, regularized, "--out", str(out)])) == 0
+    page = (out / "index.html").read_text()
+    data = json.loads((out / "compare.json").read_text())
+    names = [r["label"] for r in data["runs"]]
+    assert names == ["simclr", "simclr_qscore"] and all(n in page for n in names)
+    # what the figure drew, read back from its lines: in the loss panel one line per run, each
+    # with its own epochs and the values of its metrics.jsonl
+    loss = data["curves"]["loss"]
+    assert {n: [x for x, _ in pts] for n, pts in loss.items()} == {"simclr": [1.0], "simclr_qscore": [1.0, 2.0]}
+    for n, d in zip(names, (trained, regularized)):
+        assert [y for _, y in loss[n]] == pytest.approx([r["loss"] for r in whole_lines(d)])
+    assert sorted(data["curves"]["collapse_std"]) == names
+    assert list(data["curves"]["loss_qscore"]) == ["simclr_qscore"]  # a term only one run has
+    knn = whole_lines(regularized)[1]["knn_top1"]  # measured at the last epoch only, drawn in percent
+    assert data["curves"]["knn_top1"] == {"simclr_qscore": [[2.0, pytest.approx(100 * knn)]]}
+    assert data["curves"]["teacher_spread_x"]["simclr_qscore"] == [[1.0, 0.5], [2.0, 1.0]]  # an unknown key, drawn
+    assert "teacher spread x" in page  # ... and named in words
+    # the final numbers: the linear probe of the run that has one, a dash for the other
+    lin = json.loads(open(os.path.join(trained, "linear.json")).read())
+    top1 = next(r for r in data["final"] if r["label"] == "offline linear probe, top-1")
+    assert top1["values"] == {"simclr": lin["offline_linear_top1"], "simclr_qscore": None}
+    assert f"{100 * lin['offline_linear_top1']:.1f} %" in page and "--qscore-lambda 0.1" in page
+    assert_readable_page(page, set(whole_lines(regularized)[0]) | {"run_dir", "offline_linear_top1"})
 
 
 def test_bad_input_one_sentence_exit_2(trained, tmp_path):
@@ -201,6 +311,13 @@ def test_bad_input_one_sentence_exit_2(trained, tmp_path):
         interpret.main(interpret.parse_args([trained, "--only", "miou", "--masks", str(masks), "--out", str(tmp_path / "o")]))
     with pytest.raises(common.UserError, match="choose among"):
         interpret.main(interpret.parse_args([trained, "--only", "qscore,saliency"]))
+    # --compare: a folder that is not there, and one that is not a run; no run at all
+    with pytest.raises(common.UserError, match="'.*nowhere' does not exist"):
+        interpret.main(interpret.parse_args(["--compare", trained, str(tmp_path / "nowhere")]))
+    with pytest.raises(common.UserError, match="neither metrics.jsonl nor linear.json"):
+        interpret.main(interpret.parse_args(["--compare", trained, str(masks), "--out", str(tmp_path / "c")]))
+    with pytest.raises(common.UserError, match="name a run folder"):
+        interpret.main(interpret.parse_args([]))
 
 
 def make_folder(tmp_path):

@@ -264,7 +264,7 @@ def straight(tmp_path_factory):
 
 def test_script_trains_and_writes_the_run(straight):
     d, p = straight
-    assert "moco v2" in p.stdout and "img/s" in p.stdout and "knn_top1" in p.stdout
+    assert "moco v2" in p.stdout and "img/s" in p.stdout and "online-knn" in p.stdout
     m = read_metrics(d)
     assert [r["epoch"] for r in m] == [1, 2] and m[1]["knn_top1"] > 0.2
     for k in ("loss", "loss_ssl", "lr", "tau", "qscore", "qscore_active", "qscore_under_alpha", "collapse_std",

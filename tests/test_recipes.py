@@ -22,7 +22,7 @@ SECTIONS = ["simclr.py", "moco.py --moco-version 2", "moco.py --moco-version 3",
 # is evaluated and logged, the machine, and the add-ons (their defaults come from their papers,
 # README's flag table and the add-ons block).
 NOT_RECIPE = {"help", "dataset", "data_dir", "image_size", "seed", "device", "workers", "data_path", "compile",
-              "run_dir", "resume", "steps_per_epoch", "knn_every", "knn_limit", "log_every", "moco_version",
+              "run_dir", "resume", "steps_per_epoch", "knn_every", "knn_limit", "log_every", "log_seconds", "moco_version",
               "precision", "checkpoint_every_min", "check_data"}
 NOT_RECIPE_PREFIX = ("qscore_", "xattn")
 

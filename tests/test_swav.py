@@ -144,7 +144,7 @@ def test_script_trains_with_the_queue_and_frozen_prototypes(tmp_path):
     d = tmp_path / "run"
     p = run(["swav.py"] + TINY + SMALL + ["--epochs", "2", "--knn-every", "2", "--queue-size", "64", "--queue-start", "1",
                                           "--freeze-prototypes-epochs", "2", "--run-dir", str(d)])
-    assert "img/s" in p.stdout and "knn_top1" in p.stdout
+    assert "img/s" in p.stdout and "online-knn" in p.stdout
     m = read_metrics(d)
     assert [r["epoch"] for r in m] == [1, 2]
     for k in ("loss_ssl", "loss", "lr", "knn_top1", "qscore", "qscore_active", "qscore_under_alpha", "collapse_std",

@@ -1,0 +1,82 @@
+"""benchmarks/learning.py's plumbing on digits: a few steps of the CleanSSL half, its JSON, PNG and
+table row, the lightly half skipped with its reason, and bad input. No lightly, no network,
+nothing from ../shared. With LIGHTLY_PYTHON=/path/to/python (an environment with lightly), the
+lightly half of every method lightly has is run for 3 steps as well."""
+import json
+import os
+
+import pytest
+
+from conftest import run
+
+SCRIPT = os.path.join("benchmarks", "learning.py")
+# 4 steps of 16 digits at 16 px = 2 script epochs of 2 steps, a kNN after each; a small bank.
+SMALL = ["--dataset", "digits", "--image-size", "16", "--images", "64", "--batch-size", "16", "--points", "2",
+         "--epochs-per-point", "1", "--workers", "0", "--knn-limit", "256", "--log-every", "1"]
+
+
+def one_sentence(p):
+    lines = [line for line in (p.stdout + p.stderr).splitlines() if line.strip()]
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0].endswith("."), lines
+    return lines[0]
+
+
+def test_cleanssl_half_on_digits_writes_json_png_and_row(tmp_path):
+    out = tmp_path / "out"
+    no_lightly = str(tmp_path / "no-python")  # an interpreter that is not there: the lightly half is skipped
+    p = run([SCRIPT, "simclr", *SMALL, "--data-dir", str(tmp_path), "--out", str(out), "--lightly-python", no_lightly],
+            timeout=400)
+    assert f"lightly half skipped: lightly does not import: no {no_lightly}; the CleanSSL half runs alone." in p.stdout
+    assert "[cleanssl] " in p.stdout and "knn_top1" in p.stdout  # the script's own progress lines come through
+
+    r = json.loads((out / "simclr_cleanssl.json").read_text())
+    assert r["budget"]["steps"] == 4 and r["budget"]["epochs"] == 2 and r["budget"]["steps_per_epoch"] == 2
+    assert [x for x, _ in r["curve"]] == [32, 64]  # images seen at each kNN point
+    assert all(0.0 <= y <= 1.0 for _, y in r["curve"]) and r["final_knn"] == r["curve"][-1][1]
+    # the script's kNN and learning.py's (which evaluates lightly and random) are one protocol
+    assert abs(r["final_knn_recheck"] - r["final_knn"]) <= 2 / 360
+    assert 0.0 <= r["random_knn"] <= 1.0
+    assert r["knobs"]["resolved"]["steps_per_epoch"] == 2 and "warmup_epochs" in r["knobs"]["scaled_to_budget"]
+    assert "--steps-per-epoch 2" in r["half_command"] and r["command"].startswith("python benchmarks/learning.py simclr")
+    assert r["views"] and r["git"]["commit"] is not None and r["torch"]
+    assert not (out / "simclr_lightly.json").exists()
+    assert (out / "simclr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(out.glob("*.tmp")) == []  # every write went through a rename
+
+    row = next(line for line in p.stdout.splitlines() if line.startswith("| simclr |"))
+    assert f"| {r['final_knn']:.3f} | - | {r['random_knn']:.3f} |" in row and "64 images, batch 16" in row
+
+    t = run([SCRIPT, "--table", "--out", str(out)])
+    assert t.stdout.splitlines()[0].startswith("| method | budget | CleanSSL kNN | lightly kNN | random kNN |")
+    assert row in t.stdout
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["nosuchmethod"], "unknown method 'nosuchmethod'"),
+    (["simclr", "--dataset", "folder", "--data-dir", "{tmp}/missing"], "does not exist"),
+    (["simclr", "--dataset", "digits", "--impl", "lightly", "--lightly-python", "{tmp}/no-python"], "the lightly half cannot run"),
+    (["mocov3", "--dataset", "digits", "--impl", "lightly"], "lightly has none"),
+    (["simclr", "--dataset", "digits", "--impl", "cleanssl", "--extra", "--epochs 3"], "--extra may not set --epochs"),
+    (["simclr", "--dataset", "digits", "--impl", "cleanssl", "--extra", "--no-such-flag 1"], "simclr.py does not take these flags"),
+])
+def test_bad_input_is_one_sentence_and_exit_2(tmp_path, argv, says):
+    p = run([SCRIPT, *[a.format(tmp=tmp_path) for a in argv], "--out", str(tmp_path / "out")], check=False)
+    assert says in one_sentence(p)
+
+
+LIGHTLY_PYTHON = os.environ.get("LIGHTLY_PYTHON", "")
+
+
+@pytest.mark.skipif(not LIGHTLY_PYTHON, reason="set LIGHTLY_PYTHON to an interpreter with lightly to run the lightly half")
+@pytest.mark.parametrize("method", ["simclr", "mocov2", "byol", "simsiam", "swav", "dino"])
+def test_lightly_half_runs(tmp_path, method):
+    extra = ["--extra", "--queue-size 32"] if method == "mocov2" else \
+        ["--extra", "--queue-size 32 --prototypes 50"] if method == "swav" else []
+    out = tmp_path / "out"
+    argv = ["--dataset", "digits", "--image-size", "32", "--images", "48", "--batch-size", "16", "--points", "1",
+            "--epochs-per-point", "1", "--workers", "0", "--knn-limit", "256"]
+    run([SCRIPT, method, *argv, "--impl", "lightly", "--lightly-python", LIGHTLY_PYTHON, "--out", str(out), *extra],
+        timeout=600)
+    r = json.loads((out / f"{method}_lightly.json").read_text())
+    assert [x for x, _ in r["curve"]] == [48] and r["lightly"] and r["lightly_classes"] and r["differences"]
