@@ -786,16 +786,20 @@ class MemoryBank:
         self.filled.copy_(state["filled"])
 
     @torch.no_grad()
-    def kmeans(self, k, iters=20, seed=0, chunk=65536):
+    def kmeans(self, k, iters=20, seed=0, chunk=65536, init=None):
         """Spherical k-means (cosine similarity, as the embeddings are normalized) with
-        k-means++ seeding and a fixed number of Lloyd iterations. An empty cluster is
-        re-seeded with the point farthest from its centroid. Deterministic for a seed;
-        process 0's result is broadcast so that every process agrees.
+        k-means++ seeding, or from the centroids `init` (k, d) (a warm start: the previous
+        clustering's, so that clusters keep their ids), and a fixed number of Lloyd iterations.
+        An empty cluster is re-seeded with the point farthest from its centroid. Deterministic
+        for a seed; process 0's result is broadcast so that every process agrees.
         Returns labels (N,) long and centroids (k, d)."""
         x = self.z
         n = x.shape[0]
         if k > n:
             raise UserError(f"cannot make {k} clusters of {n} embeddings; lower --xattn-clusters.")
+        if init is not None and tuple(init.shape) != (k, x.shape[1]):
+            raise UserError(f"k-means: the saved centroids are {tuple(init.shape)}, not ({k}, {x.shape[1]}); "
+                            "--xattn-clusters differs from the run's.")
         g = torch.Generator(device=x.device).manual_seed(seed)
 
         def best(c):  # nearest centroid by cosine, chunked for large banks
@@ -806,14 +810,16 @@ class MemoryBank:
                 labels.append(i)
             return torch.cat(sims), torch.cat(labels)
 
-        # k-means++: each next centre drawn with probability proportional to its squared distance.
-        centers = [x[torch.randint(n, (1,), generator=g, device=x.device)].squeeze(0)]
-        d2 = (2 - 2 * (x @ centers[0])).clamp_min(0)
-        for _ in range(1, k):
-            p = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1.0 / n)
-            centers.append(x[torch.multinomial(p, 1, generator=g)].squeeze(0))
-            d2 = torch.minimum(d2, (2 - 2 * (x @ centers[-1])).clamp_min(0))
-        c = torch.stack(centers)
+        if init is not None:
+            c = F.normalize(init.to(x.device, torch.float32), dim=1)
+        else:  # k-means++: each next centre drawn with probability proportional to its squared distance
+            centers = [x[torch.randint(n, (1,), generator=g, device=x.device)].squeeze(0)]
+            d2 = (2 - 2 * (x @ centers[0])).clamp_min(0)
+            for _ in range(1, k):
+                p = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1.0 / n)
+                centers.append(x[torch.multinomial(p, 1, generator=g)].squeeze(0))
+                d2 = torch.minimum(d2, (2 - 2 * (x @ centers[-1])).clamp_min(0))
+            c = torch.stack(centers)
         for _ in range(iters):
             sim, labels = best(c)
             sums = torch.zeros_like(c).index_add_(0, labels, x)
@@ -882,7 +888,7 @@ def grad_cam(model, images, target, out_size=None):
     was_training = model.training
     model.eval()
     with torch.enable_grad():
-        f, h = model(images)
+        f, h = model(images)  # h raw: Q-Score picks L_i on L2-normalized h, but the targets below are raw h's features
         f.retain_grad()
         if callable(target):
             score = target(h)

@@ -87,14 +87,16 @@ def qscore(h, eps=3.0):
     """Q-Score (Kalibhat et al., Eq. 2 and 3), in numpy; the same definition as the method
     scripts' `qscore`. h (N, D) pooled representations, L2-normalized here.
     L_i = {j : h_ij > mu_i + eps sigma_i} (population std); Q_i = mean_{j in L_i} (h_ij - mu_i);
-    an empty L_i becomes the single largest feature. Returns Q (N,) and the mask of L (N, D)."""
+    for Q alone an empty L_i becomes the single largest feature (the regularizer's fallback).
+    Returns Q (N,) and the mask of L (N, D) as Eq. 2 gives it: an empty L_i is all False, so
+    |L_i| = 0 and it adds nothing to A_j."""
     h = np.asarray(h, dtype=np.float32)
     h = h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12)
     mu, sigma = h.mean(1, keepdims=True), h.std(1, keepdims=True)  # (N, 1)
     mask = h > mu + eps * sigma
-    empty = ~mask.any(1)
-    mask[empty, h[empty].argmax(1)] = True
-    q = ((h - mu) * mask).sum(1) / mask.sum(1)
+    used, empty = mask.copy(), ~mask.any(1)
+    used[empty, h[empty].argmax(1)] = True
+    q = ((h - mu) * used).sum(1) / used.sum(1)
     return q, mask
 
 
@@ -274,7 +276,7 @@ def sample_rows(ctx, max_images):
 
 def heatmaps_of_l(ctx, rows, batch=64):
     """Grad-CAM of the sum of each image's highly activating features (L_i from the backbone's
-    h on these very images), (B, s, s) numpy."""
+    h on these very images), (B, s, s) numpy; all 0 for an image whose L_i is empty."""
     out = []
     for s in range(0, len(rows), batch):
         x = load_images(ctx, rows[s:s + batch])
@@ -315,7 +317,9 @@ PAGE_QSCORE = {
              "the classifier is eval_linear.py's offline linear probe and the images are the evaluation split.",
     "tables": [
         (None, [("images evaluated", ["n"], "int", ""),
-                ("share classified correctly", ["share_correct"], "pct", "the offline probe's top-1 on these images")]),
+                ("share classified correctly", ["share_correct"], "pct", "the offline probe's top-1 on these images"),
+                ("share of images with an empty L_i", ["share_empty_L"], "pct",
+                 "no feature above μ_i + ε σ_i: |L_i| counts 0 there, and Q_i falls back to the largest feature")]),
         (["Q-Score as a predictor", "correct as positive (high Q first)", "mistakes as positive (low Q first)"], [
             ("AUROC", ["auroc_correct_positive", "auroc_misclassified_positive"], "pct",
              "chance 50 %, higher is better (the paper's best: 73 % on ImageNet-100, 65 % on ImageNet-1K); the "
@@ -324,7 +328,8 @@ PAGE_QSCORE = {
              "chance is the share of positives (the correct share, or the mistakes' share); higher is better")]),
         (["mean over the images", "correct", "mis-classified"], [
             ("highly activating features |L_i|", ["mean_L_correct", "mean_L_misclassified"], "f2",
-             "Sec. 3 of the paper finds more in correct images"),
+             "Sec. 3 of the paper finds more in correct images; an empty L_i counts 0"),
+            ("images with an empty L_i", ["share_empty_L_correct", "share_empty_L_misclassified"], "pct", ""),
             ("confidence of the probe (max softmax)", ["mean_confidence_correct", "mean_confidence_misclassified"],
              "pct", "usually higher for correct images"),
             ("Q-Score", ["mean_q_correct", "mean_q_misclassified"], "g3",
@@ -352,11 +357,12 @@ def section_qscore(ctx):
     p, q, correct = ctx["p"], ctx["q"], ctx["p"]["correct"].astype(bool)
     cur = {"correct": binary_curves(q, correct), "misclassified": binary_curves(-q, ~correct)}  # low Q predicts errors
     size = ctx["mask"].sum(1)
-    num = {"n": len(q), "share_correct": float(correct.mean())}
+    num = {"n": len(q), "share_correct": float(correct.mean()), "share_empty_L": float((size == 0).mean())}
     for name, c in cur.items():
         num[f"auroc_{name}_positive"], num[f"auprc_{name}_positive"] = c["auroc"], c["auprc"]
     for name, sel in (("correct", correct), ("misclassified", ~correct)):
         num[f"mean_L_{name}"] = float(size[sel].mean()) if sel.any() else None
+        num[f"share_empty_L_{name}"] = float((size[sel] == 0).mean()) if sel.any() else None
         num[f"mean_confidence_{name}"] = float(p["confidence"][sel].mean()) if sel.any() else None
         num[f"mean_q_{name}"] = float(q[sel].mean()) if sel.any() else None
     plt, fig = plt_figure(figsize=(10, 4))
@@ -658,7 +664,9 @@ PAGE_MIOU = {
              "with the regions annotated as core (the object) and as spurious (background and context), by the soft "
              "IoU of Kalibhat et al. Sec. 5: the share of the heatmap's mass inside the mask. Fig. 7 of the paper "
              "shows examples and Fig. 8 the scores.",
-    "tables": [(None, [("images with masks", ["n_images"], "int", "")]),
+    "tables": [(None, [("images with masks", ["n_images"], "int", ""),
+                       ("of these, images without a heatmap", ["n_blank_heatmaps"], "int",
+                        "an empty L_i has nothing to explain; left out of the mIoU")]),
                (["mIoU", "correct", "mis-classified"], [
                    ("with core masks", ["miou_core_correct", "miou_core_misclassified"], "pct", "higher is better"),
                    ("with spurious masks", ["miou_spurious_correct", "miou_spurious_misclassified"], "pct",
@@ -680,11 +688,13 @@ def section_miou(ctx, args):
     heat = heatmaps_of_l(ctx, rows)
     correct = ctx["p"]["correct"].astype(bool)[rows]
     iou = {k: np.full(len(rows), np.nan) for k in ("core", "spurious")}
+    blank = heat.reshape(len(rows), -1).max(1) <= 0  # an empty L_i (or a Grad-CAM all below 0): no mass to place
     for i, r in enumerate(rows):
         for k, m in zip(("core", "spurious"), found[r]):
-            if m is not None:
+            if m is not None and not blank[i]:
                 iou[k][i] = soft_iou(heat[i], m)
-    num = {"n_images": int(len(rows)), "soft_iou": "heatmap mass inside the mask (Sec. 5, s = sum of heatmap values)"}
+    num = {"n_images": int(len(rows)), "n_blank_heatmaps": int(blank.sum()),
+           "soft_iou": "heatmap mass inside the mask (Sec. 5, s = sum of heatmap values)"}
     for k in iou:
         for name, sel in (("correct", correct), ("misclassified", ~correct)):
             v = iou[k][sel]
@@ -798,8 +808,11 @@ NUMBERS = {
     "collapse_std": ("collapse monitor (std of normalized z)", "g3",
                      "0 is a collapsed embedding; about 1/√d when z spreads over d dimensions"),
     "qscore": ("mean Q-Score, training views", "g3", "Eq. 3; Q-Score regularization should raise it"),
-    "qscore_active": ("mean |L_i|, training views", "f2", "highly activating features per view (Eq. 2)"),
-    "qscore_under_alpha": ("share of views with Q_i < α", "pct", "the views Eq. 4 acts on; falls as Q-Scores rise"),
+    "qscore_active": ("mean |L_i|, training views", "f2", "highly activating features per view (Eq. 2); empty counts 0"),
+    "qscore_empty": ("share of views with an empty L_i", "pct", "no feature above μ_i + ε σ_i"),
+    "qscore_under_alpha": ("share of views with Q_i < α", "pct",
+                           "the views Eq. 4 acts on: about --qscore-alpha-quantile when α is the batch's quantile (the "
+                           "default); with a fixed α it falls as Q-Scores rise"),
     "queue_used": ("share of steps using SwAV's queue", "pct", ""),
     "images_per_s": ("training images per second", "g3", "higher is faster"),
     "seconds": ("seconds per epoch", "sec", ""),
@@ -812,7 +825,7 @@ SUMMARY = {"seconds": ("training time, all epochs", np.sum),
            "images_per_s": ("training images per second, mean", np.mean),
            "peak_mem_gb": ("peak GPU memory (GB), largest", np.max)}
 TRAINING_FIRST = ("loss", "loss_ssl", "loss_qscore", "loss_mask", "loss_cls", "knn_top1", "collapse_std",
-                  "qscore", "qscore_active", "qscore_under_alpha")
+                  "qscore", "qscore_active", "qscore_empty", "qscore_under_alpha")
 TRAINING_LAST = ("lr", "images_per_s", "seconds", "peak_mem_gb")  # bookkeeping after the method's own keys
 IGNORED_FLAGS = ("run_dir", "resume", "device", "workers", "data_path", "compile", "log_every")
 
@@ -822,7 +835,8 @@ TRAINING_READING = (
     "online kNN top-1 is the script's own monitor (weighted kNN, k = 200, on --knn-limit training images), not the "
     "offline probe, and should rise. The collapse monitor (solo-learn's std of the L2-normalized embedding) sinking "
     "toward 0 means the embedding collapses. The Q-Score panels average Eq. 2 and 3 of Kalibhat et al. over the "
-    "training views: --qscore-lambda should raise the mean Q-Score and |L_i| and lower the share under α.")
+    "training views: --qscore-lambda should raise the mean Q-Score and |L_i| (and, with a fixed α, lower the share "
+    "under it; with α the batch's quantile that share stays at the quantile).")
 PAGE_TRAINING = {
     "title": "Training curves",
     "intro": "What the method script wrote to metrics.jsonl while it trained, one value per epoch (averages over "
@@ -1000,7 +1014,8 @@ def settings_text(saved, method):
     parts = [f"{method or 'a method script'} on {g('dataset', '?')}, {g('backbone', '?')}",
              f"{g('epochs', '?')} epochs" + (f" of {g('steps_per_epoch')} steps" if g("steps_per_epoch") else ""),
              f"batch {g('batch_size', '?')}",
-             f"Q-Score regularization λ = {g('qscore_lambda')}, α = {g('qscore_alpha')}" if g("qscore_lambda")
+             f"Q-Score regularization λ = {g('qscore_lambda')}, " + (f"α = the batch's {g('qscore_alpha_quantile')} quantile"
+             if g("qscore_alpha_quantile") else f"α = {g('qscore_alpha')}") if g("qscore_lambda")
              else "no Q-Score regularization",
              f"spatial cross-attention ({g('xattn_clusters')} clusters, {g('xattn_positives')} positives)" if g("xattn")
              else "no cross-attention"]
@@ -1169,6 +1184,7 @@ COMPARE_FINAL = [
      "chance: the share of mistakes; higher is better", 1),
     ("mean |L_i|, all evaluation images", "interpret", "all.mean_L", "f2",
      "Kalibhat et al. Fig. 5 (left): rises with Q-Score regularization", 1),
+    ("images with an empty L_i", "interpret", "qscore.share_empty_L", "pct", "|L_i| counts 0 there", 0),
     ("mean confidence of the probe, all evaluation images", "interpret", "all.mean_confidence", "pct",
      "Fig. 5 (right): rises with Q-Score regularization", 1),
     ("discriminative features (30th-85th percentile band)", "interpret", "discriminative.band_size", "int",

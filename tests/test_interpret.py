@@ -29,7 +29,7 @@ def test_qscore_agrees_with_simclr():
         q, m = interpret.qscore(h.numpy(), eps)
         assert np.array_equal(m, m_ref.numpy())
         assert np.allclose(q, q_ref.numpy(), atol=1e-6)
-    assert (m.sum(1) >= 1).all() and (interpret.qscore(h.numpy())[1][-8:].sum(1) == 1).all()
+    assert (interpret.qscore(h.numpy())[1][-8:].sum(1) == 0).all()  # an empty L_i stays empty: |L_i| = 0
 
 
 def test_auroc_auprc_match_sklearn_in_both_directions():
@@ -162,6 +162,13 @@ def test_end_to_end_every_file_and_an_html_page_of_existing_files(trained, tmp_p
     assert len(refs) == 9 and all((out / r).is_file() for r in refs) and refs[0] == "training.png"  # curves on top
     assert_readable_page(page, keys_of(report) | set(read_metrics(trained)[0]))
     assert 0 <= report["qscore"]["auroc_correct_positive"] <= 1 and "offline_linear_top1" in report["run"]
+    # |L_i| from Eq. 2's own sets: the share of empty ones is reported, and they count 0 in the means
+    q = report["qscore"]
+    assert 0 <= q["share_empty_L"] <= 1 and "images with an empty L<sub>i</sub>" in page
+    share = q["share_correct"]
+    parts = [(share, q["share_empty_L_correct"]), (1 - share, q["share_empty_L_misclassified"])]
+    assert q["share_empty_L"] == pytest.approx(sum(w * v for w, v in parts if v is not None))
+    assert report["miou"]["n_blank_heatmaps"] >= 0
     for k in ("miou_core_correct", "miou_spurious_correct"):
         assert 0 <= report["miou"][k] <= 1
     assert 0 <= report["adai"]["average_drop"] <= 100 and report["adai"]["n_images"] == 32
