@@ -827,7 +827,7 @@ SUMMARY = {"seconds": ("training time, all epochs", np.sum),
 TRAINING_FIRST = ("loss", "loss_ssl", "loss_qscore", "loss_mask", "loss_cls", "knn_top1", "collapse_std",
                   "qscore", "qscore_active", "qscore_empty", "qscore_under_alpha")
 TRAINING_LAST = ("lr", "images_per_s", "seconds", "peak_mem_gb")  # bookkeeping after the method's own keys
-IGNORED_FLAGS = ("run_dir", "resume", "device", "workers", "data_path", "compile", "log_every")
+IGNORED_FLAGS = ("run_dir", "resume", "device", "workers", "data_path", "compile", "log_every", "log_seconds")
 
 TRAINING_READING = (
     "The losses (the total, the method's SSL loss and any add-on term: Kalibhat et al. Eq. 4 for Q-Score, Seyfi et "
