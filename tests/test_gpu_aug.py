@@ -117,8 +117,10 @@ def test_each_operation_matches_torchvision_on_the_same_parameters():
     big = images(side=64)
     blurred = common.apply_view(big, params(4, 64, blur=torch.ones(4, dtype=torch.bool), sigma=sigma),
                                 common.View(64, blur_p=1.0), UNIT)
-    for i in range(4):  # the 10%-of-the-side kernel of cpu_transform: 7 px at 64
-        assert torch.allclose(blurred[i], TF.gaussian_blur(big[i].float() / 255, [7, 7], [sigma[i].item()] * 2), atol=1e-5)
+    k = common.blur_kernel(64)  # the kernel of cpu_transform: 13 taps at 64 px (10% would cut sigma 2 short)
+    assert k == 13
+    for i in range(4):
+        assert torch.allclose(blurred[i], TF.gaussian_blur(big[i].float() / 255, [k, k], [sigma[i].item()] * 2), atol=1e-5)
     x8 = torch.where(x8 == 128, 129, x8)  # exactly at the threshold, float resampling may land either side
     sol = common.apply_view(x8, params(4, 32, solarize=torch.ones(4, dtype=torch.bool)), every, UNIT)
     assert torch.allclose(sol, TF.solarize(x8.float() / 255, 128 / 255), atol=1e-5)

@@ -28,7 +28,7 @@ def test_cleanssl_half_on_digits_writes_json_png_and_row(tmp_path):
     p = run([SCRIPT, "simclr", *SMALL, "--data-dir", str(tmp_path), "--out", str(out), "--lightly-python", no_lightly],
             timeout=400)
     assert f"lightly half skipped: lightly does not import: no {no_lightly}; the CleanSSL half runs alone." in p.stdout
-    assert "[cleanssl] " in p.stdout and "knn_top1" in p.stdout  # the script's own progress lines come through
+    assert "[cleanssl] " in p.stdout and "online-knn" in p.stdout  # the script's own progress lines come through
 
     r = json.loads((out / "simclr_cleanssl.json").read_text())
     assert r["budget"]["steps"] == 4 and r["budget"]["epochs"] == 2 and r["budget"]["steps_per_epoch"] == 2
