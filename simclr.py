@@ -11,7 +11,7 @@ RECIPES.md compares both, flag for flag.
     python simclr.py --dataset cifar10 --data-dir data            # 1000 epochs, 1 GPU
     torchrun --nproc_per_node=8 simclr.py --dataset folder --data-dir /imagenet --backbone resnet50 \
         --epochs 100 --batch-size 4096 --lr 0.3 --weight-decay 1e-4 --lars-mode official --lars-eta 0.001 \
-        --temperature 0.1 --proj-dim 128 --zero-init-residual
+        --temperature 0.1 --proj-dim 128 --proj-last-bn --zero-init-residual
 """
 import argparse
 import json
@@ -48,6 +48,10 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature (solo-learn CIFAR: 0.2; official ImageNet: 0.1)")
     p.add_argument("--proj-hidden", type=int, default=2048, help="projector hidden width (solo-learn, official: 2048)")
     p.add_argument("--proj-dim", type=int, default=256, help="projector output width (solo-learn CIFAR: 256; official: 128)")
+    p.add_argument("--proj-last-bn", action=argparse.BooleanOptionalAction, default=False,
+                   help="the projector ends in a bias-free Linear and BatchNorm, as the official SimCLR code's head "
+                        "(and lightly's); solo-learn CIFAR: no, a Linear with bias. On short CPU budgets it learns "
+                        "faster (RESULTS.md, learning study)")
     p.add_argument("--crop-min-scale", type=float, default=0.08, help="smallest crop area (SimCLR, solo-learn: 0.08)")
     p.add_argument("--jitter-strength", type=float, default=1.0,
                    help="colour distortion strength s: jitter 0.8s/0.8s/0.8s/0.2s (solo-learn CIFAR, official ImageNet: 1.0)")
@@ -88,9 +92,12 @@ class SimCLR(nn.Module):
         super().__init__()
         self.backbone = common.build_backbone(args.backbone, small_images, zero_init_residual=args.zero_init_residual)
         d = self.backbone.dim
-        self.projector = nn.Sequential(  # SimCLR's 2-layer MLP head, with BN as in solo-learn
-            nn.Linear(d, args.proj_hidden, bias=False), nn.BatchNorm1d(args.proj_hidden), nn.ReLU(inplace=True),
-            nn.Linear(args.proj_hidden, args.proj_dim))
+        # SimCLR's 2-layer MLP head, with BN as in solo-learn; --proj-last-bn ends it as the official code does
+        # (a bias-free Linear, then BN over the batch: z starts centred and standardized per dimension)
+        last = ([nn.Linear(args.proj_hidden, args.proj_dim, bias=False), nn.BatchNorm1d(args.proj_dim)]
+                if args.proj_last_bn else [nn.Linear(args.proj_hidden, args.proj_dim)])
+        self.projector = nn.Sequential(
+            nn.Linear(d, args.proj_hidden, bias=False), nn.BatchNorm1d(args.proj_hidden), nn.ReLU(inplace=True), *last)
         self.xattn = CrossAttentionHead(d, args.xattn_clusters, args.xattn_temp) if args.xattn else None
 
     def forward(self, crops, positives=None):

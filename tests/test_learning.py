@@ -80,3 +80,27 @@ def test_lightly_half_runs(tmp_path, method):
         timeout=600)
     r = json.loads((out / f"{method}_lightly.json").read_text())
     assert [x for x, _ in r["curve"]] == [48] and r["lightly"] and r["lightly_classes"] and r["differences"]
+
+
+PARITY = os.path.join("benchmarks", "parity.py")
+
+
+def test_parity_without_lightly_is_one_sentence(tmp_path):
+    import importlib.util
+    if importlib.util.find_spec("lightly"):
+        pytest.skip("this interpreter has lightly; the sentence is for one without it")
+    p = run([PARITY, "--dataset", "digits", "--steps", "1"], check=False)
+    assert "parity.py needs lightly" in one_sentence(p)
+
+
+@pytest.mark.skipif(not LIGHTLY_PYTHON, reason="set LIGHTLY_PYTHON to an interpreter with lightly to run parity.py")
+def test_parity_loss_rung_is_identical_and_the_others_differ(tmp_path):
+    import subprocess
+    out = tmp_path / "parity.json"
+    subprocess.run([LIGHTLY_PYTHON, PARITY, "--dataset", "digits", "--steps", "2", "--batch-size", "8", "--out", str(out)],
+                   check=True, timeout=600)
+    r = json.loads(out.read_text())["rungs"]
+    assert [x["rung"][0] for x in r] == ["0", "1", "2", "3", "4"]
+    assert abs(r[1]["loss_step1"] - r[0]["loss_step1"]) < 1e-5 and r[1]["grad_vs_previous_step1"] < 1e-4  # NT-Xent = NTXentLoss
+    assert r[2]["grad_vs_previous_step1"] > 1e-3  # per-view BN changes the gradient
+    assert r[3]["grad_vs_previous_step1"] < 1e-6 and r[3]["weights_vs_previous_step1"] > 1e-4  # same grads, other step

@@ -126,6 +126,17 @@ def test_cross_attention_head_and_losses():
     assert lm.item() >= 0 and lc.item() > 0 and f.grad.abs().sum() > 0
 
 
+def test_proj_last_bn_ends_the_head_as_the_official_code():
+    args = simclr.parse_args(["--backbone", "resnet18"])
+    assert isinstance(simclr.SimCLR(args, True).projector[-1], torch.nn.Linear)  # solo-learn: Linear with bias
+    model = simclr.SimCLR(simclr.parse_args(["--proj-last-bn", "--proj-dim", "16"]), True)
+    last_linear, bn = model.projector[-2], model.projector[-1]
+    assert isinstance(bn, torch.nn.BatchNorm1d) and bn.num_features == 16 and last_linear.bias is None
+    model.train()
+    z = model([torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)])["z"]  # (16, 16): centred per dimension
+    assert z.shape == (16, 16) and z.mean(0).abs().max() < 1e-5 and torch.allclose(z.var(0, unbiased=False), torch.ones(16), atol=1e-2)
+
+
 def test_one_sgd_step_lowers_the_loss():
     args = simclr.parse_args(["--proj-hidden", "64", "--proj-dim", "32", "--xattn", "--xattn-clusters", "4"])
     torch.manual_seed(0)

@@ -1,0 +1,195 @@
+"""One-step parity of simclr.py against lightly's SimCLR: where do the two implementations part?
+
+The same initial weights and the same augmented batches go through a ladder of configurations.
+Rung 0 is simclr.py as it trains (its SimCLR module, nt_xent_loss, its LARS with the resolved
+flags). Each later rung swaps one more piece for lightly's, in the order a reader would check them:
+
+  1 loss      lightly.loss.NTXentLoss instead of nt_xent_loss            (expected: identical)
+  2 views     each view through the network on its own (lightly's examples), not one joint batch
+  3 optimizer lightly.utils.lars.LARS (unclipped, lr * eta ||w|| / (||g|| + wd ||w||)) instead of
+              CleanSSL's LARS in the script's --lars-mode
+  4 head      lightly's SimCLRProjectionHead (ends in a bias-free Linear and BatchNorm1d) instead of
+              CleanSSL's projector (ends in a Linear with bias); its weights are copied where the
+              shapes match, so only the last layer's bias and BatchNorm are new
+
+After each rung the script reports, for step 1, the loss and the largest relative difference of
+the gradients and of the updated weights to the previous rung, and for `--steps` steps the loss
+trajectory and the relative distance of the weights to rung 0's. At step 1 it also prints the
+per-layer step size each optimizer takes (lr times its trust ratio), the quantity in which the two
+LARS forms differ. Run with lightly's interpreter (see benchmarks/learning.py):
+
+    ../lightly-venv/bin/python benchmarks/parity.py --steps 10 --batch-size 64 \\
+        --out benchmarks/results/learning/parity_simclr.json
+
+Data: the shared CIFAR-10 copy (../shared/data/cifar10), or --dataset digits; the batches come from common.TrainLoader with the script's own views (so both sides see
+the same augmented pixels; lightly's transforms are not part of the parity).
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import common  # noqa: E402
+import simclr  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=10, help="steps of every rung")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dataset", default="folder", choices=["folder", "digits"], help="digits: plumbing only")
+    p.add_argument("--data-dir", default=os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10"),
+                   help="ImageFolder root with train/ (--dataset folder)")
+    p.add_argument("--extra", default="", help="simclr.py flags, e.g. '--lars-mode official'")
+    p.add_argument("--out", default="", help="JSON of the result")
+    return p.parse_args(argv)
+
+
+def lightly_groups(modules, wd):
+    from lightly.models.utils import get_weight_decay_parameters
+
+    dec, no = get_weight_decay_parameters(modules)
+    return [{"params": dec, "weight_decay": wd}, {"params": no, "weight_decay": 0.0}]
+
+
+def build(rung, init, a):
+    """The model, a loss function of (model, x1, x2) and the optimizer of a rung."""
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+    from lightly.utils.lars import LARS as LightlyLARS
+
+    model = copy.deepcopy(init)
+    if rung >= 4:  # lightly's head, with CleanSSL's weights where the layers agree
+        head = SimCLRProjectionHead(model.backbone.dim, a.proj_hidden, a.proj_dim)
+        ours = [m for m in model.projector if isinstance(m, (torch.nn.Linear, torch.nn.BatchNorm1d))]
+        theirs = [m for m in head.layers if isinstance(m, (torch.nn.Linear, torch.nn.BatchNorm1d))]
+        for o, t in zip(ours, theirs):  # Linear, BN, Linear: the last Linear's weight, not its bias
+            t.weight.data.copy_(o.weight.data)
+            if isinstance(o, torch.nn.BatchNorm1d):
+                t.bias.data.copy_(o.bias.data)
+        model.projector = head
+    ntxent = NTXentLoss(temperature=a.temperature)
+
+    def loss(m, x1, x2):
+        if rung >= 2:  # one view at a time: BatchNorm statistics per view
+            z1, z2 = (m.projector(m.backbone(x)[1]) for x in (x1, x2))
+        else:
+            z = m([x1, x2])["z"]
+            z1, z2 = z[: len(x1)], z[len(x1):]
+        return ntxent(z1, z2) if rung >= 1 else simclr.nt_xent_loss(z1, z2, a.temperature)
+
+    if rung >= 3:
+        opt = LightlyLARS(lightly_groups([model], a.weight_decay), lr=0.0, momentum=0.9, trust_coefficient=a.lars_eta)
+    else:
+        opt = simclr.LARS(simclr.param_groups(model), lr=0.0, weight_decay=a.weight_decay, eta=a.lars_eta, mode=a.lars_mode)
+    return model, loss, opt
+
+
+def flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def step_sizes(model, opt, lr):
+    """Per weight tensor: the factor its gradient is multiplied by in this step (lr x trust)."""
+    out = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            if p.grad is None or p.ndim <= 1:
+                continue
+            w, gr, wd = p.norm().item(), p.grad.norm().item(), g["weight_decay"]
+            ratio = w / (gr + wd * w)
+            if isinstance(opt, simclr.LARS):
+                f = min(g["eta"] * ratio, lr) if g["mode"] == "clip" else lr * g["eta"] * w / (p.grad + wd * p).norm().item()
+            else:
+                f = lr * g["trust_coefficient"] * ratio
+            out[names[id(p)]] = f
+    return out
+
+
+def main(b):
+    torch.use_deterministic_algorithms(True)
+    a = simclr.parse_args(["--image-size", "32", "--batch-size", str(b.batch_size)] + b.extra.split())
+    dataset, data_dir = b.dataset, b.data_dir if b.dataset == "folder" else ""
+    common.check_dataset(dataset, data_dir)
+    train = common.make_dataset(dataset, data_dir, train=True)
+    stats = common.STATS[dataset]
+    views = common.simclr_views(32, a.crop_min_scale, a.jitter_strength, a.blur_prob)
+    loader = common.TrainLoader(train, views, b.batch_size, stats, torch.device("cpu"), seed=0, workers=0)
+    batches = []
+    for crops, _, _ in loader:
+        batches.append(crops)
+        if len(batches) == b.steps:
+            break
+    torch.manual_seed(0)
+    init = simclr.SimCLR(a, small_images=True)
+    lr = a.lr * b.batch_size / 256  # the warm-up's end: parity is about the step, not the schedule
+    names = ["0 CleanSSL", "1 + lightly NTXentLoss", "2 + views one at a time", "3 + lightly LARS", "4 + lightly head"]
+    rungs, prev = [], None
+    ref_backbone = None
+    for r, name in enumerate(names):
+        model, loss_fn, opt = build(r, init, a)
+        model.train()
+        params = [p for p in model.backbone.parameters()]
+        losses, first = [], {}
+        for s, (x1, x2) in enumerate(batches):
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss = loss_fn(model, x1, x2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if s == 0:
+                first["grad"] = flat([p.grad for p in params]).clone()
+                first["sizes"] = step_sizes(model, opt, lr)
+            opt.step()
+            if s == 0:
+                first["weights"] = flat([p.detach() for p in params]).clone()
+            losses.append(loss.item())
+        w = flat([p.detach() for p in model.backbone.parameters()])
+        ref_backbone = w if ref_backbone is None else ref_backbone
+        row = {"rung": name, "loss_step1": losses[0], "losses": losses,
+               "backbone_vs_rung0_after_all_steps": rel(w, ref_backbone)}
+        if prev is not None:
+            row["grad_vs_previous_step1"] = rel(first["grad"], prev["grad"])
+            row["weights_vs_previous_step1"] = rel(first["weights"], prev["weights"])
+        sizes = first["sizes"]
+        row["step_size_median"] = float(torch.tensor(list(sizes.values())).median())
+        row["step_size_min_max"] = [min(sizes.values()), max(sizes.values())]
+        rungs.append(row)
+        prev = first
+        print(f"{name:26s} loss@1 {losses[0]:.6f}  loss@{len(losses)} {losses[-1]:.4f}  "
+              f"grad@1 vs prev {row.get('grad_vs_previous_step1', 0):.2e}  "
+              f"weights@1 vs prev {row.get('weights_vs_previous_step1', 0):.2e}  "
+              f"backbone@{len(losses)} vs rung 0 {row['backbone_vs_rung0_after_all_steps']:.2e}  "
+              f"lr x trust median {row['step_size_median']:.3g} [{row['step_size_min_max'][0]:.3g}, "
+              f"{row['step_size_min_max'][1]:.3g}]", flush=True)
+    result = {"dataset": dataset, "batch_size": b.batch_size, "steps": b.steps, "lr": lr, "flags": b.extra,
+              "lars_mode": a.lars_mode, "lars_eta": a.lars_eta, "rungs": rungs, "torch": torch.__version__}
+    if b.out:
+        with open(b.out + ".tmp", "w") as fh:
+            json.dump(result, fh, indent=1)
+        os.replace(b.out + ".tmp", b.out)
+        print(f"wrote {b.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    try:
+        import lightly  # noqa: F401
+    except ImportError:
+        common.fail("parity.py needs lightly, which this Python does not have: run it with ../lightly-venv/bin/python "
+                    "(see benchmarks/learning.py).")
+    try:
+        raise SystemExit(main(args))
+    except common.UserError as e:
+        common.fail(str(e))
