@@ -11,7 +11,7 @@ RECIPES.md compares both, flag for flag.
     python simclr.py --dataset cifar10 --data-dir data            # 1000 epochs, 1 GPU
     torchrun --nproc_per_node=8 simclr.py --dataset folder --data-dir /imagenet --backbone resnet50 \
         --epochs 100 --batch-size 4096 --lr 0.3 --weight-decay 1e-4 --lars-mode official --lars-eta 0.001 \
-        --temperature 0.1 --proj-dim 128 --proj-last-bn --zero-init-residual
+        --temperature 0.1 --proj-dim 128 --proj-last-bn --no-per-view-bn --zero-init-residual
 """
 import argparse
 import json
@@ -58,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--blur-prob", type=float, default=0.5, help="Gaussian blur probability per view (solo-learn CIFAR, official: 0.5)")
     p.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=False,
                    help="each residual branch's last BN starts at 0 (official SimCLR ResNet: yes; solo-learn CIFAR: no)")
+    p.add_argument("--per-view-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="each view through the network on its own, BatchNorm statistics per view (solo-learn CIFAR); "
+                        "--no-per-view-bn: both views in one batch, as the official code's global BN")
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="global BatchNorm over all processes (SimCLR Sec. 3: without it a positive pair shares its "
                         "process's BN statistics, which the negatives from other processes do not; CUDA only)")
@@ -99,13 +102,16 @@ class SimCLR(nn.Module):
         self.projector = nn.Sequential(
             nn.Linear(d, args.proj_hidden, bias=False), nn.BatchNorm1d(args.proj_hidden), nn.ReLU(inplace=True), *last)
         self.xattn = CrossAttentionHead(d, args.xattn_clusters, args.xattn_temp) if args.xattn else None
+        self.per_view_bn = args.per_view_bn
 
     def forward(self, crops, positives=None):
         b = crops[0].shape[0]
-        # all views share one size and one forward pass, so BN normalizes both views together
-        # (and the positives); SimCLR's global BN does the same over the whole global batch
-        x = torch.cat(crops + ([positives] if positives is not None else []))
-        f, h = self.backbone(x)  # (V*b [+ b*P], D, h, w), (V*b [+ b*P], D)
+        parts = crops + ([positives] if positives is not None else [])
+        if self.per_view_bn:  # one pass per view (and one for the positives): BN statistics per view, as solo-learn
+            f, h = (torch.cat(t) for t in zip(*(self.backbone(x) for x in parts)))
+        else:  # one pass for all: BN normalizes both views together, as SimCLR's global BN over the whole batch
+            f, h = self.backbone(torch.cat(parts))
+        # f, h: (V*b [+ b*P], D, h, w), (V*b [+ b*P], D)
         out = {"h": h[: 2 * b], "z": self.projector(h[: 2 * b])}
         if self.xattn is not None and positives is not None:
             out["f"] = torch.cat([f[:b], f[2 * b:]])  # anchors (the first view), then their positives

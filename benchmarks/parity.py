@@ -5,7 +5,8 @@ Rung 0 is simclr.py as it trains (its SimCLR module, nt_xent_loss, its LARS with
 flags). Each later rung swaps one more piece for lightly's, in the order a reader would check them:
 
   1 loss      lightly.loss.NTXentLoss instead of nt_xent_loss            (expected: identical)
-  2 views     each view through the network on its own (lightly's examples), not one joint batch
+  2 views     each view through the network on its own (lightly's examples); simclr.py does the same
+              by default (--per-view-bn), so this rung changes something only with --no-per-view-bn
   3 optimizer lightly.utils.lars.LARS (unclipped, lr * eta ||w|| / (||g|| + wd ||w||)) instead of
               CleanSSL's LARS in the script's --lars-mode
   4 head      lightly's SimCLRProjectionHead (ends in a bias-free Linear and BatchNorm1d) instead of
