@@ -67,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=False,
                    help="last BN of each residual block starts at 0 (solo-learn CIFAR: no; BYOL paper: no, "
                    "its README: the released code's Haiku ResNet does, which did not change ResNet-50 1x)")
+    p.add_argument("--per-view-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="each view through the network on its own, BatchNorm statistics per view (solo-learn CIFAR "
+                        "and the official code); --no-per-view-bn: both views in one batch")
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="BatchNorm statistics over the global batch (SyncBatchNorm) when several CUDA processes run "
                    "(solo-learn CIFAR: sync_batchnorm True; official ImageNet: cross-replica BN); on CPU each "
@@ -127,17 +130,27 @@ class BYOL(nn.Module):
         self.target_backbone = without_running_stats(copy.deepcopy(self.backbone)).requires_grad_(False)
         self.target_projector = without_running_stats(copy.deepcopy(self.projector)).requires_grad_(False)
         self.xattn = CrossAttentionHead(d, args.xattn_clusters, args.xattn_temp) if args.xattn else None
+        self.per_view_bn = args.per_view_bn
+
+    def each_view(self, fn, x, b):
+        """fn on x (V*b, ...), one view of b rows at a time with --per-view-bn (BN statistics per view), else at once."""
+        return torch.cat([fn(v) for v in x.split(b)]) if self.per_view_bn else fn(x)
 
     def forward(self, crops, positives=None):
         b = crops[0].shape[0]
-        x = torch.cat(crops + ([positives] if positives is not None else []))  # all views share one size
-        # One forward pass for both views (and the positives): BatchNorm statistics mix the two views,
-        # where the official code and solo-learn run each view through the networks separately.
-        f, h = self.backbone(x)  # (V*b [+ b*P], D, h, w), (V*b [+ b*P], D)
-        z = self.projector(h[: 2 * b])  # (2b, d)
-        out = {"h": h[: 2 * b], "z": z, "p": self.predictor(z)}
+        parts = crops + ([positives] if positives is not None else [])  # all views share one size
+        # --per-view-bn: one pass per view (and one for the positives) through every network, BN statistics per
+        # view, as the official code and solo-learn; else one pass for all, so BN statistics mix the views.
+        if self.per_view_bn:
+            f, h = (torch.cat(t) for t in zip(*(self.backbone(x) for x in parts)))
+        else:
+            f, h = self.backbone(torch.cat(parts))
+        # f, h: (V*b [+ b*P], D, h, w), (V*b [+ b*P], D)
+        z = self.each_view(self.projector, h[: 2 * b], b)  # (2b, d)
+        out = {"h": h[: 2 * b], "z": z, "p": self.each_view(self.predictor, z, b)}
         with torch.no_grad():  # the target is the regression target: no gradient flows into it
-            out["z_target"] = self.target_projector(self.target_backbone(x[: 2 * b])[1])  # (2b, d)
+            target = lambda x: self.target_projector(self.target_backbone(x)[1])  # noqa: E731
+            out["z_target"] = self.each_view(target, torch.cat(crops), b)  # (2b, d)
         if self.xattn is not None and positives is not None:
             out["f"] = torch.cat([f[:b], f[2 * b:]])  # anchors (the first view), then their positives
             out["beta"], out["logits"] = self.xattn(out["f"])

@@ -103,6 +103,9 @@ def parse_args(argv=None):
                         "ImageNet: v2 0 0, v3 0 0.2)")
     p.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=False,
                    help="each residual branch's last BN starts at 0 (solo-learn CIFAR: no; official ImageNet: v2 no, v3 yes)")
+    p.add_argument("--per-view-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="each view through the network on its own, BatchNorm statistics per view (solo-learn CIFAR "
+                        "and the official code); --no-per-view-bn: both views in one batch")
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="global BatchNorm (SyncBatchNorm, CUDA) in both encoders (default v3, as MoCo v3's code); "
                         "--no-sync-bn: shuffled BN in the key encoder (default v2, MoCo Sec. 3.3), which exchanges "
@@ -163,16 +166,23 @@ class MoCo(nn.Module):
                 nn.Linear(args.proj_dim, args.pred_hidden, bias=False), nn.BatchNorm1d(args.pred_hidden),
                 nn.ReLU(inplace=True), nn.Linear(args.pred_hidden, args.proj_dim, bias=False))
         self.xattn = CrossAttentionHead(d, args.xattn_clusters, args.xattn_temp) if args.xattn else None
+        self.per_view_bn = args.per_view_bn
+
+    def each_view(self, fn, x, b):
+        """fn on x (V*b, ...), one view of b rows at a time with --per-view-bn (BN statistics per view), else at once."""
+        return torch.cat([fn(v) for v in x.split(b)]) if self.per_view_bn else fn(x)
 
     def forward(self, crops, positives=None):
         """crops: the V views (V = 2, or 1 for the one-directional loss), each (b, 3, s, s)."""
         b, n = crops[0].shape[0], len(crops) * crops[0].shape[0]
-        # One pass for all views (they share one size), so BN normalizes the views together; the
-        # official MoCo v2/v3 code and solo-learn run each view on its own, BN statistics per view.
-        x = torch.cat(crops + ([positives] if positives is not None else []))
-        f, h = self.backbone(x)  # (n [+ b*P], D, h, w), (n [+ b*P], D)
-        z = self.projector(h[:n])  # (n, d)
-        out = {"h": h[:n], "q": z if self.predictor is None else self.predictor(z)}
+        parts = crops + ([positives] if positives is not None else [])  # all views share one size
+        if self.per_view_bn:  # one pass per view (and one for the positives) through every network: BN statistics
+            f, h = (torch.cat(t) for t in zip(*(self.backbone(x) for x in parts)))  # per view, as the official code
+        else:  # one pass for all: BN normalizes the views together
+            f, h = self.backbone(torch.cat(parts))
+        # f, h: (n [+ b*P], D, h, w), (n [+ b*P], D)
+        z = self.each_view(self.projector, h[:n], b)  # (n, d)
+        out = {"h": h[:n], "q": z if self.predictor is None else self.each_view(self.predictor, z, b)}
         if self.xattn is not None and positives is not None:
             out["f"] = torch.cat([f[:b], f[n:]])  # anchors (the first view), then their positives
             out["beta"], out["logits"] = self.xattn(out["f"])
@@ -206,8 +216,8 @@ def momentum_at(step, total, base, end):
 
 @torch.no_grad()
 def momentum_keys(key_encoder, x, shuffle=True):
-    """Normalized keys (n, d) of this process's images x (n, 3, s, s), no gradient. Both views
-    come in one batch, so BN normalizes them together (the official code: one view at a time).
+    """Normalized keys (n, d) of this process's images x (n, 3, s, s), no gradient; one view at a
+    time with --per-view-bn (the official code), else both views in one batch.
     Shuffled BN (MoCo, Sec. 3.3): under DDP the key encoder sees a random share of the
     global batch, so a key's BN statistics do not come from its query's sub-batch (a
     shortcut to the positive); keys are put back in order. BN running statistics are
@@ -648,7 +658,8 @@ def main(args):
                 b = crops[0].shape[0]
                 tau = momentum_at(it, total, args.tau_base, args.tau_end)
                 ema_update(model, key_encoder, tau)  # before the keys, as in MoCo's Alg. 1
-                k = momentum_keys(key_encoder, torch.cat(k_views), shuffle=not args.sync_bn)  # (2b or b, d)
+                k = torch.cat([momentum_keys(key_encoder, v, shuffle=not args.sync_bn) for v in k_views]  # (2b or b, d)
+                              if args.per_view_bn else [momentum_keys(key_encoder, torch.cat(k_views), shuffle=not args.sync_bn)])
                 terms = {"loss_ssl": moco_loss(out["q"], k, queue, args.temperature, args.symmetric_loss)}
                 loss = terms["loss_ssl"]
                 if args.qscore_lambda > 0:

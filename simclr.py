@@ -104,15 +104,19 @@ class SimCLR(nn.Module):
         self.xattn = CrossAttentionHead(d, args.xattn_clusters, args.xattn_temp) if args.xattn else None
         self.per_view_bn = args.per_view_bn
 
+    def each_view(self, fn, x, b):
+        """fn on x (V*b, ...), one view of b rows at a time with --per-view-bn (BN statistics per view), else at once."""
+        return torch.cat([fn(v) for v in x.split(b)]) if self.per_view_bn else fn(x)
+
     def forward(self, crops, positives=None):
         b = crops[0].shape[0]
         parts = crops + ([positives] if positives is not None else [])
-        if self.per_view_bn:  # one pass per view (and one for the positives): BN statistics per view, as solo-learn
-            f, h = (torch.cat(t) for t in zip(*(self.backbone(x) for x in parts)))
+        if self.per_view_bn:  # one pass per view (and one for the positives) through backbone and projector:
+            f, h = (torch.cat(t) for t in zip(*(self.backbone(x) for x in parts)))  # BN statistics per view, as solo-learn
         else:  # one pass for all: BN normalizes both views together, as SimCLR's global BN over the whole batch
             f, h = self.backbone(torch.cat(parts))
         # f, h: (V*b [+ b*P], D, h, w), (V*b [+ b*P], D)
-        out = {"h": h[: 2 * b], "z": self.projector(h[: 2 * b])}
+        out = {"h": h[: 2 * b], "z": self.each_view(self.projector, h[: 2 * b], b)}
         if self.xattn is not None and positives is not None:
             out["f"] = torch.cat([f[:b], f[2 * b:]])  # anchors (the first view), then their positives
             out["beta"], out["logits"] = self.xattn(out["f"])

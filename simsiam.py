@@ -70,6 +70,9 @@ def parse_args(argv=None):
                    help="Gaussian-blur probability of each view (solo-learn CIFAR: 0.5; official ImageNet: 0.5; App. D: 0)")
     p.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=False,
                    help="last BN of each residual block starts at 0 (solo-learn CIFAR: no; official ImageNet: yes)")
+    p.add_argument("--per-view-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="each view through the network on its own, BatchNorm statistics per view (solo-learn CIFAR "
+                        "and the official code); --no-per-view-bn: both views in one batch")
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="BatchNorm statistics over the global batch (SyncBatchNorm) when several CUDA processes run "
                    "(solo-learn CIFAR: sync_batchnorm True; official ImageNet: SyncBatchNorm); on CPU each process "
@@ -115,15 +118,22 @@ class SimSiam(nn.Module):
             nn.Linear(out, args.pred_hidden, bias=False), nn.BatchNorm1d(args.pred_hidden), nn.ReLU(inplace=True),
             nn.Linear(args.pred_hidden, out))
         self.xattn = CrossAttentionHead(d, args.xattn_clusters, args.xattn_temp) if args.xattn else None
+        self.per_view_bn = args.per_view_bn
+
+    def each_view(self, fn, x, b):
+        """fn on x (V*b, ...), one view of b rows at a time with --per-view-bn (BN statistics per view), else at once."""
+        return torch.cat([fn(v) for v in x.split(b)]) if self.per_view_bn else fn(x)
 
     def forward(self, crops, positives=None):
         b = crops[0].shape[0]
-        x = torch.cat(crops + ([positives] if positives is not None else []))  # all views share one size
-        # One forward pass for both views (and the positives): BatchNorm statistics mix the two views,
-        # where the official code and solo-learn run each view through the encoder separately.
-        f, h = self.backbone(x)  # (2b [+ b*P], D, h, w), (2b [+ b*P], D)
-        z = self.projector(h[: 2 * b])  # (2b, d): views 1 then 2
-        out = {"h": h[: 2 * b], "z": z, "p": self.predictor(z)}
+        parts = crops + ([positives] if positives is not None else [])  # all views share one size
+        if self.per_view_bn:  # one pass per view (and one for the positives) through every network: BN statistics
+            f, h = (torch.cat(t) for t in zip(*(self.backbone(x) for x in parts)))  # per view, as the official code
+        else:  # one pass for all: BN statistics mix the two views
+            f, h = self.backbone(torch.cat(parts))
+        # f, h: (2b [+ b*P], D, h, w), (2b [+ b*P], D)
+        z = self.each_view(self.projector, h[: 2 * b], b)  # (2b, d): views 1 then 2
+        out = {"h": h[: 2 * b], "z": z, "p": self.each_view(self.predictor, z, b)}
         if self.xattn is not None and positives is not None:
             out["f"] = torch.cat([f[:b], f[2 * b:]])  # anchors (the first view), then their positives
             out["beta"], out["logits"] = self.xattn(out["f"])
