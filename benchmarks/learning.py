@@ -56,7 +56,7 @@ Run folders (checkpoints) go to --out/runs/ (git-ignored). JSON is written atomi
 Where the lightly half differs from the script, by method (the JSON says it per run):
 | method  | lightly classes | differences beyond the common ones below |
 | ---     | ---             | ---                                      |
-| simclr  | SimCLRTransform, SimCLRProjectionHead, NTXentLoss, LARS | lightly's head ends in BatchNorm1d and a bias-free Linear; CleanSSL's in a Linear with bias |
+| simclr  | SimCLRTransform, SimCLRProjectionHead, NTXentLoss, LARS | lightly's head ends in a bias-free Linear and BatchNorm1d; CleanSSL's in a Linear with bias unless --proj-last-bn |
 | mocov2  | MoCoV2Transform, MoCoProjectionHead, NTXentLoss(memory_bank_size), update_momentum, cosine_schedule | one NTXentLoss call on both directions (the same symmetric mean) enqueues the keys of both views, 2B a step; CleanSSL enqueues view 2's, B a step |
 | mocov3  | -               | lightly has none: a MoCoProjectionHead that can take v3's shape, but no v3 transform, predictor or loss |
 | byol    | BYOLTransform, BYOLProjectionHead, BYOLPredictionHead, NegativeCosineSimilarity, update_momentum, cosine_schedule, LARS | lightly's loss 0.5 (ncs(p1, z2) + ncs(p2, z1)) is 1/4 of BYOL's summed 2 - 2 cos: same optimum, 4x smaller gradients, so weight decay weighs 4x more and the LARS-free biases and norms move 4x slower |
@@ -64,7 +64,8 @@ Where the lightly half differs from the script, by method (the JSON says it per 
 | swav    | SwaVTransform, SwaVProjectionHead, SwaVPrototypes, SwaVLoss, MemoryBankModule, LARS | prototypes have a bias in lightly; one blur probability for every crop and no solarization in SwaVTransform; no max-shift in lightly's Sinkhorn |
 | dino    | DINOTransform, DINOProjectionHead, DINOLoss, update_momentum, cosine_schedule, LARS | last layer weight-normalized (weight_v optimized, g fixed at 1) instead of normalized in the forward pass; the teacher head is a second DINOProjectionHead loaded with the student's weights (deepcopy cannot copy weight_norm) |
 Common to all: lightly's examples pass each view through the network on its own (BatchNorm
-statistics per view; CleanSSL concatenates the views of one size); data order and augmentation
+statistics per view), as the two-view scripts do by default (--per-view-bn), while swav.py and dino.py
+concatenate the crops of one size; data order and augmentation
 randomness come from a torch DataLoader over whole passes of the data, not from common.TrainLoader's
 fresh permutation every S steps; lightly's crops resample bilinearly (DINO's bicubically, as
 CleanSSL), its blur is PIL's GaussianBlur(radius=sigma), not a kernel of common.blur_kernel taps;
@@ -544,9 +545,9 @@ def _view_notes(views, one_distribution=False, bicubic=False):
     return notes
 
 
+PER_VIEW_NOTE = ("each view goes through the network on its own, as in lightly's examples (BatchNorm statistics per "
+                 "view); CleanSSL passes the views of one size as one batch (--no-per-view-bn, or SwAV and DINO)")
 COMMON_NOTES = [
-    "each view goes through the network on its own, as in lightly's examples (BatchNorm statistics per view); "
-    "CleanSSL passes the views of one size as one batch",
     "data order and augmentation randomness: a torch DataLoader over whole passes of the data set (same seed value), "
     "not common.TrainLoader's fresh permutation every script epoch",
     "lightly's cosine schedules reach their end value one step earlier (max_steps - 1)",
@@ -609,9 +610,11 @@ def lightly_simclr(a, views, stats, total, spe):
     return dict(transform=tf, backbone=backbone, modules=[backbone, head], loss=loss,
                 optimizer=_lars(_groups([backbone, head], wd=a.weight_decay), a),
                 classes=["SimCLRTransform", "SimCLRProjectionHead", "NTXentLoss", "LARS"],
-                reads=["temperature", "proj_hidden", "proj_dim", "lars_eta"],
-                differences=["lightly's SimCLRProjectionHead ends in a bias-free Linear and BatchNorm1d; "
-                             "CleanSSL's projector ends in a Linear with bias", LARS_NOTE] + _view_notes(views, True))
+                reads=["temperature", "proj_hidden", "proj_dim", "proj_last_bn", "lars_eta"],
+                differences=([] if getattr(a, "proj_last_bn", False) else
+                             ["lightly's SimCLRProjectionHead ends in a bias-free Linear and BatchNorm1d; CleanSSL's "
+                              "projector ends in a Linear with bias (pass --proj-last-bn for lightly's end)"])
+                + [LARS_NOTE] + _view_notes(views, True))
 
 
 def lightly_mocov2(a, views, stats, total, spe):
@@ -901,7 +904,8 @@ def lightly_half(plan_path):
             os.replace(path + ".tmp", path)
             points.append({"step": done, "images": done * batch, "path": path})
     write_json({"points": points, "train_seconds": train_s, "lightly": lightly.__version__, "torch": torch.__version__,
-                "classes": spec["classes"], "reads": spec["reads"], "differences": spec["differences"] + COMMON_NOTES},
+                "classes": spec["classes"], "reads": spec["reads"], "differences": spec["differences"] + COMMON_NOTES
+                + ([] if getattr(a, "per_view_bn", False) else [PER_VIEW_NOTE])},
                os.path.join(plan["run_dir"], "result.json"))
     return 0
 
