@@ -284,7 +284,8 @@ def make_plan(b):
                        "epochs": epochs, "steps_per_epoch": spe, "knn_every_epochs": per_point, "points": points,
                        "warmup_steps": int(args.warmup_epochs * spe), "lr_per_256": args.lr,
                        "lr": args.lr * batch / 256, "lr_schedule": "per step: linear warm-up, then cosine to 0"},
-            "view_flags": view_flags(mod, argv, extra, views)}
+            "view_flags": view_flags(mod, argv, extra, views),
+            "git": git_state([script + ".py", "common.py", "benchmarks/learning.py"])}  # the code as the run starts
 
 
 def quiet_parse(mod, argv, script):
@@ -425,7 +426,7 @@ def result_json(b, plan, impl, curve, random_knn, minutes, train_s, half_command
            "minutes": minutes, "train_minutes": train_s / 60, "images_per_s": images / train_s if train_s else None,
            "knobs": {"extra": plan["extra"], "scaled_to_budget": plan["scaled_knobs"], "resolved": plan["args"]},
            "views": plan["views"], "machine": machine(), "date": now(),
-           "git": git_state([plan["script"], "common.py", "benchmarks/learning.py"]), "torch": torch.__version__,
+           "git": plan["git"], "torch": torch.__version__,
            "differences": [], **more}
     write_json(out, os.path.join(b.out, f"{b.method}_{impl}.json"))
     return out
