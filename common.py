@@ -90,18 +90,23 @@ AGREE_SECONDS = 1.0  # the processes of a run compare their stop flags and proce
 # Flags that say how a run is carried out, not what it computes: a resumed run may change them.
 RESUME_FREE = ("run_dir", "resume", "device", "workers", "data_path", "compile", "precision", "knn_every", "knn_limit",
                "log_every", "log_seconds", "checkpoint_every_min", "check_data")
-_caught = {"signal": 0}  # the number of the last stop signal this process caught, 0: none
+_caught = {"armed": False, "signal": 0}  # catch_stop_signals called; the last stop signal caught, 0: none
 
 
 def catch_stop_signals():
-    """SIGTERM (a scheduler's preemption, torchrun's shutdown of its workers) and SIGUSR1 (SLURM's
-    --signal=USR1@90 warning before the time limit) set a flag instead of killing the process: the
-    training loop finishes its step, writes a checkpoint and exits with EXIT_STOPPED (RunControl).
+    """From the training loop on (RunControl), SIGTERM (a scheduler's preemption, torchrun's shutdown of
+    its workers) and SIGUSR1 (SLURM's --signal=USR1@90 warning before the time limit) set a flag instead
+    of killing the process: the loop finishes its step, writes a checkpoint and exits with EXIT_STOPPED.
+    Before the loop (set-up, a process group's rendezvous) they kill as usual: there is nothing to save.
     A script's __main__ calls it, so that importing a script (tests, benchmarks) leaves signals alone."""
-    def caught(signum, frame):
-        _caught["signal"] = signum
-    for s in STOP_SIGNALS:
-        signal.signal(s, caught)
+    _caught["armed"] = True
+
+
+def _caught_stop(signum, frame):
+    if _caught["signal"]:  # a second one: the process is stuck (e.g. in a collective with a dead peer), so die
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+    _caught["signal"] = signum
 
 
 def _ignore_stop_signals(worker_id):
@@ -130,14 +135,23 @@ class RunControl:
     (catch_stop_signals); checkpoint every `every_min` minutes (0: never mid-epoch) by process 0's
     clock. The processes compare notes every `interval` steps, in one all_reduce of 3 numbers on the
     CPU (a gloo group, beside NCCL, so the GPU is never made to wait), and process 0 picks the next
-    interval so that they meet about every AGREE_SECONDS. One process looks after every step."""
+    interval so that they meet about every AGREE_SECONDS. One process looks after every step.
+    Made, it catches the stop signals if the script's __main__ asked for it (catch_stop_signals)."""
 
     def __init__(self, every_min):
+        if _caught["armed"]:
+            for s in STOP_SIGNALS:
+                signal.signal(s, _caught_stop)
         self.every = every_min * 60
         self.last_save = self.last_meet = time.time()
         self.interval = self.countdown = 1
         self.group = dist.new_group(backend="gloo") if world_size() > 1 else None
         self.stopped_by = None  # the name of the agreed stop signal, once agreed
+        if (rank() == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0
+                and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
+            print("note: torchrun shares its rendezvous store with the workers, and restarted workers can find their "
+                  "predecessors' addresses there (pytorch/pytorch#135712): for --max-restarts use --rdzv-backend c10d "
+                  "and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (README: Long runs and clusters).", flush=True)
 
     def saved(self):
         """A checkpoint was written: the clock of --checkpoint-every-min starts again."""
@@ -155,7 +169,8 @@ class RunControl:
         if rank() == 0:
             note[1] = float(self.every > 0 and now - self.last_save >= self.every)
             per_step = (now - self.last_meet) / self.interval
-            note[2] = 1 if self.group is None else self.interval if force else min(1000, max(1, int(AGREE_SECONDS / max(per_step, 1e-6))))
+            pace = min(1000, max(1, int(AGREE_SECONDS / max(per_step, 1e-6))))  # steps in AGREE_SECONDS
+            note[2] = 1 if self.group is None else self.interval if force else pace
         if self.group is not None:
             dist.all_reduce(note, op=dist.ReduceOp.MAX, group=self.group)
         self.last_meet, self.interval = now, int(note[2])
@@ -217,8 +232,8 @@ def check_resume(saved, args, path):
               and not (k == "data_dir" and now.get("dataset") != "folder")]
     if differ:
         flags = lambda a: " ".join(f"--{k.replace('_', '-')} {a[k]}" for k in differ)
-        raise UserError(f"'{path}' was run with {flags(saved)}, not {flags(now)}; a resumed run keeps every flag that "
-                        f"changes what it computes (pass the checkpoint's, or start another --run-dir).")
+        raise UserError(f"the checkpoint '{path}' was run with {flags(saved)}, not {flags(now)}; a resumed run keeps "
+                        "every flag that changes what it computes (pass the checkpoint's, or start another --run-dir).")
 
 
 def resume_note(ckpt, run_dir, world, batch_size):
@@ -883,6 +898,7 @@ class TrainLoader:
         mine = slice(self.rank * self.local, (self.rank + 1) * self.local)  # this process's part of a global batch
         for s in range(len(self)):
             idx = perm[s * self.batch_size:(s + 1) * self.batch_size][mine]
+            # one seed per crop of the global batch (anchors, then their positives), from (seed, epoch, step)
             seeds = np.random.default_rng([self.seed, self.epoch, s]).integers(2**63, size=(1 + self.positives, self.batch_size))
             keys = [(int(i), 0, int(z)) for i, z in zip(idx, seeds[0, mine])]
             if self.positives:

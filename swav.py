@@ -715,7 +715,7 @@ def tensorboard_writer(run_dir):
 
 
 if __name__ == "__main__":
-    common.catch_stop_signals()  # SIGTERM, SIGUSR1: checkpoint after the current step, exit common.EXIT_STOPPED
+    common.catch_stop_signals()  # in the training loop SIGTERM, SIGUSR1 checkpoint after the step: common.EXIT_STOPPED
     try:
         raise SystemExit(main(parse_args()))
     except common.UserError as e:
