@@ -2,6 +2,7 @@
 consistency across processes, end-to-end runs, resume, bad input."""
 
 import os
+
 import pytest
 import torch
 import torch.nn as nn
