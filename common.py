@@ -103,9 +103,8 @@ def catch_stop_signals():
 
 
 def _caught_stop(signum, frame):
-    if _caught["signal"]:  # a second one: the process is stuck (e.g. in a collective with a dead peer), so die
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
+    # A second signal changes nothing: SLURM signals every process of a step, and torchrun forwards its own
+    # signal to its workers too, so one stop often arrives twice.
     _caught["signal"] = signum
 
 
