@@ -253,7 +253,10 @@ def resume_note(ckpt, run_dir, world, batch_size):
         if len(keep) < len(lines):
             with open(path, "w") as fh:
                 fh.writelines(keep)
-    at = ckpt.get("at") or {}
+    at, epochs = ckpt.get("at") or {}, ckpt["args"].get("epochs", math.inf)
+    if not at and ckpt["epoch"] >= epochs:  # e.g. torchrun restarting a worker that died after the last checkpoint
+        print(f"{run_dir} has finished its {epochs} epochs: nothing to do.", flush=True)
+        return
     where = f"epoch {ckpt['epoch'] + 1} step {at['step']}" if at else f"the start of epoch {ckpt['epoch'] + 1}"
     before = ckpt.get("world", world)
     change = (f"; it ran on {before} process(es), this run has {world}: allowed, as the global batch ({batch_size}) "

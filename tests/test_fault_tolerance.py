@@ -197,6 +197,10 @@ def test_resume_on_another_number_of_processes_is_allowed_and_said(killed, tmp_p
     step = killed["mid"]["at"]["step"]
     assert f"resuming {tmp_path} at epoch 1 step {step}; it ran on 2 process(es), this run has 1: allowed" in p.stdout
     assert [m["epoch"] for m in read_metrics(tmp_path)] == [1, 2] and (tmp_path / "backbone.pt").exists()
+    # once more, as a restarted worker would: the run is done
+    again = run(["simclr.py"] + killed["args"] + ["--run-dir", str(tmp_path)], env=ONE)
+    assert f"{tmp_path} has finished its 2 epochs: nothing to do." in again.stdout
+    assert [m["epoch"] for m in read_metrics(tmp_path)] == [1, 2]
 
 
 def test_resume_with_a_flag_that_changes_the_run_is_one_sentence_and_exit_2(killed):
