@@ -881,6 +881,9 @@ class TrainLoader:
 
     def set_epoch(self, epoch, start_step=0, bad_images=0):
         """Iterate epoch `epoch` from step `start_step`; count unreadable images from `bad_images`."""
+        if start_step > len(self):
+            raise UserError(f"the checkpoint stopped at step {start_step} of an epoch, but an epoch of this data set has "
+                            f"{len(self)} steps: the data set changed since.")
         self.epoch, self.start_step, self.bad_images = epoch, start_step, bad_images
 
     def set_clusters(self, labels, positives):
