@@ -84,8 +84,16 @@ def parse_args(argv=None):
                    help="bf16: bf16 autocast and channels_last (the losses stay float32); fp32: neither; "
                         "auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model's forward pass and the tensor data path's augmentations")
-    p.add_argument("--run-dir", default="", help="output folder; default runs/<method>_<dataset>_s<seed>_<time>")
-    p.add_argument("--resume", default="", help="run folder (or checkpoint.pt) of a killed run to continue")
+    p.add_argument("--run-dir", default="", help="output folder; default runs/<method>_<dataset>_s<seed>_<time>. A "
+                   "folder that holds a checkpoint.pt is continued (auto-resume: torchrun --max-restarts, a requeued job)")
+    p.add_argument("--resume", default="", help="run folder (or checkpoint.pt) of a stopped run to continue; the flags "
+                   "that change what a run computes must be its own (README: Long runs and clusters)")
+    p.add_argument("--checkpoint-every-min", type=float, default=30, help="also checkpoint every M minutes inside an "
+                   "epoch (process 0's clock), and the rest of the epoch replays exactly on resume; 0: at epoch ends only. "
+                   "SIGTERM or SIGUSR1 checkpoint after the current step and exit 75")
+    p.add_argument("--check-data", action="store_true", help="decode every file of a --dataset folder before training "
+                   "and stop (exit 2) naming unreadable ones; without it, each is replaced by the next readable image "
+                   "and counted (bad_images in metrics.jsonl)")
     p.add_argument("--steps-per-epoch", type=int, default=0, help="cap on steps per epoch, for tests and benchmarks; 0: all")
     p.add_argument("--knn-every", type=int, default=1, help="kNN evaluation every N epochs (and after the last); 0: never")
     p.add_argument("--knn-limit", type=int, default=None,
@@ -403,8 +411,8 @@ def check_args(args):
     if args.compile and args.sync_bn and world > 1 and cuda:  # SyncBatchNorm is used on CUDA with several processes only
         raise common.UserError("--compile with SyncBatchNorm under DDP hits an open PyTorch bug (pytorch/pytorch#107372): "
                                "pass --no-sync-bn or leave out --compile.")
-    if args.resume:
-        path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume, "checkpoint.pt")
+    path = common.checkpoint_to_resume(args.resume, args.run_dir)  # --resume's, or one in --run-dir (auto-resume)
+    if path:
         if not os.path.isfile(path):
             raise common.UserError(f"--resume: no checkpoint at '{path}'.")
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -412,6 +420,7 @@ def check_args(args):
             raise common.UserError(f"--resume: '{path}' is a {ckpt.get('method')} checkpoint, not {METHOD}.")
         if ckpt["args"]["backbone"] != args.backbone:
             raise common.UserError(f"--resume: '{path}' holds a {ckpt['args']['backbone']}, not --backbone {args.backbone}.")
+        common.check_resume(ckpt["args"], args, path)  # the same run, or one sentence
         return ckpt, os.path.dirname(path)
     return None, None
 
@@ -424,9 +433,20 @@ def lr_at(step, total, warmup, base):
 
 
 def save_atomic(obj, path):
+    """Write to a temporary file, then rename: a kill or a full disk leaves the previous file whole."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a kill leaves the previous file whole
+    try:
+        with open(tmp, "wb") as fh:  # a file object: a full disk is OSError ENOSPC, not torch's opaque RuntimeError
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before the rename, so that a node's crash cannot leave an empty file
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            e.filename = path
+        raise
 
 
 def main(args):
@@ -463,6 +483,8 @@ def main(args):
     train_set = common.make_dataset(args.dataset, args.data_dir, train=True)
     knn_train = common.knn_bank(args.dataset, args.data_dir, train_set, args.knn_limit)  # one decoded copy of a split
     knn_test = common.make_dataset(args.dataset, args.data_dir, train=False)
+    if args.check_data:  # every file decoded now: a bad one is named before any work, not hours in
+        common.check_images([train_set, knn_test], args.workers)
     num_classes = len(knn_test.classes)
     loader = common.TrainLoader(train_set, train_views(args, size), args.batch_size, stats, device,
                                 seed=args.seed, workers=args.workers, positive=common.positive_view(size),
@@ -479,14 +501,17 @@ def main(args):
         model = model.to(memory_format=torch.channels_last)
     optimizer = LARS(xattn_groups(param_groups(model), model, args.xattn_lr_scale), lr=0.0, weight_decay=args.weight_decay,
                      eta=args.lars_eta, mode=args.lars_mode)
-    start_epoch, centroids = 0, None  # centroids: the last k-means clustering of --xattn, where the next one starts
+    # centroids: the last k-means clustering of --xattn, where the next one starts; resume_at: the position inside
+    # start_epoch of a mid-epoch checkpoint (step, running sums, ...; see common.RunControl.position)
+    start_epoch, centroids, resume_at = 0, None, {}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, centroids = ckpt["epoch"], ckpt.get("centroids")
-        if ckpt["momentum_step"] != start_epoch * steps:  # the target's tau schedule would jump
+        start_epoch, centroids, resume_at = ckpt["epoch"], ckpt.get("centroids"), ckpt.get("at") or {}
+        expected = start_epoch * steps + resume_at.get("step", 0)
+        if ckpt["momentum_step"] != expected:  # the target's tau schedule would jump
             raise common.UserError(f"--resume: the checkpoint is at momentum step {ckpt['momentum_step']}, "
-                                   f"not {start_epoch * steps}; resume with the same --steps-per-epoch.")
+                                   f"not {expected}; resume with the same --steps-per-epoch.")
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None) if distributed else model
     if args.compile:  # graph capture of the forward (and, through autograd, the backward) pass
         ddp = torch.compile(ddp)
@@ -496,26 +521,40 @@ def main(args):
         print(f"{METHOD}: {args.dataset} {len(train_set)} images at {size}px, {args.backbone}, "
               f"{world} process(es) on {device.type}, batch {args.batch_size}, {steps} steps/epoch -> {run_dir}", flush=True)
 
+    if rank == 0 and ckpt is not None:
+        common.resume_note(ckpt, run_dir, world, args.batch_size)
+    control = common.RunControl(args.checkpoint_every_min)  # stop signals and the checkpoint clock, agreed by all processes
+
+    def checkpoint(epoch, at=None):  # epochs done, and for a mid-epoch checkpoint the position inside the next one
+        if rank == 0:
+            save_atomic({"method": METHOD, "args": vars(args), "world": world, "epoch": epoch, "at": at,
+                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),  # + the target
+                         "momentum_step": epoch * steps + (at or {}).get("step", 0), "centroids": centroids},
+                        os.path.join(run_dir, "checkpoint.pt"))
+        control.saved()
+
     def embed(m, x):  # the memory bank holds the online projections z (Seyfi et al., Sec. 2.1), not p
         return m.projector(m.backbone(x)[1])
 
     for epoch in range(start_epoch, args.epochs):
         torch.manual_seed(args.seed * 1000 + epoch)  # a resumed epoch replays the same randomness
-        loader.set_epoch(epoch)
+        at = resume_at if epoch == start_epoch else {}  # where a mid-epoch checkpoint stopped in this epoch
+        loader.set_epoch(epoch, start_step=at.get("step", 0), bad_images=at.get("bad_images", 0) if rank == 0 else 0)
         if args.xattn:
             labels_all, centroids = cluster_bank(model, embed, train_set, args, size, stats, native, device, epoch, centroids)
             loader.set_clusters(labels_all.cpu().numpy(), args.xattn_positives)
         model.train()
-        sums = {}
+        sums = {k: v.to(device) for k, v in at.get("sums", {}).items()}  # the running sums of the steps done
         bad = torch.zeros((), device=device)  # first non-finite step + 1, or 0
-        t0, seen = time.time(), 0
+        t0, seen = time.time() - at.get("seconds", 0.0), at.get("seen", 0)
         next_line = t0 + min(10.0, args.log_seconds)  # a first progress line soon, then every --log-seconds
         if use_cuda:
             torch.cuda.reset_peak_memory_stats()
-        for step, (crops, idx, positives) in enumerate(loader):
+        for step, (crops, idx, positives) in enumerate(loader, start=at.get("step", 0)):
             if step >= steps:
                 break
             it = epoch * steps + step
+            torch.manual_seed(args.seed * 1000003 + it)  # what a step draws (MoCo's BN shuffle) replays from any step
             lr = lr_at(it, total, warmup, base_lr)
             tau = tau_at(it, total, args.tau_base, args.tau_final)
             for g in optimizer.param_groups:
@@ -558,6 +597,13 @@ def main(args):
                 return 1
             if rank == 0 and (log or time.time() >= next_line):  # by time: rank 0 alone, no collective
                 next_line = progress(args, epoch, step, steps, loss, lr, seen, t0)
+            stop, due = control.poll()  # the same answer on every process, at the same step
+            if (stop or due) and step + 1 < steps:  # at an epoch's last step its end-of-epoch checkpoint follows
+                if check_finite(bad, epoch, run_dir):  # never a checkpoint of a broken run
+                    return 1
+                checkpoint(epoch, control.position(step + 1, seen, time.time() - t0, sums, loader.bad_images))
+                if stop:
+                    return control.stop(f"at epoch {epoch + 1} step {step + 1}/{steps}", run_dir)
 
         # end of epoch: metrics, kNN, checkpoint
         seconds = time.time() - t0
@@ -580,18 +626,19 @@ def main(args):
                                                precision=args.precision)
             metrics["knn_top1"] = common.knn_top1(htr, ytr, hte, yte, num_classes, sharded=True)
         metrics.update(images_per_s=seen / seconds, seconds=seconds,
-                       peak_mem_gb=peak_gb)
+                       peak_mem_gb=peak_gb, bad_images=control.total(loader.bad_images))
         if rank == 0:
             with open(os.path.join(run_dir, "metrics.jsonl"), "a") as fh:
                 fh.write(json.dumps(metrics) + "\n")
-            save_atomic({"method": METHOD, "args": vars(args), "epoch": epoch + 1, "model": model.state_dict(),  # + target
-                         "optimizer": optimizer.state_dict(), "momentum_step": (epoch + 1) * steps, "centroids": centroids},
-                        os.path.join(run_dir, "checkpoint.pt"))
+        checkpoint(epoch + 1)
+        if rank == 0:
             save_atomic(model.backbone.state_dict(), os.path.join(run_dir, "backbone.pt"))
             tensorboard(metrics)
             print(epoch_line(metrics, args.epochs), flush=True)
         if distributed:
             dist.barrier()
+        if epoch + 1 < args.epochs and control.poll(force=True)[0]:  # a stop signal in the last step or the kNN pass
+            return control.stop(f"at the end of epoch {epoch + 1}", run_dir)
     if distributed:
         dist.destroy_process_group()
     return 0
@@ -650,7 +697,10 @@ def tensorboard_writer(run_dir):
 
 
 if __name__ == "__main__":
+    common.catch_stop_signals()  # in the training loop SIGTERM, SIGUSR1 checkpoint after the step: common.EXIT_STOPPED
     try:
         raise SystemExit(main(parse_args()))
     except common.UserError as e:
         common.fail(str(e))
+    except OSError as e:  # a full disk: one sentence and common.EXIT_WRITE
+        common.fail_write(e)

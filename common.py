@@ -3,7 +3,8 @@ k-means memory bank with kNN, and Grad-CAM.
 
 Sections, in order:
   1. errors and small distributed helpers
-  2. data sets (`make_dataset`)
+  1b. long runs on clusters: stop signals, the checkpoint clock (`RunControl`), resume checks
+  2. data sets (`make_dataset`); unreadable files (`load_image`, `check_images`)
   3. augmentations: a view is a `View` (crop size, crop scale, colour, blur,
      solarization); method scripts ask for `simclr_views`, `byol_views`,
      `multicrop_views`; `cpu_transform` turns a View into a torchvision pipeline
@@ -17,11 +18,15 @@ Sections, in order:
   7. `grad_cam`
 This file imports nothing of ours.
 """
+import errno
 import functools
 import hashlib
+import json
 import math
 import os
+import signal
 import sys
+import time
 import weakref
 from dataclasses import dataclass, replace
 
@@ -72,6 +77,191 @@ def use_bf16(precision, device):
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}.")
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+# ---------------------------------------------------------------- 1b. long runs on clusters
+# Exit codes besides 0 (done), 1 (the loss went non-finite) and 2 (bad input, UserError), from
+# sysexits.h so that a job script can tell "continue me" from "I failed". Both are non-zero, so
+# torchrun --max-restarts restarts the workers, which then continue from the run folder's checkpoint.
+EXIT_WRITE = 74  # EX_IOERR: the run folder could not be written (a full disk, a quota); its last checkpoint is whole
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by SIGTERM or SIGUSR1 after writing a checkpoint; the same command continues
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+AGREE_SECONDS = 1.0  # the processes of a run compare their stop flags and process 0's clock about this often
+# Flags that say how a run is carried out, not what it computes: a resumed run may change them.
+RESUME_FREE = ("run_dir", "resume", "device", "workers", "data_path", "compile", "precision", "knn_every", "knn_limit",
+               "log_every", "log_seconds", "checkpoint_every_min", "check_data")
+_caught = {"armed": False, "signal": 0}  # catch_stop_signals called; the last stop signal caught, 0: none
+
+
+def catch_stop_signals():
+    """From the training loop on (RunControl), SIGTERM (a scheduler's preemption, torchrun's shutdown of
+    its workers) and SIGUSR1 (SLURM's --signal=USR1@90 warning before the time limit) set a flag instead
+    of killing the process: the loop finishes its step, writes a checkpoint and exits with EXIT_STOPPED.
+    Before the loop (set-up, a process group's rendezvous) they kill as usual: there is nothing to save.
+    A script's __main__ calls it, so that importing a script (tests, benchmarks) leaves signals alone."""
+    _caught["armed"] = True
+
+
+def _caught_stop(signum, frame):
+    # A second signal changes nothing: SLURM signals every process of a step, and torchrun forwards its own
+    # signal to its workers too, so one stop often arrives twice.
+    _caught["signal"] = signum
+
+
+def _ignore_stop_signals(worker_id):
+    """DataLoader workers ignore the stop signals, which a scheduler sends to every process of a job:
+    the main process decides when to stop, and its workers end with it."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def fail_write(e):
+    """A full disk or quota (OSError ENOSPC or EDQUOT) while writing: one sentence and EXIT_WRITE.
+    Any other OSError is raised again: it is not this kind of trouble."""
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        raise e
+    where = f"'{e.filename}'" if e.filename else "the run folder"
+    print(f"error: {e.strerror} while writing {where}; the last checkpoint there is whole (files are written to a "
+          f"temporary name, then renamed); free some space and run the same command with --resume on the run folder.",
+          file=sys.stderr, flush=True)
+    sys.exit(EXIT_WRITE)
+
+
+class RunControl:
+    """Asked after every training step whether to stop and whether to write a mid-epoch checkpoint,
+    it gives the same answer on every process at the same step, so that no process waits in a
+    collective that the others never join: stop when any process caught a stop signal
+    (catch_stop_signals); checkpoint every `every_min` minutes (0: never mid-epoch) by process 0's
+    clock. The processes compare notes every `interval` steps, in one all_reduce of 3 numbers on the
+    CPU (a gloo group, beside NCCL, so the GPU is never made to wait), and process 0 picks the next
+    interval so that they meet about every AGREE_SECONDS. One process looks after every step.
+    Made, it catches the stop signals if the script's __main__ asked for it (catch_stop_signals)."""
+
+    def __init__(self, every_min):
+        if _caught["armed"]:
+            for s in STOP_SIGNALS:
+                signal.signal(s, _caught_stop)
+        self.every = every_min * 60
+        self.last_save = self.last_meet = time.time()
+        self.interval = self.countdown = 1
+        self.group = dist.new_group(backend="gloo") if world_size() > 1 else None
+        self.stopped_by = None  # the name of the agreed stop signal, once agreed
+        if (rank() == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0
+                and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
+            print("note: torchrun shares its rendezvous store with the workers, and restarted workers can find their "
+                  "predecessors' addresses there (pytorch/pytorch#135712): for --max-restarts use --rdzv-backend c10d "
+                  "and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (README: Long runs and clusters).", flush=True)
+
+    def saved(self):
+        """A checkpoint was written: the clock of --checkpoint-every-min starts again."""
+        self.last_save = time.time()
+
+    def poll(self, force=False):
+        """(name of a stop signal or None, checkpoint due) on every process after each step;
+        force: meet now, at a point every process passes (an epoch's end)."""
+        self.countdown -= 1
+        if self.countdown > 0 and not force:
+            return self.stopped_by, False
+        now = time.time()
+        note = torch.zeros(3, dtype=torch.float64)  # stop signal (any process), checkpoint due, next interval (process 0)
+        note[0] = _caught["signal"]
+        if rank() == 0:
+            note[1] = float(self.every > 0 and now - self.last_save >= self.every)
+            per_step = (now - self.last_meet) / self.interval
+            pace = min(1000, max(1, int(AGREE_SECONDS / max(per_step, 1e-6))))  # steps in AGREE_SECONDS
+            note[2] = 1 if self.group is None else self.interval if force else pace
+        if self.group is not None:
+            dist.all_reduce(note, op=dist.ReduceOp.MAX, group=self.group)
+        self.last_meet, self.interval = now, int(note[2])
+        self.countdown = self.interval
+        if note[0] and self.stopped_by is None:
+            self.stopped_by = signal.Signals(int(note[0])).name
+        return self.stopped_by, bool(note[1])
+
+    def position(self, step, seen, seconds, sums, bad_images):
+        """What a mid-epoch checkpoint holds to finish its epoch as an unbroken run would, on every
+        process: the steps done, the images seen, the seconds spent, the running metric sums as their
+        mean over processes (a resume on W processes starts each from it, and the epoch's mean over W
+        comes out the same) and the unreadable images of all processes."""
+        sums = {k: v.detach().cpu().clone() for k, v in sums.items()}  # their own dtype: a resume adds on bit for bit
+        bad = torch.tensor([float(bad_images)], dtype=torch.float64)
+        if self.group is not None:
+            for v in sums.values():
+                dist.all_reduce(v, group=self.group)
+                v.div_(world_size())
+            dist.all_reduce(bad, group=self.group)
+        return {"step": step, "seen": seen, "seconds": seconds, "bad_images": int(bad.item()), "sums": sums}
+
+    def total(self, n):
+        """The sum of an integer count over all processes."""
+        t = torch.tensor([float(n)], dtype=torch.float64)
+        if self.group is not None:
+            dist.all_reduce(t, group=self.group)
+        return int(t.item())
+
+    def stop(self, where, run_dir=None):
+        """Every process, after process 0 has written the checkpoint in `run_dir`: one line, then the end of
+        the process group; returns EXIT_STOPPED. run_dir None: the program keeps no checkpoint."""
+        if self.group is not None:
+            dist.barrier(group=self.group)  # process 0 is past its save: no process exits before the file is whole
+        who = f"process {rank()}: " if world_size() > 1 else ""
+        then = (f"checkpoint in {run_dir}; resume with the same command and --run-dir {run_dir} (or --resume {run_dir})"
+                if run_dir else "nothing was written; run the same command again")
+        print(f"{who}stopped by {self.stopped_by} {where}; {then}; exit code {EXIT_STOPPED}.", flush=True)
+        if world_size() > 1:
+            dist.destroy_process_group()
+        return EXIT_STOPPED
+
+
+def checkpoint_to_resume(resume, run_dir):
+    """The checkpoint a run continues, or None: --resume's (a run folder or a .pt file), else
+    --run-dir's checkpoint.pt when there is one (auto-resume: a restarted command continues its run)."""
+    if resume:
+        return resume if resume.endswith(".pt") else os.path.join(resume, "checkpoint.pt")
+    path = os.path.join(run_dir, "checkpoint.pt") if run_dir else ""
+    return path if os.path.isfile(path) else None
+
+
+def check_resume(saved, args, path):
+    """UserError when a flag that changes what the run computes differs from the checkpoint's: every
+    flag but RESUME_FREE (--data-dir only for --dataset folder, where it is the data set itself and not
+    a download folder). Flags that the checkpoint does not know (added since) are not compared."""
+    now = vars(args)
+    differ = [k for k in saved if k in now and k not in RESUME_FREE and saved[k] != now[k]
+              and not (k == "data_dir" and now.get("dataset") != "folder")]
+    if differ:
+        flags = lambda a: " ".join(f"--{k.replace('_', '-')} {a[k]}" for k in differ)
+        raise UserError(f"the checkpoint '{path}' was run with {flags(saved)}, not {flags(now)}; a resumed run keeps "
+                        "every flag that changes what it computes (pass the checkpoint's, or start another --run-dir).")
+
+
+def resume_note(ckpt, run_dir, world, batch_size):
+    """Process 0, on resume: drop the metrics.jsonl lines of epochs after the checkpoint's (a kill
+    between an epoch's line and its checkpoint would repeat them), and say in one line where the
+    run continues and, when the number of processes changed, that the global batch did not."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.isfile(path):
+        with open(path) as fh:
+            lines = fh.readlines()
+
+        def kept(line):
+            try:
+                return json.loads(line)["epoch"] <= ckpt["epoch"]
+            except ValueError:  # a line cut short by the kill
+                return False
+        keep = [line for line in lines if kept(line)]
+        if len(keep) < len(lines):
+            with open(path, "w") as fh:
+                fh.writelines(keep)
+    at, epochs = ckpt.get("at") or {}, ckpt["args"].get("epochs", math.inf)
+    if not at and ckpt["epoch"] >= epochs:  # e.g. torchrun restarting a worker that died after the last checkpoint
+        print(f"{run_dir} has finished its {epochs} epochs: nothing to do.", flush=True)
+        return
+    where = f"epoch {ckpt['epoch'] + 1} step {at['step']}" if at else f"the start of epoch {ckpt['epoch'] + 1}"
+    before = ckpt.get("world", world)
+    change = (f"; it ran on {before} process(es), this run has {world}: allowed, as the global batch ({batch_size}) "
+              f"and the schedule stay the same" if before != world else "")
+    print(f"resuming {run_dir} at {where}{change}", flush=True)
 
 
 # ---------------------------------------------------------------- 2. data sets
@@ -142,6 +332,76 @@ def make_dataset(name, data_dir, train=True, download=True):
         return cls(data_dir, train=train, download=download)
     except (RuntimeError, OSError) as e:  # no network, a corrupt archive, a missing file
         raise UserError(f"could not load dataset '{name}' from '{data_dir}' ({str(e).splitlines()[0]}).") from e
+
+
+BAD_IMAGE_TRIES = 64  # load_image gives up after this many unreadable items in a row
+
+
+def load_image(dataset, i):
+    """Item i of `dataset` as (RGB PIL image, label, index read, replaced). An image that cannot be
+    read (a truncated file, a file that is not an image, a file gone from a network disk) is replaced
+    by the next readable item (i + 1, i + 2, ..., around the end): the same substitute in every epoch
+    and on every process, so a run replays exactly, and counted by the caller instead of crashing a
+    run hours in. --check-data names such files before training."""
+    n = len(dataset)
+    for k in range(min(n, BAD_IMAGE_TRIES)):
+        j = (i + k) % n
+        try:
+            img, y = dataset[j]
+            return img.convert("RGB"), y, j, k > 0
+        except (OSError, SyntaxError, ValueError):  # what PIL raises for a file it cannot decode
+            continue
+    raise UserError(f"{min(n, BAD_IMAGE_TRIES)} images in a row from item {i} of the data set cannot be read; "
+                    "list the bad files with --check-data.")
+
+
+class _Probe(torch.utils.data.Dataset):
+    """Path i -> '' when the file decodes, else why not (one line)."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.paths[i]) as img:
+                img.draft("RGB", (1, 1))  # a JPEG decodes at 1/8 scale: every byte is still read and checked
+                img.load()
+            return ""
+        except (OSError, SyntaxError, ValueError) as e:
+            return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def check_images(datasets, workers=2, shown=5):
+    """--check-data: open and decode every file of the image-folder data sets among `datasets`, before
+    training, each process a share. Raises UserError naming the first `shown` unreadable files and
+    their count; else process 0 says how many files it checked. Data sets held as arrays (digits,
+    CIFAR, STL-10) have no files to check."""
+    paths = sorted({p for ds in datasets for p, _ in getattr(_base(ds)[0], "samples", [])})
+    if not paths:
+        if rank() == 0:
+            print("check-data: this data set is held as arrays, not image files; nothing to check.", flush=True)
+        return 0
+    share = _Probe(paths[rank()::world_size()])
+    loader = torch.utils.data.DataLoader(share, batch_size=64, num_workers=workers, collate_fn=list,
+                                         worker_init_fn=_ignore_stop_signals)
+    why = [w for batch in loader for w in batch]
+    bad = [(p, w) for p, w in zip(share.paths, why) if w]
+    if world_size() > 1:
+        every = [None] * world_size()
+        dist.all_gather_object(every, bad)
+        bad = sorted(b for part in every for b in part)
+    if bad:
+        more = f", and {len(bad) - shown} more" if len(bad) > shown else ""
+        raise UserError(f"--check-data: {len(bad)} of {len(paths)} images cannot be read: "
+                        + "; ".join(f"'{p}' ({w})" for p, w in bad[:shown]) + more
+                        + " (remove or replace them; without --check-data a run replaces each by the next readable "
+                          "image and counts them as bad_images in metrics.jsonl).")
+    if rank() == 0:
+        print(f"check-data: all {len(paths)} image files decode.", flush=True)
+    return len(paths)
 
 
 def eval_dataset(name, data_dir, download=True, train_set=None):
@@ -308,8 +568,11 @@ def estimate_bytes(dataset):
         return n * int(np.prod(base.data.shape[1:]))
     sizes = set()
     for p, _ in base.samples[:: max(1, len(base.samples) // 64)]:  # 64 headers, not the pixels
-        with Image.open(p) as img:
-            sizes.add(img.size)
+        try:
+            with Image.open(p) as img:
+                sizes.add(img.size)
+        except (OSError, SyntaxError, ValueError):  # an unreadable file: decoding names it, --check-data lists them
+            continue
     if len(sizes) != 1:
         return None
     (w, h), = sizes
@@ -346,8 +609,13 @@ def _decode_folder(ds):
         return torch.from_numpy(np.load(path))
     first = None
     for i, (p, _) in enumerate(ds.samples):
-        with Image.open(p) as img:
-            a = np.asarray(img.convert("RGB"))
+        try:
+            with Image.open(p) as img:
+                a = np.asarray(img.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as e:  # before training, so one sentence rather than a substitute
+            raise UserError(f"'{p}' cannot be read ({str(e).splitlines()[0]}); the tensor path decodes every image "
+                            "first: remove it, or use --data-path cpu, which replaces unreadable images and counts "
+                            "them (--check-data lists them all).") from e
         if first is None:
             first = np.empty((len(ds.samples),) + a.shape, np.uint8)  # (N, H, W, 3)
         if a.shape != first.shape[1:]:
@@ -533,7 +801,10 @@ def eval_tensor(images, size, stats, native):
 
 # ---------------------------------------------------------------- 4. training loader
 class _Views(torch.utils.data.Dataset):
-    """Key (i, 0) -> every view of image i; key (i, 1) -> the positive crop of image i."""
+    """Key (i, 0, seed) -> every view of image i; key (i, 1, seed) -> the positive crop of image i.
+    The transforms draw from torch's generator seeded with `seed`, so that an image's crops depend on
+    the key alone, not on which worker (or process) made them. Items are (crops, index read, kind,
+    1 if the image was unreadable and replaced (load_image) else 0)."""
 
     def __init__(self, base, views, positive, stats):
         self.base = base
@@ -544,11 +815,12 @@ class _Views(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, key):
-        i, kind = key
-        img = self.base[i][0].convert("RGB")
-        if kind == 1:
-            return [self.pos_tf(img)], i, 1
-        return [t(img) for t in self.tf], i, 0
+        i, kind, seed = key
+        img, _, j, replaced = load_image(self.base, i)
+        with torch.random.fork_rng(devices=[]):  # with workers=0 this is the training process: leave its generator be
+            torch.manual_seed(seed)
+            crops = [self.pos_tf(img)] if kind == 1 else [t(img) for t in self.tf]
+        return crops, j, kind, int(replaced)
 
 
 def _collate(items):
@@ -557,7 +829,7 @@ def _collate(items):
     crops = [torch.stack([a[0][v] for a in anchors]) for v in range(len(anchors[0][0]))]
     idx = torch.tensor([a[1] for a in anchors])
     positives = torch.stack([p[0][0] for p in pos]) if pos else None
-    return crops, idx, positives
+    return crops, idx, positives, sum(x[3] for x in items)
 
 
 class TrainLoader:
@@ -570,7 +842,15 @@ class TrainLoader:
     Yields (crops, idx, positives): crops is a list with one (b, 3, s, s) tensor per
     view, idx the (b,) data-set indices, positives (b * P, 3, s, s) or None.
     With `set_clusters(labels, P)`, each image brings P images of its cluster (one
-    positive crop each), drawn at random from (seed, epoch).
+    positive crop each), drawn at random from (seed, epoch) for the global batch.
+    `set_epoch(epoch, start_step)` starts the epoch at step start_step (a mid-epoch
+    checkpoint's): its batches and crops are those an unbroken epoch has there, because
+    the randomness is a function of (seed, epoch, step): on the CPU path each image's
+    crops are seeded from (seed, epoch, step, its place in the global batch), so they are
+    also the same on any number of processes or workers; on the tensor path each step's
+    from (seed, epoch, step, rank).
+    An image that cannot be read is replaced by the next readable one (`load_image`);
+    `bad_images` counts them on this process, from set_epoch's `bad_images`.
     data_path: "cpu" (PIL + torchvision in `workers` processes), "tensor" (the data set
     decoded once onto `device`, augmented there in batches; same batches, same
     distributions, other random draws) or "auto" (see `resolve_data_path`).
@@ -585,7 +865,8 @@ class TrainLoader:
         if batch_size > self.n:
             raise UserError(f"--batch-size {batch_size} is larger than the {self.n} training images.")
         self.batch_size, self.local = batch_size, batch_size // self.world
-        self.device, self.seed, self.workers, self.epoch = device, seed, workers, 0
+        self.device, self.seed, self.workers = device, seed, workers
+        self.epoch, self.start_step, self.bad_images = 0, 0, 0
         self.data_path = resolve_data_path(data_path, dataset, device)
         if self.data_path == "tensor":
             self.images = decode_uint8(dataset, device)  # (N, 3, H, W) uint8, decoded once
@@ -598,8 +879,12 @@ class TrainLoader:
     def __len__(self):
         return self.n // self.batch_size  # drop the last incomplete batch: equal steps on every process
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, start_step=0, bad_images=0):
+        """Iterate epoch `epoch` from step `start_step`; count unreadable images from `bad_images`."""
+        if start_step > len(self):
+            raise UserError(f"the checkpoint stopped at step {start_step} of an epoch, but an epoch of this data set has "
+                            f"{len(self)} steps: the data set changed since.")
+        self.epoch, self.start_step, self.bad_images = epoch, start_step, bad_images
 
     def set_clusters(self, labels, positives):
         """labels: (N,) pseudo-label of each training image; positives: P per anchor."""
@@ -610,52 +895,64 @@ class TrainLoader:
         self.members = (order, bounds)  # members of cluster c: order[bounds[c]:bounds[c+1]]
 
     def _batches(self):
+        """Every step's keys (image, kind, seed) for this process, from step 0: each step's draws
+        are the same wherever iteration starts."""
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         perm = torch.randperm(self.n, generator=g).numpy()
         rng = np.random.default_rng(self.seed * 100003 + self.epoch)
+        mine = slice(self.rank * self.local, (self.rank + 1) * self.local)  # this process's part of a global batch
         for s in range(len(self)):
-            idx = perm[s * self.batch_size:(s + 1) * self.batch_size][self.rank * self.local:(self.rank + 1) * self.local]
-            keys = [(int(i), 0) for i in idx]
+            idx = perm[s * self.batch_size:(s + 1) * self.batch_size][mine]
+            # one seed per crop of the global batch (anchors, then their positives), from (seed, epoch, step)
+            seeds = np.random.default_rng([self.seed, self.epoch, s]).integers(2**63, size=(1 + self.positives, self.batch_size))
+            keys = [(int(i), 0, int(z)) for i, z in zip(idx, seeds[0, mine])]
             if self.positives:
                 order, bounds = self.members
                 c = self.labels[idx]
                 lo, hi = bounds[c], bounds[c + 1]  # (b,) every cluster has its anchor, so hi > lo
-                pick = lo[:, None] + (rng.random((len(idx), self.positives)) * (hi - lo)[:, None]).astype(np.int64)
-                keys += [(int(j), 1) for j in order[pick].reshape(-1)]  # (b * P,) anchor-major
-            yield keys
+                u = rng.random((self.batch_size, self.positives))[mine]  # drawn for the global batch, then this part
+                pick = lo[:, None] + (u * (hi - lo)[:, None]).astype(np.int64)
+                keys += [(int(j), 1, int(z)) for j, z in zip(order[pick].reshape(-1), seeds[1:, mine].T.reshape(-1))]
+            yield keys  # (b,) anchors, then (b * P,) positives anchor-major
+
+    def _step_seed(self, s):
+        return int(np.random.SeedSequence([self.seed, self.epoch, s, self.rank]).generate_state(1)[0])
 
     def __iter__(self):
-        # Augmentations are seeded from (seed, epoch, rank), so a resumed epoch replays them.
-        seed = self.seed * 7919 + self.epoch * 104729 + self.rank
         if self.data_path == "tensor":
-            yield from self._tensor_batches(seed)
+            yield from self._tensor_batches()
             return
-        g = torch.Generator().manual_seed(seed)  # the workers' seeds come from it
+        # The crops seed themselves (_Views); this generator only keeps the DataLoader from drawing
+        # the workers' seeds from the global one.
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 104729 + self.rank)
         loader = torch.utils.data.DataLoader(
-            self.data, batch_sampler=list(self._batches()), num_workers=self.workers, collate_fn=_collate,
-            pin_memory=self.device.type == "cuda", generator=g, persistent_workers=False,
+            self.data, batch_sampler=list(self._batches())[self.start_step:], num_workers=self.workers,
+            collate_fn=_collate, pin_memory=self.device.type == "cuda", generator=g, persistent_workers=False,
+            worker_init_fn=_ignore_stop_signals,
         )
-        for crops, idx, positives in loader:
+        for crops, idx, positives, bad in loader:
+            self.bad_images += bad
             crops = [c.to(self.device, non_blocking=True) for c in crops]
             if positives is not None:
                 positives = positives.to(self.device, non_blocking=True)
             yield crops, idx.to(self.device, non_blocking=True), positives
 
-    def _tensor_batches(self, seed):
-        keys = list(self._batches())
+    def _tensor_batches(self):
+        keys = list(self._batches())[self.start_step:]
         if not keys:
             return
         # The epoch's indices cross to the device in one copy: a host->device copy per step
         # from pageable memory would wait for the GPU to drain its queue.
-        anchors = torch.tensor([[k for k, kind in b if kind == 0] for b in keys])  # (S, b)
-        pos = torch.tensor([[k for k, kind in b if kind == 1] for b in keys]) if self.positives else None  # (S, b*P)
+        anchors = torch.tensor([[k for k, kind, _ in b if kind == 0] for b in keys])  # (S, b)
+        pos = torch.tensor([[k for k, kind, _ in b if kind == 1] for b in keys]) if self.positives else None  # (S, b*P)
         if self.device.type == "cuda":
             anchors, pos = anchors.pin_memory(), pos.pin_memory() if pos is not None else None
         anchors = anchors.to(self.device, non_blocking=True)
         pos = pos.to(self.device, non_blocking=True) if pos is not None else None
-        g = torch.Generator(device=self.device).manual_seed(seed)
+        g = torch.Generator(device=self.device)
         h, w = self.images.shape[2:]
         for s in range(len(keys)):
+            g.manual_seed(self._step_seed(self.start_step + s))  # each step's draws, wherever the epoch starts
             idx = anchors[s]
             x = self.images[idx]  # (b, 3, H, W) uint8
             crops = [self.apply(x, sample_params(v, len(idx), h, w, g, self.device), v, self.stats) for v in self.views]
@@ -710,7 +1007,7 @@ def build_backbone(name="resnet18", small_images=True, weights=None, zero_init_r
 # ---------------------------------------------------------------- 6. features, memory bank, kNN
 @torch.no_grad()
 def extract_features(model, dataset, size, stats, native, device, batch_size=256, workers=2, embed=None,
-                     data_path="cpu", precision="auto", gather=True):
+                     data_path="cpu", precision="auto", gather=True, faults=None):
     """Embeddings of every image of `dataset`, with the evaluation transform and `model` in
     eval mode (BatchNorm running statistics, not batch statistics). `embed(model, x)`
     gives (B, d) features; the default takes the pooled h of a Backbone. Each process
@@ -720,7 +1017,8 @@ def extract_features(model, dataset, size, stats, native, device, batch_size=256
     default stays "cpu" because callers may pass wrappers that transform their images.
     precision: see `use_bf16`; the features are float32 either way. gather=False: only this
     process's share (contiguous, in rank order, without padding), e.g. a kNN bank that no
-    process holds whole (`knn_top1(..., sharded=True)`)."""
+    process holds whole (`knn_top1(..., sharded=True)`). An unreadable image is replaced by the
+    next readable one (`load_image`); `faults`, a list, gets their number over all processes."""
     embed = embed or (lambda m, x: m(x)[1])
     was_training = model.training
     model.eval()
@@ -731,17 +1029,24 @@ def extract_features(model, dataset, size, stats, native, device, batch_size=256
         base, sub = _base(dataset)  # a Subset reads its rows of its base's decoded tensor, never a copy of its own
         images, y_all = decode_uint8(base, device), targets_of(base).to(device)
         rows = torch.as_tensor(np.asarray(mine) if sub is None else sub[mine]).to(device)
-        loader = ((eval_tensor(images[i], size, stats, native), y_all[i]) for i in rows.split(batch_size))
+        loader = ((eval_tensor(images[i], size, stats, native), y_all[i], 0) for i in rows.split(batch_size))
     else:
         data = _EvalSet(dataset, mine, eval_transform(size, stats, native))
-        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers)
-    feats, labels = [], []
-    for x, y in loader:
+        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers,
+                                             worker_init_fn=_ignore_stop_signals)
+    feats, labels, replaced = [], [], 0
+    for x, y, bad in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(precision, device)):
             z = embed(model, x.to(device, non_blocking=True))
         feats.append(z.float())
         labels.append(y.to(device))
+        replaced += int(bad.sum()) if torch.is_tensor(bad) else bad
     model.train(was_training)
+    if faults is not None:
+        count = torch.tensor(float(replaced), device=device)
+        if world_size() > 1:
+            dist.all_reduce(count)
+        faults.append(int(count.item()))
     z, y = torch.cat(feats), torch.cat(labels)
     if not gather:
         keep = max(0, min(per, n - r * per))  # the last shares hold padding (or nothing) only
@@ -758,8 +1063,8 @@ class _EvalSet(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, j):
-        img, y = self.base[self.indices[j]]
-        return self.tf(img.convert("RGB")), y
+        img, y, _, replaced = load_image(self.base, self.indices[j])
+        return self.tf(img), y, int(replaced)
 
 
 class MemoryBank:

@@ -26,6 +26,13 @@ Outputs, in --out (default: RUN_DIR, or the folder of --weights):
   linear_head.pt     {"state_dict": nn.Linear(D, C), "mean": (D,), "std": (D,)}:
                      logits = linear((h - mean) / std)
 
+Long runs and clusters (see README): SIGTERM or SIGUSR1 stops the probe after its current step
+with exit code 75 and nothing written (there is no checkpoint: the same command starts over), the
+outputs are written to temporary names then renamed, a full disk is one sentence and exit code 74;
+an unreadable image is replaced by the next readable one and counted (bad_images in linear.json),
+or named before any work with --check-data (exit 2). Mid-epoch checkpoints and auto-resume are the
+method scripts' only.
+
     python eval_linear.py runs/simclr_digits_s0_1700000000
     python eval_linear.py --weights backbone.pt --backbone resnet18 --dataset cifar10 --data-dir data
     torchrun --nproc_per_node=4 eval_linear.py runs/my_run --augment --epochs 100
@@ -71,6 +78,8 @@ def parse_args(argv=None):
                    help="the backbone's forward pass: bf16 autocast or fp32; auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--train-limit", type=int, default=0, help="train on this many training images (fixed subset); 0: all")
     p.add_argument("--test-limit", type=int, default=0, help="evaluate on this many images (fixed subset); 0: all")
+    p.add_argument("--check-data", action="store_true", help="decode every file of a --dataset folder first and stop "
+                   "(exit 2) naming unreadable ones; without it each is replaced by the next readable image and counted")
     return p.parse_args(argv)
 
 
@@ -148,12 +157,14 @@ class RandomCrops(torch.utils.data.Dataset):
         return self.tf(img.convert("RGB")), y
 
 
-def train_linear(x, y, num_classes, epochs=100, batch_size=256, lr=0.1, weight_decay=0.0, seed=0, features_at=None):
+def train_linear(x, y, num_classes, epochs=100, batch_size=256, lr=0.1, weight_decay=0.0, seed=0, features_at=None,
+                 stop=None):
     """Multinomial logistic regression on standardized features, SGD with nesterov momentum
     and a per-step cosine schedule. x (N, D) standardized, y (N,). With `features_at(epoch)`,
     each epoch trains on the features it returns (the --augment recipe) instead of x.
     Every process runs the same steps on the same gathered features, so they agree.
-    Returns the trained nn.Linear(D, C) on x's device."""
+    Returns the trained nn.Linear(D, C) on x's device, or None when `stop()`, asked after every
+    step on every process, said so (a stop signal, common.RunControl)."""
     n, d = x.shape
     head = nn.Linear(d, num_classes).to(x.device)
     nn.init.zeros_(head.weight)  # zero start: a feature constant on the training set keeps weight 0
@@ -173,6 +184,8 @@ def train_linear(x, y, num_classes, epochs=100, batch_size=256, lr=0.1, weight_d
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if stop is not None and stop():
+                return None
     return head
 
 
@@ -180,6 +193,22 @@ def topk_accuracy(logits, y, k):
     """Share of rows whose label is among the k highest logits (k capped at the classes)."""
     top = logits.topk(min(k, logits.shape[1]), dim=1).indices  # (N, k)
     return (top == y[:, None]).any(1).sum().item() / len(y)  # an exact fraction, not a float32 mean
+
+
+def write_atomic(path, write):
+    """write(file object) to a temporary file, then rename; on failure the temporary file goes and a
+    full disk is OSError ENOSPC with the path (common.fail_write)."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            e.filename = path
+        raise
 
 
 def main(args):
@@ -193,6 +222,7 @@ def main(args):
         dist.init_process_group("nccl" if use_cuda else "gloo")
     rank = common.rank()
     torch.manual_seed(args.seed)
+    control = common.RunControl(0)  # a stop signal, agreed by every process at the same step; no checkpoint
     t0 = time.time()
 
     native = common.IMAGE_SIZE[args.dataset]
@@ -206,15 +236,19 @@ def main(args):
     train_set, train_index = fixed_subset(common.eval_dataset(args.dataset, args.data_dir), args.train_limit)
     test_full = common.make_dataset(args.dataset, args.data_dir, train=False)
     test_set, test_index = fixed_subset(test_full, args.test_limit)
+    if args.check_data:  # every file decoded now: a bad one is named before any work
+        common.check_images([train_set, test_full], args.workers)
     classes = list(test_full.classes)
     num_classes = len(classes)
     if rank == 0:
         print(f"eval_linear: {args.weights} ({args.backbone}) on {args.dataset} at {size}px, {len(train_set)} train / "
               f"{len(test_set)} test images, {common.world_size()} process(es) on {device.type} -> {args.out}", flush=True)
 
+    faults = []  # unreadable images replaced, per extraction (common.load_image)
+
     def features(dataset):  # (N, D) float32 h, not normalized, and labels (N,), identical on every process
         return common.extract_features(backbone, dataset, size, stats, native, device, args.batch_size, args.workers,
-                                       precision=args.precision)
+                                       precision=args.precision, faults=faults)
 
     htr, ytr = features(train_set)
     hte, yte = features(test_set)
@@ -235,7 +269,9 @@ def main(args):
             return (features(augmented)[0] - mean) / std
 
     head = train_linear((htr - mean) / std, ytr, num_classes, args.epochs, args.batch_size, args.lr,
-                        args.weight_decay, args.seed, features_at)
+                        args.weight_decay, args.seed, features_at, stop=lambda: control.poll()[0] is not None)
+    if head is None:
+        return control.stop("during the linear probe")
     with torch.no_grad():
         logits = head((hte - mean) / std)  # (N, C)
     prob = logits.softmax(1)
@@ -258,19 +294,22 @@ def main(args):
         "offline_linear_top1": top1, "offline_linear_top5": top5, **knn, "recipe": recipe,
         "dataset": args.dataset, "data_dir": args.data_dir, "image_size": size, "backbone": args.backbone,
         "weights": os.path.abspath(args.weights), "n_train": len(train_set), "n_test": len(test_set),
-        "classes": classes, "seconds": time.time() - t0,
+        "classes": classes, "bad_images": sum(faults), "seconds": time.time() - t0,
     }
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        np.savez(os.path.join(args.out, "predictions.npz"),
-                 index=test_index.astype(np.int64), label=yte.cpu().numpy().astype(np.int64),
-                 prediction=prediction.cpu().numpy().astype(np.int64), confidence=confidence.cpu().numpy(),
-                 correct=(prediction == yte).cpu().numpy(), logits=logits.cpu().numpy(),
-                 h=hte.cpu().numpy().astype(np.float32))
-        torch.save({"state_dict": {k: v.cpu() for k, v in head.state_dict().items()},
-                    "mean": mean.cpu(), "std": std.cpu()}, os.path.join(args.out, "linear_head.pt"))
-        with open(os.path.join(args.out, "linear.json"), "w") as fh:
-            json.dump(result, fh, indent=2)
+        # each file to a temporary name, then renamed: a kill or a full disk never leaves half a file;
+        # linear.json last, so that it is there only when the others are
+        write_atomic(os.path.join(args.out, "predictions.npz"), lambda fh: np.savez(
+            fh, index=test_index.astype(np.int64), label=yte.cpu().numpy().astype(np.int64),
+            prediction=prediction.cpu().numpy().astype(np.int64), confidence=confidence.cpu().numpy(),
+            correct=(prediction == yte).cpu().numpy(), logits=logits.cpu().numpy(), h=hte.cpu().numpy().astype(np.float32)))
+        write_atomic(os.path.join(args.out, "linear_head.pt"), lambda fh: torch.save(
+            {"state_dict": {k: v.cpu() for k, v in head.state_dict().items()}, "mean": mean.cpu(), "std": std.cpu()}, fh))
+        write_atomic(os.path.join(args.out, "linear.json"), lambda fh: fh.write(json.dumps(result, indent=2).encode()))
+        if result["bad_images"]:
+            print(f"note: {result['bad_images']} unreadable images were replaced by the next readable one "
+                  f"(--check-data names them).", flush=True)
         print(f"offline linear top-1 {top1:.4f} top-5 {top5:.4f} | kNN top-1 k=20 {knn['knn_top1_k20']:.4f} "
               f"k=200 {knn['knn_top1_k200']:.4f} | {result['seconds']:.0f} s", flush=True)
     if distributed:
@@ -280,7 +319,10 @@ def main(args):
 
 
 if __name__ == "__main__":
+    common.catch_stop_signals()  # in the probe SIGTERM, SIGUSR1 stop after the step: common.EXIT_STOPPED
     try:
         raise SystemExit(main(parse_args()))
     except common.UserError as e:
         common.fail(str(e))
+    except OSError as e:  # a full disk: one sentence and common.EXIT_WRITE
+        common.fail_write(e)

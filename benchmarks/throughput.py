@@ -124,8 +124,8 @@ class ConstantLoader:
     def __len__(self):
         return self.n // (self.local * common.world_size())
 
-    def set_epoch(self, epoch):
-        pass
+    def set_epoch(self, epoch, start_step=0, bad_images=0):
+        self.bad_images = bad_images  # no file is read: none is unreadable
 
     def set_clusters(self, labels, positives):
         self.p = positives

@@ -1,6 +1,8 @@
 """byol.py: the loss against the paper's equation, the EMA target, DDP equivalence and
 consistency across processes, end-to-end runs, resume, bad input."""
 
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -228,9 +230,15 @@ def test_end_to_end_digits_and_resume_matches_an_unbroken_run(tmp_path):
         assert torch.equal(full["model"][k], resumed["model"][k]), k
     for a, b in zip(full["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
         assert torch.equal(a["momentum"], b["momentum"])
-    # another --steps-per-epoch would make the tau schedule jump: refused
-    with pytest.raises(common.UserError, match="momentum step 6, not 4"):
+    # another --steps-per-epoch would make the tau schedule jump: refused, as every flag that changes the run
+    with pytest.raises(common.UserError, match="was run with --epochs 2 --steps-per-epoch 3, not --epochs 3 --steps-per-epoch 2"):
         byol.main(byol.parse_args(flags + ["--epochs", "3", "--steps-per-epoch", "2", "--resume", str(tmp_path / "cut")]))
+    # and a checkpoint whose momentum step is not its epochs' steps (a data set that changed size), by the target's check
+    resumed["momentum_step"] = 5
+    os.makedirs(tmp_path / "odd")
+    torch.save(resumed, tmp_path / "odd" / "checkpoint.pt")
+    with pytest.raises(common.UserError, match="momentum step 5, not 6"):
+        byol.main(byol.parse_args(flags + ["--resume", str(tmp_path / "odd")]))
 
 
 def test_end_to_end_with_both_add_ons(tmp_path):

@@ -70,7 +70,7 @@ def test_train_loader_splits_the_global_batch_and_brings_positives():
     assert pos.shape == (64 * 3, 3, 16, 16)
     # the positives' indices come from the anchors' clusters
     keys = next(iter(one._batches()))
-    anchors, positives = [k for k, kind in keys if kind == 0], [k for k, kind in keys if kind == 1]
+    anchors, positives = [k for k, kind, _ in keys if kind == 0], [k for k, kind, _ in keys if kind == 1]
     assert np.array_equal(labels[np.repeat(anchors, 3)], labels[positives])
     with pytest.raises(common.UserError, match="larger than"):
         common.TrainLoader(ds, common.simclr_views(16), 4096, common.STATS["digits"], torch.device("cpu"))
@@ -79,13 +79,13 @@ def test_train_loader_splits_the_global_batch_and_brings_positives():
 def _loader_indices(rank, world):
     ds = common.make_dataset("digits", "x")
     loader = common.TrainLoader(ds, common.simclr_views(16), 64, common.STATS["digits"], torch.device("cpu"), workers=0)
-    return [k for batch in loader._batches() for k, _ in batch][:640]
+    return [k for batch in loader._batches() for k, _, _ in batch][:640]
 
 
 def test_two_processes_see_together_the_single_process_batches():
     ds = common.make_dataset("digits", "x")
     single = common.TrainLoader(ds, common.simclr_views(16), 64, common.STATS["digits"], torch.device("cpu"), workers=0)
-    batches = [[k for k, _ in b] for b in single._batches()]
+    batches = [[k for k, _, _ in b] for b in single._batches()]
     r0, r1 = spawn(_loader_indices)
     for s in range(10):
         assert r0[s * 32:(s + 1) * 32] + r1[s * 32:(s + 1) * 32] == batches[s]
