@@ -42,7 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=1e-4,
                    help="weight decay, not on biases and norms (solo-learn CIFAR and official: 1e-4)")
     p.add_argument("--lars-mode", default="clip", choices=["clip", "official"],
-                   help="LARS form (see class LARS): clip as solo-learn's CIFAR recipe, official as SimCLR's code")
+                   help="LARS form (see class LARS): clip as solo-learn's CIFAR recipe, official as SimCLR's code; "
+                        "short runs at small batches learn faster with official, as the clipped step does not shrink "
+                        "with lr (RESULTS.md, learning study)")
     p.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn CIFAR: 0.02; official: 0.001)")
     p.add_argument("--warmup-epochs", type=float, default=10, help="linear warm-up, then cosine decay (solo-learn, official: 10)")
     p.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature (solo-learn CIFAR: 0.2; official ImageNet: 0.1)")
