@@ -1,6 +1,7 @@
 """Shared test helpers: run a script as a user would (subprocess, torchrun), and run a
 function in 2 gloo processes to compare distributed code with one process."""
 import os
+import pathlib
 import pickle
 import signal
 import socket
@@ -20,6 +21,37 @@ sys.path.insert(0, REPO)
 # A tiny but real training job: digits at 16 px, 3 steps an epoch, a small kNN bank.
 TINY = ["--dataset", "digits", "--image-size", "16", "--batch-size", "32", "--steps-per-epoch", "3",
         "--workers", "0", "--knn-limit", "256", "--log-every", "1"]
+
+
+# Disk: every tiny run still writes full ResNet-18 checkpoints (80-210 MB each), and pytest keeps
+# every tmp_path until the session ends, so the suite used to leave 12 GB behind and failed with
+# ENOSPC on a CI machine with less free disk. Weights are deleted as soon as the test (or module,
+# for module-scoped runs) that made them is over; logs and metrics stay for reading a failure.
+WEIGHTS = ("*.pt", "*.pt.*", "*.pth")
+
+
+def drop_weights(folder):
+    """Delete the weight files under `folder`; return how many bytes that freed."""
+    freed = 0
+    for pattern in WEIGHTS:
+        for f in pathlib.Path(folder).rglob(pattern):
+            if f.is_file():
+                freed += f.stat().st_size
+                f.unlink()
+    return freed
+
+
+@pytest.fixture(autouse=True)
+def _drop_weights_after_test(request):
+    yield
+    if "tmp_path" in request.fixturenames:
+        drop_weights(request.node.funcargs["tmp_path"])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_weights_after_module(tmp_path_factory):
+    yield  # module-scoped runs live under the session's base folder; modules run one after another
+    drop_weights(tmp_path_factory.getbasetemp())
 
 
 def free_port():
