@@ -48,7 +48,7 @@ def parse_args(argv=None):
                    help="weight decay, not on biases and norms (solo-learn CIFAR: 1e-5; official ImageNet: 1.5e-6)")
     p.add_argument("--lars-mode", default="clip", choices=["clip", "official"],
                    help="clip: step min(lr, eta ||w|| / (||g|| + wd ||w||)), solo-learn's clip_lr; official: unclipped "
-                   "lr eta ||w|| / ||g + wd w|| (solo-learn CIFAR: clip; official ImageNet: official)")
+                   "lr eta ||w|| / ||g + wd w|| (solo-learn CIFAR: clip; official ImageNet: official); the learning study (RESULTS.md) passes official, as at small batches the clipped step does not shrink with lr")
     p.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn CIFAR: 0.02; official ImageNet: 0.001)")
     p.add_argument("--warmup-epochs", type=float, default=10,
                    help="linear warm-up, then cosine decay to 0 (solo-learn CIFAR: 10; official ImageNet: 10)")

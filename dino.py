@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=1e-6,
                    help="not on biases and norms (solo-learn CIFAR: 1e-6; official RN50: 1e-4, constant)")
     p.add_argument("--lars-mode", default="clip", choices=["clip", "official"],
-                   help="LARS form (see class LARS), --optimizer lars only (solo-learn CIFAR: clip)")
+                   help="LARS form (see class LARS), --optimizer lars only (solo-learn CIFAR: clip); the learning study (RESULTS.md) passes official, as at small batches the clipped step does not shrink with lr")
     p.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn CIFAR: 0.02; DINO's LARS: 0.001)")
     p.add_argument("--warmup-epochs", type=float, default=10, help="linear warm-up, then cosine decay (solo-learn, official: 10)")
     p.add_argument("--local-crops", type=int, default=0,
@@ -73,7 +73,9 @@ def parse_args(argv=None):
                    help="epochs of linear tau_t warm-up (solo-learn CIFAR, official: 0)")
     p.add_argument("--center-momentum", type=float, default=0.9, help="EMA rate m of the center (DINO Eq. 4, solo-learn: 0.9)")
     p.add_argument("--teacher-momentum", type=float, default=0.9995,
-                   help="teacher EMA rate, cosine to 1 (solo-learn CIFAR: 0.9995; official: 0.996)")
+                   help="teacher EMA rate, cosine to 1 (solo-learn CIFAR: 0.9995; official: 0.996); the learning "
+                        "study's 250-step CIFAR runs use 0.99, as at 0.9995 the teacher would keep 0.9995^250 = 88%% "
+                        "of its random start")
     p.add_argument("--clip-grad", type=float, default=0.0,
                    help="clip each gradient tensor to this norm; 0: off (solo-learn CIFAR: 0; official: 3.0)")
     p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs with the head's last layer frozen (solo-learn, official: 1)")

@@ -67,7 +67,8 @@ def parse_args(argv=None):
                    help="v2: SGD weight decay on every weight, biases and norms included; v3: LARS weight decay, not "
                         "on biases and norms (solo-learn CIFAR and official ImageNet: v2 1e-4, v3 1e-6)")
     p.add_argument("--lars-mode", default="clip", choices=["clip", "official"],
-                   help="v3 only, LARS form (see class LARS): clip as solo-learn's CIFAR recipe, official as MoCo v3's code")
+                   help="v3 only, LARS form (see class LARS): clip as solo-learn's CIFAR recipe, official as MoCo v3's code"
+                        "; the learning study (RESULTS.md) passes official, as at small batches the clipped step does not shrink with lr")
     p.add_argument("--lars-eta", type=float, default=0.02,
                    help="v3 only, LARS trust coefficient (solo-learn CIFAR: 0.02; official ImageNet: 0.001)")
     p.add_argument("--warmup-epochs", type=float, default=10,

@@ -58,7 +58,8 @@ def parse_args(argv=None):
                    help="biases and norm weights get no weight decay and no LARS adaptation (solo-learn CIFAR: "
                         "yes; official SwAV: no, its LARC wraps SGD over all parameters)")
     p.add_argument("--lars-mode", default="clip", choices=["clip", "official"],
-                   help="LARS form (see class LARS): clip as solo-learn's CIFAR recipe, official (unclipped) as SwAV's LARC")
+                   help="LARS form (see class LARS): clip as solo-learn's CIFAR recipe, official (unclipped) as SwAV's LARC"
+                        "; the learning study (RESULTS.md) passes official, as at small batches the clipped step does not shrink with lr")
     p.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn CIFAR: 0.02; official: 0.001)")
     p.add_argument("--warmup-epochs", type=float, default=10, help="linear warm-up, then cosine decay (solo-learn, official: 10)")
     p.add_argument("--temperature", type=float, default=0.1, help="temperature tau of the predictions (solo-learn, official: 0.1)")
