@@ -1,78 +1,169 @@
-"""benchmarks/addons.py's plumbing on digits: a Q-Score run of a few steps, trained, probed and
-interpreted, its summary, the table, the resumed queue that skips what is done; the training
-command of every config; the verdict rule; bad input. Nothing from ../shared, no lightly."""
-import json
-import os
-import sys
-
+"""The add-ons as the papers mean them: a Q-Score threshold that picks the batch's low-score
+share (also under DDP), a correlation mask that keeps absolute levels, k-means pseudo-labels
+that keep their ids across epochs, the attention head's own learning rate, and every script
+end to end with both add-ons (what it logs and checkpoints), resume included."""
 import pytest
+import torch
+import torch.nn.functional as F
 
-from conftest import REPO, run
-
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-import addons  # noqa: E402
-
-SCRIPT = os.path.join("benchmarks", "addons.py")
-TINY = ["--dataset", "digits", "--image-size", "16", "--images", "32", "--batch-size", "16", "--warmup-images", "0",
-        "--points", "1", "--epochs-per-point", "1", "--knn-limit", "256", "--workers", "0", "--linear-epochs", "1",
-        "--max-images", "16", "--seeds", "0"]
+import common
+import simclr
+import simsiam
+from conftest import TINY, kill_after_first_checkpoint, read_metrics, run, spawn
 
 
-def test_a_qscore_run_is_measured_tabulated_and_not_run_twice(tmp_path):
-    out = tmp_path / "out"
-    p = run([SCRIPT, "simclr", *TINY, "--configs", "qscore", "--data-dir", str(tmp_path), "--out", str(out)], timeout=600)
-    qs = json.loads((out / "simclr_qscore_s0" / "summary.json").read_text())
-    assert qs["addon_flags"] == ["--qscore-lambda", "0.1"] and "--extra '--qscore-lambda 0.1'" in qs["commands"][0]
-    for key, _, _ in addons.MEASURES:
-        assert isinstance(qs[key], float), (key, qs[key])
-    assert 0 <= qs["knn_top1"] <= 1 and 0 <= qs["linear_top1"] <= 1 and 0 <= qs["qscore_auroc"] <= 1
-    assert qs["commands"][1].startswith("eval_linear.py ") and qs["commands"][2].startswith("interpret.py ")
-    with open(os.path.join(REPO, qs["run_dir"], "metrics.jsonl")) as fh:  # the regularizer was on in training
-        assert any(k.startswith("qscore") for k in json.loads(fh.readline()))
-    assert any(line.startswith("| qscore | 1 | ") for line in p.stdout.splitlines())
-    agg = json.loads((out / "simclr.json").read_text())["aggregate"]
-    assert agg["qscore"]["knn_top1"]["values"] == [qs["knn_top1"]]
-
-    again = run([SCRIPT, "simclr", *TINY, "--configs", "qscore", "--data-dir", str(tmp_path), "--out", str(out)])
-    assert "qscore seed 0: done before" in again.stdout and "training, probe" not in again.stdout
+def peaked(n, d=128, seed=0):
+    """(n, d) pooled-like features: sparse ReLU powers whose Q-Scores spread out without ties."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g).relu() ** 3 + 1e-3 * torch.rand(n, d, generator=g)
 
 
-def test_each_config_trains_with_the_study_flags_then_its_own(tmp_path):
-    a = addons.parse_args(["byol", "--extra", "--lars-mode official", "--seeds", "1"])
-    cmds = {c: addons.train_command(a, c, 1, str(tmp_path)) for c in addons.CONFIGS}
-    assert cmds["baseline"][-2:] == ["--extra", "--lars-mode official"]
-    assert cmds["qscore"][-4:] == ["--extra", "--lars-mode official", "--extra", "--qscore-lambda 0.1"]
-    assert cmds["xattn"][-4:] == ["--extra", "--lars-mode official", "--extra", "--xattn"]
-    for c in cmds.values():
-        assert c[2:6] == ["byol", "--impl", "cleanssl", "--seed"] and c[6] == "1"
+# --- Q-Score threshold --------------------------------------------------------------------
+def test_quantile_alpha_selects_the_low_scoring_share():
+    h = peaked(64).requires_grad_()
+    q = simclr.qscore(h.detach())[0]
+    loss, stats = simclr.qscore_regularizer(h, 1.0, 0.2, 3.0, quantile=0.25)
+    assert stats["qscore_under_alpha"].item() == 0.25  # 16 of 64 below the 0.25-quantile
+    loss.backward()
+    touched = h.grad.abs().sum(1) > 0
+    assert torch.equal(touched, q < torch.quantile(q, 0.25))  # only the lowest quarter is raised
+    # quantile 0: the paper's absolute alpha, as given
+    for alpha, share in ((q.sort().values[40].item(), 40 / 64), (q.max().item() + 1, 1.0)):
+        assert simclr.qscore_regularizer(h, 1.0, alpha, 3.0, quantile=0.0)[1]["qscore_under_alpha"].item() == share
 
 
-def v(*xs):
-    return {"values": list(xs)}
+def _ddp_qscore(rank, world, h, quantile):
+    b = h.shape[0] // world
+    part = h[rank * b:(rank + 1) * b].clone().requires_grad_()
+    loss, stats = simclr.qscore_regularizer(part, 1.0, 0.2, 3.0, quantile)
+    loss.backward()
+    return loss.item(), stats["qscore_under_alpha"].item(), part.grad
 
 
-@pytest.mark.parametrize("base, other, higher, says", [
-    (v(0.30, 0.32), v(0.35, 0.36), True, "helped"),
-    (v(0.30, 0.32), v(0.35, 0.36), False, "hurt"),
-    (v(0.30, 0.32), v(0.25, 0.28), True, "hurt"),
-    (v(0.30, 0.32), v(0.31, 0.36), True, "within seed noise"),
-    (v(0.30, 0.32), v(0.35, 0.36), None, "higher"),
-    (v(0.30), v(0.35, 0.36), True, "one seed: no verdict"),
-])
-def test_verdict_is_helped_or_hurt_only_when_the_seed_ranges_part(base, other, higher, says):
-    assert addons.verdict(base, other, higher) == says
+def test_quantile_alpha_two_processes_equal_one_process():
+    """Each process thresholds at the quantile of the gathered global batch, so the mean loss,
+    the share under alpha and the DDP-averaged gradient are those of one process."""
+    h = peaked(64, seed=3)
+    full = h.clone().requires_grad_()
+    loss, stats = simclr.qscore_regularizer(full, 1.0, 0.2, 3.0, 0.3)
+    loss.backward()
+    results = spawn(_ddp_qscore, h, 0.3)
+    assert sum(r[0] for r in results) / 2 == pytest.approx(loss.item(), rel=1e-6)
+    assert sum(r[1] for r in results) / 2 == pytest.approx(stats["qscore_under_alpha"].item())
+    assert torch.allclose(torch.cat([r[2] for r in results]) / 2, full.grad, atol=1e-8)
+    assert results[0][1] != results[1][1]  # the halves differ: a per-process quantile would give 0.3 in each
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["nosuch"], "unknown method 'nosuch'"),
-    (["simclr", "--configs", "baseline,fancy"], "unknown config 'fancy'"),
-    (["simclr", "--extra=--xattn"], "--extra may not set an add-on flag"),
-    (["simclr", "--dataset", "folder", "--data-dir", "{tmp}/missing"], "does not exist"),
-])
-def test_bad_input_is_one_sentence_and_exit_2(tmp_path, argv, says):
-    argv = [a.format(tmp=tmp_path) for a in argv]
-    if "--dataset" not in argv:
-        argv += ["--dataset", "digits", "--data-dir", str(tmp_path)]
-    p = run([SCRIPT, *argv, "--out", str(tmp_path / "out")], check=False)
-    lines = [line for line in (p.stdout + p.stderr).splitlines() if line.strip()]
-    assert p.returncode == 2 and len(lines) == 1 and says in lines[0], (p.returncode, lines)
+# --- correlation mask ---------------------------------------------------------------------
+def test_correlation_mask_keeps_absolute_levels():
+    g = torch.Generator().manual_seed(0)
+    d = 64
+    anchor = torch.zeros(2, d, 4, 4)
+    anchor[:, : d // 2] = torch.rand(2, d // 2, 4, 4, generator=g)  # post-ReLU-like, channels 0-31
+    matching = anchor.flip(2, 3) * 5 + 0.01 * torch.rand(2, d, 4, 4, generator=g)  # the same parts elsewhere, brighter
+    unrelated = torch.zeros(2, d, 4, 4)
+    unrelated[:, d // 2:] = torch.rand(2, d // 2, 4, 4, generator=g)  # nothing in common with the anchor
+    mu_match = simclr.correlation_mask(anchor, matching[:, None])
+    mu_other = simclr.correlation_mask(anchor, unrelated[:, None])
+    assert mu_match.min() > 0.95 and mu_other.max() < 0.05  # per-image min-max scaling would give both [0, 1]
+    both = simclr.correlation_mask(anchor, torch.stack([matching, unrelated], 1))
+    assert torch.allclose(both, (mu_match + mu_other) / 2)  # Eq. 4: the mean over the positives
+    assert ((0 <= both) & (both <= 1)).all()
+    # float32 with autocast off: bf16 autocast on the CPU would otherwise run the einsum in bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mu_auto = simclr.correlation_mask(anchor.bfloat16(), matching[:, None].bfloat16())
+    assert mu_auto.dtype == torch.float32
+    assert torch.equal(mu_auto, simclr.correlation_mask(anchor.bfloat16().float(), matching[:, None].bfloat16().float()))
+
+
+# --- pseudo-labels across epochs ------------------------------------------------------------
+def planted_bank(noise=0.05, seed=0, n_per=30, k=6, d=16):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.eye(k, d)  # far apart, so that every seeding finds the same clusters
+    x = F.normalize(centers.repeat_interleave(n_per, 0) + noise * torch.randn(k * n_per, d, generator=g), dim=1)
+    bank = common.MemoryBank(k * n_per, d, "cpu")
+    bank.z.copy_(x)
+    return bank
+
+
+def same_partition(a, b):
+    return len(set(zip(a.tolist(), b.tolist()))) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def test_kmeans_warm_start_keeps_cluster_ids():
+    bank = planted_bank()
+    labels, centroids = bank.kmeans(6, seed=1)  # epoch e
+    warm, _ = bank.kmeans(6, seed=2, init=centroids)  # epoch e + 1, same embeddings
+    assert torch.equal(warm, labels)
+    cold, _ = bank.kmeans(6, seed=3)  # re-seeded: the same clusters, numbered anew
+    assert same_partition(cold, labels) and (cold == labels).float().mean() < 0.5
+    # embeddings that moved a little keep their ids too
+    bank.z.copy_(F.normalize(bank.z + 0.01 * torch.randn(bank.z.shape, generator=torch.Generator().manual_seed(5)), dim=1))
+    assert torch.equal(bank.kmeans(6, seed=3, init=centroids)[0], labels)
+    with pytest.raises(common.UserError, match="xattn-clusters"):
+        bank.kmeans(5, init=centroids)
+
+
+# --- the attention head's parameter group -------------------------------------------------------
+def test_xattn_groups_give_the_head_its_own_scaled_groups():
+    args = simclr.parse_args(["--proj-hidden", "64", "--proj-dim", "32", "--xattn", "--xattn-clusters", "4"])
+    model = simclr.SimCLR(args, small_images=True)
+    groups = simclr.xattn_groups(simclr.param_groups(model), model, 0.01)
+    head = {id(p) for p in model.xattn.parameters()}
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())  # each parameter once
+    for g in groups:
+        ids = {id(p) for p in g["params"]}
+        assert ids <= head if "lr_scale" in g else not ids & head
+    scaled = [g for g in groups if "lr_scale" in g]
+    assert len(scaled) == 2 and all(g["lr_scale"] == 0.01 for g in scaled)
+    assert {g.get("lars", True) for g in scaled} == {True, False}  # the head's bias keeps no decay and no LARS
+    # SimSiam: the fixed-lr predictor group is left alone; the loop's rule gives the head lr * scale
+    args = simsiam.parse_args(["--proj-hidden", "64", "--proj-dim", "32", "--pred-hidden", "16", "--xattn",
+                               "--xattn-clusters", "4"])
+    model = simsiam.SimSiam(args, small_images=True)
+    groups = simsiam.xattn_groups(simsiam.param_groups(model, 1e-4, True), model, args.xattn_lr_scale)
+    assert [(g["fix_lr"], "lr_scale" in g) for g in groups] == [(False, False), (False, True), (True, False)]
+    assert args.xattn_lr_scale == pytest.approx(0.03 / 3.6)
+
+
+# --- every script end to end ---------------------------------------------------------------------
+FAST = {"simclr.py": ["--proj-hidden", "64", "--proj-dim", "32"],
+        "moco.py": ["--proj-hidden", "64", "--pred-hidden", "64", "--proj-dim", "32", "--queue-size", "64"],
+        "byol.py": ["--proj-hidden", "64", "--pred-hidden", "64", "--proj-dim", "32"],
+        "simsiam.py": ["--proj-hidden", "64", "--proj-dim", "32", "--pred-hidden", "16"],
+        "swav.py": ["--local-crops", "2", "--prototypes", "30", "--proj-hidden", "64", "--proj-dim", "32"],
+        "dino.py": ["--local-crops", "2", "--proj-hidden", "64", "--proj-dim", "32", "--prototypes", "128"]}
+
+
+@pytest.mark.parametrize("script", list(FAST))
+def test_script_logs_the_quantile_share_scales_the_head_lr_and_saves_centroids(script, tmp_path):
+    d = tmp_path / "run"
+    run([script] + TINY + FAST[script] + ["--epochs", "1", "--steps-per-epoch", "2", "--knn-every", "0",
+                                          "--qscore-lambda", "0.1", "--xattn", "--xattn-clusters", "8", "--run-dir", str(d)])
+    m = read_metrics(d)[0]
+    assert m["qscore_under_alpha"] == pytest.approx(0.25, abs=0.02)  # the default --qscore-alpha-quantile
+    assert 0 <= m["qscore_empty"] <= 1
+    ckpt = torch.load(d / "checkpoint.pt", weights_only=False)
+    groups = ckpt["optimizer"]["param_groups"]
+    head = [g for g in groups if "lr_scale" in g]
+    core = [g for g in groups if "lr_scale" not in g and not g.get("fix_lr")]
+    assert sum(len(g["params"]) for g in head) == 4  # the 1x1 conv and the classifier, weights and biases
+    assert core[0]["lr"] > 0
+    for g in head:
+        assert g["lr"] == pytest.approx(0.03 / 3.6 * core[0]["lr"], rel=1e-9)
+    assert ckpt["centroids"].shape == (8, 32)  # the memory bank's z: projections of width --proj-dim
+
+
+def test_resume_with_xattn_ends_where_an_unbroken_run_does(tmp_path):
+    """The next epoch's k-means starts from the checkpoint's centroids, as in the unbroken run."""
+    argv = ["simclr.py"] + TINY + FAST["simclr.py"] + ["--epochs", "2", "--knn-every", "0", "--xattn", "--xattn-clusters", "8"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run(argv + ["--run-dir", str(straight)])
+    kill_after_first_checkpoint(argv, broken)
+    run(argv + ["--resume", str(broken)])
+    a = torch.load(straight / "checkpoint.pt", weights_only=False)
+    b = torch.load(broken / "checkpoint.pt", weights_only=False)
+    assert b["epoch"] == 2 and torch.allclose(a["centroids"], b["centroids"], atol=1e-6)
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
