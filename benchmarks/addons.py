@@ -163,12 +163,13 @@ def measure(a, config, seed):
 
 
 def load(a):
+    """{config: [summary of each seed]} of what --out holds for the method."""
     runs = {}
-    for config in CONFIGS:
-        for name in sorted(os.listdir(a.out)) if os.path.isdir(a.out) else []:
-            path = os.path.join(a.out, name, "summary.json")
-            if name.startswith(f"{a.method}_{config}_s") and os.path.isfile(path):
-                runs.setdefault(config, []).append(learning.read_json(path))
+    for name in sorted(os.listdir(a.out)):
+        path = os.path.join(a.out, name, "summary.json")
+        if name.startswith(f"{a.method}_") and os.path.isfile(path):
+            s = learning.read_json(path)
+            runs.setdefault(s["config"], []).append(s)
     return runs
 
 
