@@ -158,13 +158,15 @@ class RandomCrops(torch.utils.data.Dataset):
 
 
 def train_linear(x, y, num_classes, epochs=100, batch_size=256, lr=0.1, weight_decay=0.0, seed=0, features_at=None,
-                 stop=None):
+                 stop=None, progress="", every=30.0):
     """Multinomial logistic regression on standardized features, SGD with nesterov momentum
     and a per-step cosine schedule. x (N, D) standardized, y (N,). With `features_at(epoch)`,
     each epoch trains on the features it returns (the --augment recipe) instead of x.
     Every process runs the same steps on the same gathered features, so they agree.
     Returns the trained nn.Linear(D, C) on x's device, or None when `stop()`, asked after every
-    step on every process, said so (a stop signal, common.RunControl)."""
+    step on every process, said so (a stop signal, common.RunControl). progress: a label; then
+    process 0 prints, at the end of an epoch when `every` seconds have passed since the last line,
+    the epoch, the mean training loss of that epoch and the time left; and a line at the end."""
     n, d = x.shape
     head = nn.Linear(d, num_classes).to(x.device)
     nn.init.zeros_(head.weight)  # zero start: a feature constant on the training set keeps weight 0
@@ -173,9 +175,11 @@ def train_linear(x, y, num_classes, epochs=100, batch_size=256, lr=0.1, weight_d
     opt = torch.optim.SGD(head.parameters(), lr=base_lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     steps = math.ceil(n / batch_size)
     g = torch.Generator().manual_seed(seed)
+    start = shown = time.time()
     for epoch in range(epochs):
         xe = features_at(epoch) if features_at is not None else x
         perm = torch.randperm(n, generator=g).to(x.device)
+        total = torch.zeros((), device=x.device)  # the epoch's summed loss, read only when a line is printed
         for s in range(steps):
             for group in opt.param_groups:  # cosine decay to 0 over every step of the run
                 group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * (epoch * steps + s) / (epochs * steps)))
@@ -184,8 +188,15 @@ def train_linear(x, y, num_classes, epochs=100, batch_size=256, lr=0.1, weight_d
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            total += loss.detach()
             if stop is not None and stop():
                 return None
+        now = time.time()
+        if progress and common.rank() == 0 and (now - shown >= every or epoch + 1 == epochs):
+            shown = now
+            left = (now - start) / (epoch + 1) * (epochs - epoch - 1)
+            when = f"{common.duration(left)} left" if left > 0 else f"done in {common.duration(now - start)}"
+            print(f"{progress}: epoch {epoch + 1}/{epochs}  loss {total.item() / steps:.4f}  {when}", flush=True)
     return head
 
 
@@ -246,12 +257,12 @@ def main(args):
 
     faults = []  # unreadable images replaced, per extraction (common.load_image)
 
-    def features(dataset):  # (N, D) float32 h, not normalized, and labels (N,), identical on every process
+    def features(dataset, label=""):  # (N, D) float32 h, not normalized, and labels (N,), identical on every process
         return common.extract_features(backbone, dataset, size, stats, native, device, args.batch_size, args.workers,
-                                       precision=args.precision, faults=faults)
+                                       precision=args.precision, faults=faults, progress=label)
 
-    htr, ytr = features(train_set)
-    hte, yte = features(test_set)
+    htr, ytr = features(train_set, "train features")  # progress lines every 30 s: minutes on a large split
+    hte, yte = features(test_set, "test features")
 
     # kNN on the raw h (knn_predict normalizes it), the same bank the probe trains on
     knn = {f"knn_top1_k{k}": common.knn_top1(htr, ytr, hte, yte, num_classes, k=k, t=0.1) for k in (20, 200)}
@@ -269,7 +280,8 @@ def main(args):
             return (features(augmented)[0] - mean) / std
 
     head = train_linear((htr - mean) / std, ytr, num_classes, args.epochs, args.batch_size, args.lr,
-                        args.weight_decay, args.seed, features_at, stop=lambda: control.poll()[0] is not None)
+                        args.weight_decay, args.seed, features_at, stop=lambda: control.poll()[0] is not None,
+                        progress="linear probe")
     if head is None:
         return control.stop("during the linear probe")
     with torch.no_grad():

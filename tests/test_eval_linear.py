@@ -1,6 +1,8 @@
 """eval_linear.py: the probe learns, kNN is common.knn_top1, every output file holds what
 interpret.py reads, 2 processes give the features of 1, bad input exits 2."""
 import json
+import math
+import re
 import shutil
 
 import numpy as np
@@ -165,3 +167,31 @@ def test_bad_input_exits_2_with_one_sentence(trained, tmp_path):
         eval_linear.main(eval_linear.parse_args([str(trained), "--backbone", "resnet50", "--out", str(tmp_path)]))
     with pytest.raises(common.UserError, match="RUN_DIR"):
         eval_linear.main(eval_linear.parse_args([]))
+
+
+def test_probe_prints_its_progress_only_when_asked(capsys):
+    xtr, ytr = blobs(300)
+    eval_linear.train_linear(xtr, ytr, 4, epochs=3, batch_size=64)
+    assert capsys.readouterr().out == ""  # no label: silent (tests, library use)
+    eval_linear.train_linear(xtr, ytr, 4, epochs=3, batch_size=64, progress="linear probe", every=0.0)
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split("  ")[0] for ln in lines] == [f"linear probe: epoch {e}/3" for e in (1, 2, 3)]
+    losses = [float(re.search(r"loss (\d+\.\d{4})", ln).group(1)) for ln in lines]
+    assert losses[-1] < losses[0] < math.log(4) + 1e-3  # the epoch's mean loss, from ln C at the zero start down
+    assert lines[0].endswith(" left") and re.search(r"done in \d+ s$", lines[-1])
+    eval_linear.train_linear(xtr, ytr, 4, epochs=3, batch_size=64, progress="linear probe")  # every 30 s
+    assert len(capsys.readouterr().out.splitlines()) == 1  # a 3-epoch probe: the closing line alone
+
+
+def test_feature_pass_prints_its_progress_by_time(capsys):
+    ds = torch.utils.data.Subset(common.make_dataset("digits", "x", train=True), list(range(40)))
+    net = common.build_backbone("resnet18", small_images=True)
+    args = (net, ds, 16, common.STATS["digits"], 32, torch.device("cpu"))
+    quiet, _ = common.extract_features(*args, batch_size=16, workers=0)
+    assert capsys.readouterr().out == ""
+    loud, _ = common.extract_features(*args, batch_size=16, workers=0, progress="train features", every=0.0)
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split("  ")[0] for ln in lines] == ["train features: 16/40 images", "train features: 32/40 images",
+                                                  "train features: 40/40 images"]
+    assert all(re.search(r"  \d+ img/s  \d+ s left$", ln) for ln in lines)
+    assert torch.equal(quiet, loud)
