@@ -338,9 +338,20 @@ def add_addon_flags(p):
                         "scaling the core's schedule keeps the peak ratio and the end, and warms the head from 0")
     p.add_argument("--xattn-positives", type=int, default=1, help="positives P per image, from its k-means cluster (Sec. 2.3)")
     p.add_argument("--xattn-clusters", type=int, default=100, help="k-means clusters K_c = classifier outputs (paper: 50-3000)")
+    p.add_argument("--xattn-cluster-every", type=at_least_one, default=1,
+                   help="k-means on the memory bank at every N-th epoch (Sec. 2.1: every epoch, i.e. every pass over "
+                        "the data). Each clustering embeds the whole training set, so where --steps-per-epoch makes an "
+                        "epoch a fraction of a pass (benchmarks), N > 1 keeps its cost and rate nearer the paper's")
     p.add_argument("--xattn-temp", type=float, default=0.05, help="classifier temperature tau_c (Eq. 6; paper: 0.05)")
     p.add_argument("--xattn-w-mask", type=float, default=0.05, help="weight w1 of L_mu (Eq. 7; paper: 0.05)")
     p.add_argument("--xattn-w-cls", type=float, default=0.1, help="weight w2 of L_cls (Eq. 7; paper: 0.1)")
+
+
+def at_least_one(text):
+    """argparse type: a whole number >= 1 (else argparse's one-line error, exit 2)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of at least 1")
+    return int(text)
 
 
 def qscore(h, eps=3.0):
@@ -570,15 +581,17 @@ def main(args):
     else:
         optimizer = torch.optim.SGD(xattn_groups(param_groups(model), model, args.xattn_lr_scale), lr=0.0, momentum=0.9,
                                     weight_decay=args.weight_decay)
-    # centroids: the last k-means clustering of --xattn, where the next one starts; resume_at: the position inside
-    # start_epoch of a mid-epoch checkpoint (step, running sums, ...; see common.RunControl.position)
-    start_epoch, centroids, resume_at = 0, None, {}
+    # centroids, labels_all: the last k-means clustering of --xattn (where the next one starts) and its pseudo-labels;
+    # resume_at: the position inside start_epoch of a mid-epoch checkpoint (step, running sums, ...; see
+    # common.RunControl.position)
+    start_epoch, centroids, labels_all, resume_at = 0, None, None, {}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         teacher.load_state_dict(ckpt["teacher"])
         center.copy_(ckpt["center"])
         start_epoch, centroids, resume_at = ckpt["epoch"], ckpt.get("centroids"), ckpt.get("at") or {}
+        labels_all = ckpt["pseudo_labels"].to(device) if ckpt.get("pseudo_labels") is not None else None
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None) if distributed else model
     if args.compile:  # graph capture of the forward (and, through autograd, the backward) pass
         ddp = torch.compile(ddp)
@@ -596,7 +609,8 @@ def main(args):
         if rank == 0:
             save_atomic({"method": METHOD, "args": vars(args), "world": world, "epoch": epoch, "at": at,
                          "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "teacher": teacher.state_dict(), "center": center, "centroids": centroids},
+                         "teacher": teacher.state_dict(), "center": center, "centroids": centroids,
+                         "pseudo_labels": labels_all},
                         os.path.join(run_dir, "checkpoint.pt"))
         control.saved()
 
@@ -607,8 +621,10 @@ def main(args):
         torch.manual_seed(args.seed * 1000 + epoch)  # a resumed epoch replays the same randomness
         at = resume_at if epoch == start_epoch else {}  # where a mid-epoch checkpoint stopped in this epoch
         loader.set_epoch(epoch, start_step=at.get("step", 0), bad_images=at.get("bad_images", 0) if rank == 0 else 0)
-        if args.xattn:
-            labels_all, centroids = cluster_bank(model, embed, train_set, args, size, stats, native, device, epoch, centroids)
+        if args.xattn:  # k-means every --xattn-cluster-every epochs; an epoch resumed part-way keeps its labels
+            if labels_all is None or (epoch % args.xattn_cluster_every == 0 and not at.get("step")):
+                labels_all, centroids = cluster_bank(model, embed, train_set, args, size, stats, native, device, epoch,
+                                                     centroids)
             loader.set_clusters(labels_all.cpu().numpy(), args.xattn_positives)
         model.train()
         t_temp = teacher_temp_at(epoch, args.warmup_teacher_temp_epochs, args.warmup_teacher_temp, args.teacher_temp)

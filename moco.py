@@ -391,9 +391,20 @@ def add_addon_flags(p):
                         "scaling the core's schedule keeps the peak ratio and the end, and warms the head from 0")
     p.add_argument("--xattn-positives", type=int, default=1, help="positives P per image, from its k-means cluster (Sec. 2.3)")
     p.add_argument("--xattn-clusters", type=int, default=100, help="k-means clusters K_c = classifier outputs (paper: 50-3000)")
+    p.add_argument("--xattn-cluster-every", type=at_least_one, default=1,
+                   help="k-means on the memory bank at every N-th epoch (Sec. 2.1: every epoch, i.e. every pass over "
+                        "the data). Each clustering embeds the whole training set, so where --steps-per-epoch makes an "
+                        "epoch a fraction of a pass (benchmarks), N > 1 keeps its cost and rate nearer the paper's")
     p.add_argument("--xattn-temp", type=float, default=0.05, help="classifier temperature tau_c (Eq. 6; paper: 0.05)")
     p.add_argument("--xattn-w-mask", type=float, default=0.05, help="weight w1 of L_mu (Eq. 7; paper: 0.05)")
     p.add_argument("--xattn-w-cls", type=float, default=0.1, help="weight w2 of L_cls (Eq. 7; paper: 0.1)")
+
+
+def at_least_one(text):
+    """argparse type: a whole number >= 1 (else argparse's one-line error, exit 2)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of at least 1")
+    return int(text)
 
 
 def qscore(h, eps=3.0):
@@ -624,9 +635,10 @@ def main(args):
     if args.moco_version == 2:  # random unit vectors until real keys push them out (MoCo's init)
         queue = F.normalize(torch.randn(args.queue_size, args.proj_dim, device=device), dim=1)  # (K, d)
     optimizer = make_optimizer(model, args)
-    # centroids: the last k-means clustering of --xattn, where the next one starts; resume_at: the position inside
-    # start_epoch of a mid-epoch checkpoint (step, running sums, ...; see common.RunControl.position)
-    start_epoch, centroids, resume_at = 0, None, {}
+    # centroids, labels_all: the last k-means clustering of --xattn (where the next one starts) and its pseudo-labels;
+    # resume_at: the position inside start_epoch of a mid-epoch checkpoint (step, running sums, ...; see
+    # common.RunControl.position)
+    start_epoch, centroids, labels_all, resume_at = 0, None, None, {}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         key_encoder.load_state_dict(ckpt["key_encoder"])
@@ -635,6 +647,7 @@ def main(args):
             ptr = ckpt["queue_ptr"]
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, centroids, resume_at = ckpt["epoch"], ckpt.get("centroids"), ckpt.get("at") or {}
+        labels_all = ckpt["pseudo_labels"].to(device) if ckpt.get("pseudo_labels") is not None else None
     if distributed and queue is not None:
         dist.broadcast(queue, 0)  # the same negatives on every process from the start
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None) if distributed else model
@@ -658,7 +671,8 @@ def main(args):
             save_atomic({"method": METHOD, "args": vars(args), "world": world, "epoch": epoch, "at": at,
                          "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "key_encoder": key_encoder.state_dict(), "queue": queue, "queue_ptr": ptr,
-                         "momentum_step": epoch * steps + (at or {}).get("step", 0), "centroids": centroids},
+                         "momentum_step": epoch * steps + (at or {}).get("step", 0), "centroids": centroids,
+                         "pseudo_labels": labels_all},
                         os.path.join(run_dir, "checkpoint.pt"))
         control.saved()
 
@@ -669,8 +683,10 @@ def main(args):
         torch.manual_seed(args.seed * 1000 + epoch)  # a resumed epoch replays the same randomness
         at = resume_at if epoch == start_epoch else {}  # where a mid-epoch checkpoint stopped in this epoch
         loader.set_epoch(epoch, start_step=at.get("step", 0), bad_images=at.get("bad_images", 0) if rank == 0 else 0)
-        if args.xattn:
-            labels_all, centroids = cluster_bank(model, embed, train_set, args, size, stats, native, device, epoch, centroids)
+        if args.xattn:  # k-means every --xattn-cluster-every epochs; an epoch resumed part-way keeps its labels
+            if labels_all is None or (epoch % args.xattn_cluster_every == 0 and not at.get("step")):
+                labels_all, centroids = cluster_bank(model, embed, train_set, args, size, stats, native, device, epoch,
+                                                     centroids)
             loader.set_clusters(labels_all.cpu().numpy(), args.xattn_positives)
         model.train()
         key_encoder.train()

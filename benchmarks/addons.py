@@ -3,7 +3,7 @@
 One method, one budget (the learning study's: benchmarks/learning.py, RESULTS.md), trained as
   baseline   the method script with the study's flags (--extra),
   qscore     the same plus --qscore-lambda 0.1 (Kalibhat et al., Eq. 4),
-  xattn      the same plus --xattn (Seyfi et al., Eq. 7),
+  xattn      the same plus --xattn (Seyfi et al., Eq. 7), clustering every --xattn-cluster-every epochs,
 for each seed, one run at a time. Each run is then measured three ways:
   - online kNN top-1 at the end (learning.py's protocol: k = 200, t = 0.1, the fixed 10,000-image
     bank, the whole test split) and the training images/s;
@@ -69,8 +69,12 @@ def parse_args(argv=None):
     p.add_argument("--knn-limit", type=int, default=10_000, help="kNN bank, as learning.py")
     p.add_argument("--points", type=int, default=2, help="kNN points of each run's curve (2: as the learning study)")
     p.add_argument("--epochs-per-point", type=int, default=5, help="as learning.py")
-    p.add_argument("--extra", action="append", default=[], help="the study's flags for the script, as learning.py")
+    p.add_argument("--extra", action="append", default=[], help="the study's flags for the script, as learning.py; a single flag as --extra=--FLAG")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--xattn-cluster-every", type=int, default=5,
+                   help="the xattn config's --xattn-cluster-every: learning.py's epochs are 1/31 of a pass over "
+                        "CIFAR-10 (1,600 of 50,000 images), and each clustering embeds all 50,000 (3-4 min here); the "
+                        "paper clusters once a pass. 5: at the start and half-way, 2 clusterings in a 10-epoch run")
     p.add_argument("--linear-epochs", type=int, default=100, help="eval_linear.py --epochs")
     p.add_argument("--linear-train-limit", type=int, default=0, help="eval_linear.py --train-limit (0: all)")
     p.add_argument("--max-images", type=int, default=256, help="interpret.py --max-images (AD/AI)")
@@ -115,7 +119,9 @@ def train_command(a, config, seed, folder):
            "--images", str(a.images), "--batch-size", str(a.batch_size), "--warmup-images", str(a.warmup_images),
            "--points", str(a.points), "--epochs-per-point", str(a.epochs_per_point), "--knn-limit", str(a.knn_limit),
            "--workers", str(a.workers), "--out", folder]
-    return cmd + [x for e in a.extra + [" ".join(CONFIGS[config])] if e for x in ("--extra", e)]
+    # "--extra=VALUE", one token: argparse takes a lone "--extra --xattn" for two options
+    own = CONFIGS[config] + (["--xattn-cluster-every", str(a.xattn_cluster_every)] if config == "xattn" else [])
+    return cmd + [f"--extra={e}" for e in a.extra + [" ".join(own)] if e]
 
 
 def measure(a, config, seed):

@@ -38,7 +38,8 @@ this one if it imports lightly, else ../lightly-venv/bin/python beside the check
 lightly half is skipped and says why). Make that environment with
     python3 -m venv ../lightly-venv && ../lightly-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 lightly
 
-Budget knobs. `--extra "..."` goes to the script as is (last, so it wins), e.g. --queue-size,
+Budget knobs. `--extra "..."` goes to the script as is (last, so it wins; a single flag with no
+value takes the = form, `--extra=--xattn`, since argparse reads a lone `--xattn` as its own option), e.g. --queue-size,
 --queue-start, --prototypes, --teacher-momentum, --lr; the lightly half reads the same resolved
 flags, so a knob lightly also has reaches both halves; one it has not is listed in "differences".
 The scripts count some knobs in epochs of a 1000-epoch recipe (--warmup-epochs, --queue-start,

@@ -165,5 +165,27 @@ def test_resume_with_xattn_ends_where_an_unbroken_run_does(tmp_path):
     a = torch.load(straight / "checkpoint.pt", weights_only=False)
     b = torch.load(broken / "checkpoint.pt", weights_only=False)
     assert b["epoch"] == 2 and torch.allclose(a["centroids"], b["centroids"], atol=1e-6)
+    assert torch.equal(a["pseudo_labels"], b["pseudo_labels"])
     for k in a["model"]:
         assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
+
+
+def test_cluster_every_n_epochs_keeps_the_labels_in_between(tmp_path):
+    """--xattn-cluster-every 2: epoch 1 trains on epoch 0's clustering (the centroids and labels a
+    1-epoch run ends with); with the default 1, epoch 1 clusters again, from moved embeddings."""
+    argv = ["simclr.py"] + TINY + FAST["simclr.py"] + ["--knn-every", "0", "--xattn", "--xattn-clusters", "8"]
+    ck = {}
+    for name, extra in {"one": ["--epochs", "1"], "every2": ["--epochs", "2", "--xattn-cluster-every", "2"],
+                        "every1": ["--epochs", "2"]}.items():
+        run(argv + extra + ["--run-dir", str(tmp_path / name)])
+        ck[name] = torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)
+    assert ck["one"]["pseudo_labels"].shape == (len(common.make_dataset("digits", "x", train=True)),)  # one per image
+    assert torch.equal(ck["every2"]["centroids"], ck["one"]["centroids"])
+    assert torch.equal(ck["every2"]["pseudo_labels"], ck["one"]["pseudo_labels"])
+    assert not torch.allclose(ck["every1"]["centroids"], ck["one"]["centroids"], atol=1e-4)
+
+
+def test_cluster_every_takes_whole_numbers_of_at_least_one(tmp_path):
+    for bad in ("0", "-1", "1.5"):
+        p = run(["simclr.py"] + TINY + ["--xattn", "--xattn-cluster-every", bad, "--run-dir", str(tmp_path)], check=False)
+        assert p.returncode == 2 and f"'{bad}' is not a whole number of at least 1" in p.stderr
