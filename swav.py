@@ -410,7 +410,7 @@ def cluster_bank(model, embed, train_set, args, size, stats, native, device, epo
     # Seyfi et al. embed theta(T(I)), a training view through the network as it trains; here the eval
     # transform in eval mode (BN running statistics), so that one image has one embedding on every process
     z, _ = common.extract_features(model, train_set, size, stats, native, device, workers=args.workers, embed=embed,
-                                  data_path=args.data_path, precision=args.precision)
+                                  data_path=args.data_path, precision=args.precision, progress="xattn memory bank")
     bank = common.MemoryBank(len(train_set), z.shape[1], device)
     bank.z.copy_(F.normalize(z, dim=1))
     return bank.kmeans(args.xattn_clusters, seed=args.seed * 1000 + epoch, init=centroids)

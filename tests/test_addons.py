@@ -189,3 +189,19 @@ def test_cluster_every_takes_whole_numbers_of_at_least_one(tmp_path):
     for bad in ("0", "-1", "1.5"):
         p = run(["simclr.py"] + TINY + ["--xattn", "--xattn-cluster-every", bad, "--run-dir", str(tmp_path)], check=False)
         assert p.returncode == 2 and f"'{bad}' is not a whole number of at least 1" in p.stderr
+
+
+def test_memory_bank_pass_reports_its_progress(monkeypatch, capsys):
+    """Each clustering embeds the whole training set (1.28M images on ImageNet): it prints progress
+    lines (common.extract_features, by time), labelled."""
+    import types
+    ds = torch.utils.data.Subset(common.make_dataset("digits", "x", train=True), list(range(48)))
+    net = common.build_backbone("resnet18", small_images=True)
+    real = common.extract_features
+    monkeypatch.setattr(common, "extract_features", lambda *a, **k: real(*a, **{**k, "every": 0.0}))
+    args = types.SimpleNamespace(workers=0, data_path="cpu", precision="fp32", xattn_clusters=4, seed=0)
+    labels, centroids = simclr.cluster_bank(net, lambda m, x: m(x)[1], ds, args, 16, common.STATS["digits"], 32,
+                                            torch.device("cpu"), 0)
+    assert labels.shape == (48,) and centroids.shape[0] == 4
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(ln.startswith("xattn memory bank: ") for ln in lines) and "48/48 images" in lines[-1]
