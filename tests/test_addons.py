@@ -211,18 +211,16 @@ def test_xattn_stopped_mid_epoch_resumes_with_that_epochs_labels(tmp_path):
     """A SIGTERM inside epoch 2, then the same command: the resumed part of epoch 2 trains on the
     labels of epoch 2's clustering (from the checkpoint), not on a clustering of the weights at the
     stop, so the run ends bit for bit where the unbroken one does."""
-    from test_fault_tolerance import stop_with_sigterm
+    from test_fault_tolerance import assert_same_state, load, stop_with_sigterm
     argv = (["simclr.py"] + TINY + FAST["simclr.py"]
             + ["--epochs", "2", "--knn-every", "0", "--xattn", "--xattn-clusters", "8"])
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     run(argv + ["--run-dir", str(straight)], env={"OMP_NUM_THREADS": "1"})
     code, out = stop_with_sigterm(argv + ["--run-dir", str(broken)], after="epoch 2/2  step 1/3")
     assert code == common.EXIT_STOPPED, out
-    mid = torch.load(broken / "checkpoint.pt", weights_only=False)
+    mid = load(broken / "checkpoint.pt")
     assert mid["epoch"] == 1 and mid["at"]["step"] >= 1 and mid["pseudo_labels"] is not None
     run(argv + ["--run-dir", str(broken)], env={"OMP_NUM_THREADS": "1"})
-    a = torch.load(straight / "checkpoint.pt", weights_only=False)
-    b = torch.load(broken / "checkpoint.pt", weights_only=False)
+    a, b = load(straight / "checkpoint.pt"), load(broken / "checkpoint.pt")
     assert torch.equal(a["pseudo_labels"], b["pseudo_labels"]) and torch.equal(a["centroids"], b["centroids"])
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert_same_state(a, b)
