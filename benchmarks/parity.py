@@ -1,9 +1,10 @@
-"""One-step parity of simclr.py against lightly's SimCLR: where do the two implementations part?
+"""One-step parity of a method script against lightly's implementation: where do the two part?
 
 The same initial weights and the same augmented batches go through a ladder of configurations.
-Rung 0 is simclr.py as it trains (its SimCLR module, nt_xent_loss, its LARS with the resolved
-flags). Each later rung swaps one more piece for lightly's, in the order a reader would check them:
+Rung 0 is the script as it trains (its model, loss and LARS with the resolved flags). Each later
+rung swaps one more piece for lightly's, in the order a reader would check them.
 
+simclr (simclr.py against lightly's SimCLR):
   1 loss      lightly.loss.NTXentLoss instead of nt_xent_loss            (expected: identical)
   2 views     each view through the network on its own (lightly's examples); simclr.py does the same
               by default (--per-view-bn), so this rung changes something only with --no-per-view-bn
@@ -13,6 +14,18 @@ flags). Each later rung swaps one more piece for lightly's, in the order a reade
               CleanSSL's projector (ends in a Linear with bias); its weights are copied where the
               shapes match, so only the last layer's bias and BatchNorm are new
 
+swav (swav.py against lightly's SwAV; no queue: the learning study's budgets end before --queue-start):
+  1 loss      lightly.loss.SwaVLoss (its Sinkhorn and swapped prediction) instead of assign_codes and
+              swav_loss on the same scores                                (expected: identical)
+  2 views     each crop through the network on its own (lightly's examples and the learning study's
+              lightly half); swav.py passes the crops of one size as one batch, so BatchNorm sees 2b
+  3 optimizer lightly.utils.lars.LARS instead of CleanSSL's LARS in the script's --lars-mode
+  4 head      lightly's SwaVProjectionHead and SwaVPrototypes: the weights are copied (the head's first
+              Linear has no bias in lightly, which the BatchNorm after it cancels), but lightly's
+              prototypes are a Linear with a bias, kept at its initialization, and are held by
+              lightly's own step counter (n_steps_frozen_prototypes) instead of a dropped gradient
+  Prototypes are held for --freeze-steps steps on every rung (default 0, so that they move).
+
 After each rung the script reports, for step 1, the loss and the largest relative difference of
 the gradients and of the updated weights to the previous rung, and for `--steps` steps the loss
 trajectory and the relative distance of the weights to rung 0's. At step 1 it also prints the
@@ -21,9 +34,12 @@ LARS forms differ. Run with lightly's interpreter (see benchmarks/learning.py):
 
     ../lightly-venv/bin/python benchmarks/parity.py --steps 10 --batch-size 64 \\
         --out benchmarks/results/learning/parity_simclr.json
+    ../lightly-venv/bin/python benchmarks/parity.py swav --steps 10 --batch-size 64 \\
+        --extra "--lars-mode official" --out benchmarks/results/learning/parity_swav.json
 
-Data: the shared CIFAR-10 copy (../shared/data/cifar10), or --dataset digits; the batches come from common.TrainLoader with the script's own views (so both sides see
-the same augmented pixels; lightly's transforms are not part of the parity).
+Data: the shared CIFAR-10 copy (../shared/data/cifar10), or --dataset digits; the batches come from
+common.TrainLoader with the script's own views (so both sides see the same augmented pixels;
+lightly's transforms are not part of the parity).
 """
 import argparse
 import copy
@@ -37,16 +53,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import common  # noqa: E402
 import simclr  # noqa: E402
+import swav  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("method", nargs="?", default="simclr", choices=["simclr", "swav"], help="the script to compare")
     p.add_argument("--steps", type=int, default=10, help="steps of every rung")
+    p.add_argument("--freeze-steps", type=int, default=0, help="swav: prototypes held for the first N steps of every rung")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--dataset", default="folder", choices=["folder", "digits"], help="digits: plumbing only")
     p.add_argument("--data-dir", default=os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10"),
                    help="ImageFolder root with train/ (--dataset folder)")
-    p.add_argument("--extra", default="", help="simclr.py flags, e.g. '--lars-mode official'")
+    p.add_argument("--extra", default="", help="the script's flags, e.g. '--lars-mode official'")
     p.add_argument("--out", default="", help="JSON of the result")
     return p.parse_args(argv)
 
@@ -58,8 +77,8 @@ def lightly_groups(modules, wd):
     return [{"params": dec, "weight_decay": wd}, {"params": no, "weight_decay": 0.0}]
 
 
-def build(rung, init, a):
-    """The model, a loss function of (model, x1, x2) and the optimizer of a rung."""
+def build_simclr(rung, init, a, b):
+    """The model, a loss function of (model, crops, step) and the optimizer of a rung."""
     from lightly.loss import NTXentLoss
     from lightly.models.modules import SimCLRProjectionHead
     from lightly.utils.lars import LARS as LightlyLARS
@@ -76,7 +95,8 @@ def build(rung, init, a):
         model.projector = head
     ntxent = NTXentLoss(temperature=a.temperature)
 
-    def loss(m, x1, x2):
+    def loss(m, crops, step):
+        x1, x2 = crops
         if rung >= 2:  # one view at a time: BatchNorm statistics per view
             z1, z2 = (m.projector(m.backbone(x)[1]) for x in (x1, x2))
         else:
@@ -88,7 +108,57 @@ def build(rung, init, a):
         opt = LightlyLARS(lightly_groups([model], a.weight_decay), lr=0.0, momentum=0.9, trust_coefficient=a.lars_eta)
     else:
         opt = simclr.LARS(simclr.param_groups(model), lr=0.0, weight_decay=a.weight_decay, eta=a.lars_eta, mode=a.lars_mode)
-    return model, loss, opt
+    return model, loss, opt, lambda m, step: None
+
+
+def build_swav(rung, init, a, b):
+    """As build_simclr, for swav.py: rung 0 is its training step (prototypes normalized, then
+    scores, assign_codes, swav_loss, and the prototypes' gradient dropped while they are held)."""
+    from lightly.loss import SwaVLoss
+    from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
+    from lightly.utils.lars import LARS as LightlyLARS
+
+    model = copy.deepcopy(init)
+    if rung >= 4:  # lightly's head and prototypes, with CleanSSL's weights
+        head = SwaVProjectionHead(model.backbone.dim, a.proj_hidden, a.proj_dim)
+        ours = [m for m in model.projector if isinstance(m, (torch.nn.Linear, torch.nn.BatchNorm1d))]
+        theirs = [m for m in head.layers if isinstance(m, (torch.nn.Linear, torch.nn.BatchNorm1d))]
+        for o, t in zip(ours, theirs):  # Linear (no bias in lightly), BN, Linear with bias
+            t.weight.data.copy_(o.weight.data)
+            if t.bias is not None:
+                t.bias.data.copy_(o.bias.data)
+        protos = SwaVPrototypes(a.proj_dim, a.prototypes, n_steps_frozen_prototypes=b.freeze_steps)
+        protos.heads[0].weight.data.copy_(model.prototypes.weight.data)  # its bias stays lightly's
+        model.projector, model.prototypes = head, protos
+    criterion = SwaVLoss(temperature=a.temperature, sinkhorn_iterations=a.sinkhorn_iters, sinkhorn_epsilon=a.sinkhorn_epsilon)
+
+    def loss(m, crops, step):
+        if rung >= 4:
+            m.prototypes.normalize()
+        else:
+            with torch.no_grad():
+                m.prototypes.weight.copy_(torch.nn.functional.normalize(m.prototypes.weight, dim=1))
+        if rung >= 2:  # one crop at a time: BatchNorm statistics per crop
+            z = [torch.nn.functional.normalize(m.projector(m.backbone(x)[1]), dim=1) for x in crops]
+            scores = [m.prototypes(zi, step) if rung >= 4 else m.prototypes(zi) for zi in z]
+        else:
+            scores = list(m(crops)["scores"].unflatten(0, (len(crops), len(crops[0]))))
+        if rung >= 1:
+            return criterion(scores[:2], scores[2:])
+        s = torch.stack(scores)  # (V, b, K)
+        codes = swav.assign_codes(s.detach(), None, m.prototypes.weight.detach(), a.sinkhorn_epsilon, a.sinkhorn_iters)
+        return swav.swav_loss(s, codes, a.temperature)
+
+    def hold(m, step):  # swav.py drops the held prototypes' gradient; lightly's never computes it
+        if rung < 4 and step < b.freeze_steps:
+            m.prototypes.weight.grad = None
+
+    if rung >= 3:
+        opt = LightlyLARS(lightly_groups([model], a.weight_decay), lr=0.0, momentum=0.9, trust_coefficient=a.lars_eta)
+    else:
+        opt = swav.LARS(swav.param_groups(model, a.exclude_bias_norm), lr=0.0, weight_decay=a.weight_decay,
+                        eta=a.lars_eta, mode=a.lars_mode)
+    return model, loss, opt, hold
 
 
 def flat(tensors):
@@ -109,7 +179,7 @@ def step_sizes(model, opt, lr):
                 continue
             w, gr, wd = p.norm().item(), p.grad.norm().item(), g["weight_decay"]
             ratio = w / (gr + wd * w)
-            if isinstance(opt, simclr.LARS):
+            if "mode" in g:  # CleanSSL's LARS
                 f = min(g["eta"] * ratio, lr) if g["mode"] == "clip" else lr * g["eta"] * w / (p.grad + wd * p).norm().item()
             else:
                 f = lr * g["trust_coefficient"] * ratio
@@ -117,14 +187,24 @@ def step_sizes(model, opt, lr):
     return out
 
 
+RUNGS = {"simclr": (build_simclr, ["0 CleanSSL", "1 + lightly NTXentLoss", "2 + views one at a time",
+                                   "3 + lightly LARS", "4 + lightly head"]),
+         "swav": (build_swav, ["0 CleanSSL", "1 + lightly SwaVLoss", "2 + crops one at a time", "3 + lightly LARS",
+                               "4 + lightly head, prototypes"])}
+
+
 def main(b):
     torch.use_deterministic_algorithms(True)
-    a = simclr.parse_args(["--image-size", "32", "--batch-size", str(b.batch_size)] + b.extra.split())
+    script = {"simclr": simclr, "swav": swav}[b.method]
+    a = script.parse_args(["--image-size", "32", "--batch-size", str(b.batch_size)] + b.extra.split())
     dataset, data_dir = b.dataset, b.data_dir if b.dataset == "folder" else ""
     common.check_dataset(dataset, data_dir)
     train = common.make_dataset(dataset, data_dir, train=True)
     stats = common.STATS[dataset]
-    views = common.simclr_views(32, a.crop_min_scale, a.jitter_strength, a.blur_prob)
+    if b.method == "simclr":
+        views = common.simclr_views(32, a.crop_min_scale, a.jitter_strength, a.blur_prob)
+    else:
+        views = swav.swav_views(32, a)
     loader = common.TrainLoader(train, views, b.batch_size, stats, torch.device("cpu"), seed=0, workers=0)
     batches = []
     for crops, _, _ in loader:
@@ -132,22 +212,23 @@ def main(b):
         if len(batches) == b.steps:
             break
     torch.manual_seed(0)
-    init = simclr.SimCLR(a, small_images=True)
+    init = simclr.SimCLR(a, small_images=True) if b.method == "simclr" else swav.SwAV(a, small_images=True)
     lr = a.lr * b.batch_size / 256  # the warm-up's end: parity is about the step, not the schedule
-    names = ["0 CleanSSL", "1 + lightly NTXentLoss", "2 + views one at a time", "3 + lightly LARS", "4 + lightly head"]
+    build, names = RUNGS[b.method]
     rungs, prev = [], None
     ref_backbone = None
     for r, name in enumerate(names):
-        model, loss_fn, opt = build(r, init, a)
+        model, loss_fn, opt, hold = build(r, init, a, b)
         model.train()
         params = [p for p in model.backbone.parameters()]
         losses, first = [], {}
-        for s, (x1, x2) in enumerate(batches):
+        for s, crops in enumerate(batches):
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss = loss_fn(model, x1, x2)
+            loss = loss_fn(model, crops, s)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            hold(model, s)
             if s == 0:
                 first["grad"] = flat([p.grad for p in params]).clone()
                 first["sizes"] = step_sizes(model, opt, lr)
@@ -173,7 +254,7 @@ def main(b):
               f"backbone@{len(losses)} vs rung 0 {row['backbone_vs_rung0_after_all_steps']:.2e}  "
               f"lr x trust median {row['step_size_median']:.3g} [{row['step_size_min_max'][0]:.3g}, "
               f"{row['step_size_min_max'][1]:.3g}]", flush=True)
-    result = {"dataset": dataset, "batch_size": b.batch_size, "steps": b.steps, "lr": lr, "flags": b.extra,
+    result = {"method": b.method, "dataset": dataset, "batch_size": b.batch_size, "steps": b.steps, "lr": lr, "flags": b.extra,
               "lars_mode": a.lars_mode, "lars_eta": a.lars_eta, "rungs": rungs, "torch": torch.__version__}
     if b.out:
         with open(b.out + ".tmp", "w") as fh:

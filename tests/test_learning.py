@@ -105,3 +105,20 @@ def test_parity_loss_rung_is_identical_and_the_others_differ(tmp_path):
     assert abs(r[1]["loss_step1"] - r[0]["loss_step1"]) < 1e-5 and r[1]["grad_vs_previous_step1"] < 1e-4  # NT-Xent = NTXentLoss
     assert r[2]["grad_vs_previous_step1"] > 1e-3  # per-view BN changes the gradient of the joint batch
     assert r[3]["grad_vs_previous_step1"] < 1e-6 and r[3]["weights_vs_previous_step1"] > 1e-4  # same grads, other step
+
+
+@pytest.mark.skipif(not LIGHTLY_PYTHON, reason="set LIGHTLY_PYTHON to an interpreter with lightly to run parity.py")
+def test_swav_parity_loss_rung_is_identical_and_the_others_differ(tmp_path):
+    import subprocess
+    out = tmp_path / "parity_swav.json"
+    subprocess.run([LIGHTLY_PYTHON, PARITY, "swav", "--dataset", "digits", "--steps", "2", "--batch-size", "8",
+                    "--out", str(out)], check=True, timeout=600)
+    result = json.loads(out.read_text())
+    r = result["rungs"]
+    assert result["method"] == "swav" and [x["rung"][0] for x in r] == ["0", "1", "2", "3", "4"]
+    # assign_codes + swav_loss = lightly's SwaVLoss (Sinkhorn and swapped prediction), over both steps
+    assert abs(r[1]["loss_step1"] - r[0]["loss_step1"]) < 1e-5 and r[1]["grad_vs_previous_step1"] < 1e-4
+    assert abs(r[1]["losses"][1] - r[0]["losses"][1]) < 1e-4
+    assert r[2]["grad_vs_previous_step1"] > 1e-3  # BN per crop changes the gradient of the joint batch
+    assert r[3]["grad_vs_previous_step1"] < 1e-6 and r[3]["weights_vs_previous_step1"] > 1e-4  # clip LARS vs lightly's
+    assert abs(r[4]["loss_step1"] - r[3]["loss_step1"]) > 1e-3  # lightly's prototypes have a bias
