@@ -26,6 +26,17 @@ swav (swav.py against lightly's SwAV; no queue: the learning study's budgets end
               lightly's own step counter (n_steps_frozen_prototypes) instead of a dropped gradient
   Prototypes are held for --freeze-steps steps on every rung (default 0, so that they move).
 
+byol (byol.py against lightly's BYOL; the target's tau follows a schedule of --schedule-steps steps):
+  1 loss      lightly.loss.NegativeCosineSimilarity as 4 + 4 x 0.5 (ncs(p1, z2) + ncs(p2, z1)), which
+              is BYOL's summed 2 - 2 cos                                  (expected: identical)
+  2 scale     lightly's 0.5 (ncs(p1, z2) + ncs(p2, z1)) as it is: a quarter of BYOL's gradient, so
+              weight decay weighs 4x more against it in the trust ratio and the biases and norms
+              (plain SGD, no LARS) take 4x smaller steps
+  3 optimizer lightly.utils.lars.LARS instead of CleanSSL's LARS in the script's --lars-mode
+  4 head      lightly's BYOLProjectionHead and BYOLPredictionHead (byol.py's layers, weights copied;
+              expected: identical), and lightly's target update: update_momentum with
+              cosine_schedule before the forward (byol.py: ema_update with tau_at after the step)
+
 After each rung the script reports, for step 1, the loss and the largest relative difference of
 the gradients and of the updated weights to the previous rung, and for `--steps` steps the loss
 trajectory and the relative distance of the weights to rung 0's. At step 1 it also prints the
@@ -36,6 +47,8 @@ LARS forms differ. Run with lightly's interpreter (see benchmarks/learning.py):
         --out benchmarks/results/learning/parity_simclr.json
     ../lightly-venv/bin/python benchmarks/parity.py swav --steps 10 --batch-size 64 \\
         --extra "--lars-mode official" --out benchmarks/results/learning/parity_swav.json
+    ../lightly-venv/bin/python benchmarks/parity.py byol --steps 10 --batch-size 64 \\
+        --extra "--lars-mode official" --out benchmarks/results/learning/parity_byol.json
 
 Data: the shared CIFAR-10 copy (../shared/data/cifar10), or --dataset digits; the batches come from
 common.TrainLoader with the script's own views (so both sides see the same augmented pixels;
@@ -54,13 +67,16 @@ sys.path.insert(0, REPO)
 import common  # noqa: E402
 import simclr  # noqa: E402
 import swav  # noqa: E402
+import byol  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", nargs="?", default="simclr", choices=["simclr", "swav"], help="the script to compare")
+    p.add_argument("method", nargs="?", default="simclr", choices=["simclr", "swav", "byol"], help="the script to compare")
     p.add_argument("--steps", type=int, default=10, help="steps of every rung")
     p.add_argument("--freeze-steps", type=int, default=0, help="swav: prototypes held for the first N steps of every rung")
+    p.add_argument("--schedule-steps", type=int, default=1000,
+                   help="byol: length of the target's tau schedule (default: the learning study's 64k-image budget at batch 64)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--dataset", default="folder", choices=["folder", "digits"], help="digits: plumbing only")
     p.add_argument("--data-dir", default=os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10"),
@@ -108,7 +124,7 @@ def build_simclr(rung, init, a, b):
         opt = LightlyLARS(lightly_groups([model], a.weight_decay), lr=0.0, momentum=0.9, trust_coefficient=a.lars_eta)
     else:
         opt = simclr.LARS(simclr.param_groups(model), lr=0.0, weight_decay=a.weight_decay, eta=a.lars_eta, mode=a.lars_mode)
-    return model, loss, opt, lambda m, step: None
+    return model, loss, opt, lambda m, step: None, lambda m, step: None
 
 
 def build_swav(rung, init, a, b):
@@ -158,7 +174,59 @@ def build_swav(rung, init, a, b):
     else:
         opt = swav.LARS(swav.param_groups(model, a.exclude_bias_norm), lr=0.0, weight_decay=a.weight_decay,
                         eta=a.lars_eta, mode=a.lars_mode)
-    return model, loss, opt, hold
+    return model, loss, opt, hold, lambda m, step: None
+
+
+def build_byol(rung, init, a, b):
+    """As build_simclr, for byol.py: rung 0 is its training step (forward, regression_loss, LARS,
+    then ema_update of the target with tau_at). The fifth value is the after-step hook."""
+    from lightly.loss import NegativeCosineSimilarity
+    from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+    from lightly.models.utils import update_momentum
+    from lightly.utils.lars import LARS as LightlyLARS
+    from lightly.utils.scheduler import cosine_schedule
+
+    model = copy.deepcopy(init)
+    if rung >= 4:  # lightly's heads with byol.py's weights (the same layers), and targets as lightly copies them
+        heads = (BYOLProjectionHead(model.backbone.dim, a.proj_hidden, a.proj_dim),
+                 BYOLPredictionHead(a.proj_dim, a.pred_hidden, a.proj_dim))
+        for ours, head in zip((model.projector, model.predictor), heads):
+            head.layers.load_state_dict(ours.state_dict())
+        model.projector, model.predictor = heads
+        model.target_backbone = copy.deepcopy(model.backbone).requires_grad_(False)
+        model.target_projector = copy.deepcopy(model.projector).requires_grad_(False)
+    ncs = NegativeCosineSimilarity()
+    total = b.schedule_steps
+
+    def loss(m, crops, step):
+        if rung >= 4:  # lightly's order: the target follows the online network before the forward
+            tau = cosine_schedule(step, total, a.tau_base, a.tau_final)
+            update_momentum(m.backbone, m.target_backbone, tau)
+            update_momentum(m.projector, m.target_projector, tau)
+            p = [m.predictor(m.projector(m.backbone(x)[1])) for x in crops]
+            with torch.no_grad():
+                z = [m.target_projector(m.target_backbone(x)[1]) for x in crops]
+        else:
+            out = m(crops)
+            bs = len(crops[0])
+            p, z = (out["p"][:bs], out["p"][bs:]), (out["z_target"][:bs], out["z_target"][bs:])
+        if rung == 0:
+            return byol.regression_loss(p[0], p[1], z[0], z[1])
+        lightly_loss = 0.5 * (ncs(p[0], z[1]) + ncs(p[1], z[0]))
+        return 4 + 4 * lightly_loss if rung == 1 else lightly_loss
+
+    def after(m, step):
+        if rung < 4:
+            tau = byol.tau_at(step, total, a.tau_base, a.tau_final)
+            byol.ema_update(m.target_backbone, m.backbone, tau)
+            byol.ema_update(m.target_projector, m.projector, tau)
+
+    online = [model.backbone, model.projector, model.predictor]
+    if rung >= 3:
+        opt = LightlyLARS(lightly_groups(online, a.weight_decay), lr=0.0, momentum=0.9, trust_coefficient=a.lars_eta)
+    else:
+        opt = byol.LARS(byol.param_groups(model), lr=0.0, weight_decay=a.weight_decay, eta=a.lars_eta, mode=a.lars_mode)
+    return model, loss, opt, lambda m, step: None, after
 
 
 def flat(tensors):
@@ -190,12 +258,14 @@ def step_sizes(model, opt, lr):
 RUNGS = {"simclr": (build_simclr, ["0 CleanSSL", "1 + lightly NTXentLoss", "2 + views one at a time",
                                    "3 + lightly LARS", "4 + lightly head"]),
          "swav": (build_swav, ["0 CleanSSL", "1 + lightly SwaVLoss", "2 + crops one at a time", "3 + lightly LARS",
-                               "4 + lightly head, prototypes"])}
+                               "4 + lightly head, prototypes"]),
+         "byol": (build_byol, ["0 CleanSSL", "1 + lightly loss, x4", "2 + lightly's loss scale", "3 + lightly LARS",
+                               "4 + lightly heads, target update"])}
 
 
 def main(b):
     torch.use_deterministic_algorithms(True)
-    script = {"simclr": simclr, "swav": swav}[b.method]
+    script = {"simclr": simclr, "swav": swav, "byol": byol}[b.method]
     a = script.parse_args(["--image-size", "32", "--batch-size", str(b.batch_size)] + b.extra.split())
     dataset, data_dir = b.dataset, b.data_dir if b.dataset == "folder" else ""
     common.check_dataset(dataset, data_dir)
@@ -203,8 +273,10 @@ def main(b):
     stats = common.STATS[dataset]
     if b.method == "simclr":
         views = common.simclr_views(32, a.crop_min_scale, a.jitter_strength, a.blur_prob)
-    else:
+    elif b.method == "swav":
         views = swav.swav_views(32, a)
+    else:
+        views = byol.train_views(a, 32)
     loader = common.TrainLoader(train, views, b.batch_size, stats, torch.device("cpu"), seed=0, workers=0)
     batches = []
     for crops, _, _ in loader:
@@ -212,13 +284,13 @@ def main(b):
         if len(batches) == b.steps:
             break
     torch.manual_seed(0)
-    init = simclr.SimCLR(a, small_images=True) if b.method == "simclr" else swav.SwAV(a, small_images=True)
+    init = {"simclr": simclr.SimCLR, "swav": swav.SwAV, "byol": byol.BYOL}[b.method](a, small_images=True)
     lr = a.lr * b.batch_size / 256  # the warm-up's end: parity is about the step, not the schedule
     build, names = RUNGS[b.method]
     rungs, prev = [], None
     ref_backbone = None
     for r, name in enumerate(names):
-        model, loss_fn, opt, hold = build(r, init, a, b)
+        model, loss_fn, opt, hold, after = build(r, init, a, b)
         model.train()
         params = [p for p in model.backbone.parameters()]
         losses, first = [], {}
@@ -233,6 +305,7 @@ def main(b):
                 first["grad"] = flat([p.grad for p in params]).clone()
                 first["sizes"] = step_sizes(model, opt, lr)
             opt.step()
+            after(model, s)
             if s == 0:
                 first["weights"] = flat([p.detach() for p in params]).clone()
             losses.append(loss.item())

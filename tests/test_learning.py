@@ -122,3 +122,23 @@ def test_swav_parity_loss_rung_is_identical_and_the_others_differ(tmp_path):
     assert r[2]["grad_vs_previous_step1"] > 1e-3  # BN per crop changes the gradient of the joint batch
     assert r[3]["grad_vs_previous_step1"] < 1e-6 and r[3]["weights_vs_previous_step1"] > 1e-4  # clip LARS vs lightly's
     assert abs(r[4]["loss_step1"] - r[3]["loss_step1"]) > 1e-3  # lightly's prototypes have a bias
+
+
+@pytest.mark.skipif(not LIGHTLY_PYTHON, reason="set LIGHTLY_PYTHON to an interpreter with lightly to run parity.py")
+def test_byol_parity_loss_and_heads_are_identical_and_the_loss_scale_is_not(tmp_path):
+    import subprocess
+    out = tmp_path / "parity_byol.json"
+    subprocess.run([LIGHTLY_PYTHON, PARITY, "byol", "--dataset", "digits", "--steps", "2", "--batch-size", "8",
+                    "--extra=--lars-mode official", "--out", str(out)], check=True, timeout=600)
+    result = json.loads(out.read_text())
+    r = result["rungs"]
+    assert result["method"] == "byol" and [x["rung"][0] for x in r] == ["0", "1", "2", "3", "4"]
+    # regression_loss = 4 + 4 x lightly's loss, over both steps (so ema_update and the step agree too)
+    assert abs(r[1]["loss_step1"] - r[0]["loss_step1"]) < 1e-5 and r[1]["grad_vs_previous_step1"] < 1e-4
+    assert abs(r[1]["losses"][1] - r[0]["losses"][1]) < 1e-4
+    assert abs(r[2]["grad_vs_previous_step1"] - 0.75) < 5e-3  # a quarter of BYOL's gradient, to float noise
+    # official LARS is scale-free but for weight decay: the LARS weights move the same, the plain-SGD biases do not
+    assert r[2]["weights_vs_previous_step1"] > 1e-4
+    assert r[3]["grad_vs_previous_step1"] < 1e-6
+    # byol.py's layers are lightly's heads, and its target update after the step is lightly's before the forward
+    assert r[4]["grad_vs_previous_step1"] < 1e-4 and abs(r[4]["losses"][1] - r[3]["losses"][1]) < 1e-4
