@@ -60,7 +60,7 @@ Where the lightly half differs from the script, by method (the JSON says it per 
 | simclr  | SimCLRTransform, SimCLRProjectionHead, NTXentLoss, LARS | lightly's head ends in a bias-free Linear and BatchNorm1d; CleanSSL's in a Linear with bias unless --proj-last-bn |
 | mocov2  | MoCoV2Transform, MoCoProjectionHead, NTXentLoss(memory_bank_size), update_momentum, cosine_schedule | one NTXentLoss call on both directions (the same symmetric mean) enqueues the keys of both views, 2B a step; CleanSSL enqueues view 2's, B a step |
 | mocov3  | -               | lightly has none: a MoCoProjectionHead that can take v3's shape, but no v3 transform, predictor or loss |
-| byol    | BYOLTransform, BYOLProjectionHead, BYOLPredictionHead, NegativeCosineSimilarity, update_momentum, cosine_schedule, LARS | lightly's loss 0.5 (ncs(p1, z2) + ncs(p2, z1)) is 1/4 of BYOL's summed 2 - 2 cos: same optimum, 4x smaller gradients, so weight decay weighs 4x more and the LARS-free biases and norms move 4x slower |
+| byol    | BYOLTransform, BYOLProjectionHead, BYOLPredictionHead, NegativeCosineSimilarity, update_momentum, cosine_schedule, LARS | lightly's loss 0.5 (ncs(p1, z2) + ncs(p2, z1)) is 1/4 of BYOL's summed 2 - 2 cos: same optimum, 4x smaller gradients, so weight decay weighs 4x more and the LARS-free biases and norms move 4x slower (byol.py --loss-scale 0.25 takes lightly's scale) |
 | simsiam | SimSiamTransform, SimSiamProjectionHead, SimSiamPredictionHead, NegativeCosineSimilarity | none beyond the common ones (SGD, predictor at the fixed base LR, as the script) |
 | swav    | SwaVTransform, SwaVProjectionHead, SwaVPrototypes, SwaVLoss, MemoryBankModule, LARS | prototypes have a bias in lightly; one blur probability for every crop and no solarization in SwaVTransform; no max-shift in lightly's Sinkhorn |
 | dino    | DINOTransform, DINOProjectionHead, DINOLoss, update_momentum, cosine_schedule, LARS | last layer weight-normalized (weight_v optimized, g fixed at 1) instead of normalized in the forward pass; the teacher head is a second DINOProjectionHead loaded with the student's weights (deepcopy cannot copy weight_norm) |
@@ -690,7 +690,8 @@ def lightly_byol(a, views, stats, total, spe):
                 reads=["tau_base", "tau_final", "proj_hidden", "proj_dim", "pred_hidden", "lars_eta"],
                 differences=["loss scale: lightly's 0.5 (ncs(p1, z2) + ncs(p2, z1)) is 1/4 of BYOL's 2 - 2 cos summed over "
                              "both views (CleanSSL): the same optimum, 4x smaller gradients, so weight decay weighs 4x more "
-                             "against them and the biases and norms (plain SGD, no LARS) move 4x slower",
+                             "against them and the biases and norms (plain SGD, no LARS) move 4x slower (byol.py --loss-scale 0.25 "
+                             "takes lightly's; benchmarks/parity.py byol finds it the one difference in the step)",
                              "the target keeps BatchNorm running statistics (unused: it runs in train mode); CleanSSL's has none",
                              LARS_NOTE] + _view_notes(views))
 

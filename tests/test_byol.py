@@ -111,6 +111,33 @@ def test_recipe_flags_reach_the_views_the_backbone_and_lars():
     assert not plain["lars"] and plain["weight_decay"] == 0.0 and all(p.ndim == 1 for p in plain["params"])
 
 
+def test_loss_scale_reaches_the_loss_and_moves_only_the_plain_sgd_parameters(tmp_path):
+    """--loss-scale multiplies L_BYOL in the training step; under official LARS without weight
+    decay the LARS weights then step exactly as before and the biases and norms scale times as far
+    (the help's claim, and what parts byol.py's step from lightly's quarter-sized loss)."""
+    flags = TINY + SMALL + ["--epochs", "1", "--steps-per-epoch", "1", "--knn-every", "0"]
+    for scale in ("1", "0.25"):
+        assert byol.main(byol.parse_args(flags + ["--loss-scale", scale, "--run-dir", str(tmp_path / scale)])) == 0
+    one, quarter = (read_metrics(tmp_path / s)[0]["loss_ssl"] for s in ("1", "0.25"))
+    assert quarter == pytest.approx(0.25 * one, rel=1e-5)  # the same first batch and weights, a quarter of the loss
+    crops = _crops(8, 0)
+    steps = []
+    for scale in (1.0, 0.25):
+        model = _model()
+        opt = byol.LARS(byol.param_groups(model), lr=0.5, weight_decay=0.0, mode="official")
+        (scale * _loss(model(crops), 8)).backward()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        steps.append({n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad})
+    for n, d in steps[0].items():
+        if d.ndim > 1:
+            torch.testing.assert_close(steps[1][n], d, rtol=1e-4, atol=1e-7)
+        else:
+            torch.testing.assert_close(steps[1][n], 0.25 * d, rtol=1e-4, atol=1e-7)
+    with pytest.raises(common.UserError, match="--loss-scale must be positive"):
+        byol.check_args(byol.parse_args(["--loss-scale", "0"]))
+
+
 def _no_bn(module):
     """Batch statistics tie every output to the per-process batch; without BatchNorm, the
     model's rows are independent and 2 processes must reproduce 1 process exactly."""
