@@ -72,7 +72,7 @@ import byol  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", nargs="?", default="simclr", choices=["simclr", "swav", "byol"], help="the script to compare")
+    p.add_argument("method", nargs="?", default="simclr", choices=list(METHODS), help="the script to compare")
     p.add_argument("--steps", type=int, default=10, help="steps of every rung")
     p.add_argument("--freeze-steps", type=int, default=0, help="swav: prototypes held for the first N steps of every rung")
     p.add_argument("--schedule-steps", type=int, default=1000,
@@ -255,38 +255,37 @@ def step_sizes(model, opt, lr):
     return out
 
 
-RUNGS = {"simclr": (build_simclr, ["0 CleanSSL", "1 + lightly NTXentLoss", "2 + views one at a time",
-                                   "3 + lightly LARS", "4 + lightly head"]),
-         "swav": (build_swav, ["0 CleanSSL", "1 + lightly SwaVLoss", "2 + crops one at a time", "3 + lightly LARS",
-                               "4 + lightly head, prototypes"]),
-         "byol": (build_byol, ["0 CleanSSL", "1 + lightly loss, x4", "2 + lightly's loss scale", "3 + lightly LARS",
-                               "4 + lightly heads, target update"])}
+# per method: the script, its model, its training views at 32 px, the ladder's builder and rung names
+METHODS = {
+    "simclr": (simclr, simclr.SimCLR, lambda a: common.simclr_views(32, a.crop_min_scale, a.jitter_strength, a.blur_prob),
+               build_simclr, ["0 CleanSSL", "1 + lightly NTXentLoss", "2 + views one at a time", "3 + lightly LARS",
+                              "4 + lightly head"]),
+    "swav": (swav, swav.SwAV, lambda a: swav.swav_views(32, a),
+             build_swav, ["0 CleanSSL", "1 + lightly SwaVLoss", "2 + crops one at a time", "3 + lightly LARS",
+                          "4 + lightly head, prototypes"]),
+    "byol": (byol, byol.BYOL, lambda a: byol.train_views(a, 32),
+             build_byol, ["0 CleanSSL", "1 + lightly loss, x4", "2 + lightly's loss scale", "3 + lightly LARS",
+                          "4 + lightly heads, target update"]),
+}
 
 
 def main(b):
     torch.use_deterministic_algorithms(True)
-    script = {"simclr": simclr, "swav": swav, "byol": byol}[b.method]
+    script, model_class, train_views, build, names = METHODS[b.method]
     a = script.parse_args(["--image-size", "32", "--batch-size", str(b.batch_size)] + b.extra.split())
     dataset, data_dir = b.dataset, b.data_dir if b.dataset == "folder" else ""
     common.check_dataset(dataset, data_dir)
     train = common.make_dataset(dataset, data_dir, train=True)
     stats = common.STATS[dataset]
-    if b.method == "simclr":
-        views = common.simclr_views(32, a.crop_min_scale, a.jitter_strength, a.blur_prob)
-    elif b.method == "swav":
-        views = swav.swav_views(32, a)
-    else:
-        views = byol.train_views(a, 32)
-    loader = common.TrainLoader(train, views, b.batch_size, stats, torch.device("cpu"), seed=0, workers=0)
+    loader = common.TrainLoader(train, train_views(a), b.batch_size, stats, torch.device("cpu"), seed=0, workers=0)
     batches = []
     for crops, _, _ in loader:
         batches.append(crops)
         if len(batches) == b.steps:
             break
     torch.manual_seed(0)
-    init = {"simclr": simclr.SimCLR, "swav": swav.SwAV, "byol": byol.BYOL}[b.method](a, small_images=True)
+    init = model_class(a, small_images=True)
     lr = a.lr * b.batch_size / 256  # the warm-up's end: parity is about the step, not the schedule
-    build, names = RUNGS[b.method]
     rungs, prev = [], None
     ref_backbone = None
     for r, name in enumerate(names):
