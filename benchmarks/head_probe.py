@@ -39,6 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="", help="data of the run (default: the checkpoint's --data-dir)")
     p.add_argument("--images", type=int, default=256, help="test images, evenly spaced over the split")
     p.add_argument("--batch-size", type=int, default=128, help="train-mode batch (BatchNorm batch statistics)")
+    p.add_argument("--init", action="store_true", help="probe a fresh model built from the checkpoint's flags after "
+                   "torch.manual_seed(its --seed), as the run's start (the same distribution; the run's own start "
+                   "may differ, as its data set-up can draw random numbers first); the teacher is its copy, the center 0")
     p.add_argument("--out", default="", help="write the numbers as JSON here too")
     return p.parse_args(argv)
 
@@ -77,14 +80,19 @@ def probe(args):
     a = argparse.Namespace(**ckpt["args"])
     x, size = test_images(args, ckpt["args"])
     mod = __import__(method)
+    if args.init:
+        torch.manual_seed(a.seed)
     model = (mod.DINO if method == "dino" else mod.SwAV)(a, size <= 64)
-    model.load_state_dict(ckpt["model"])
+    if not args.init:
+        model.load_state_dict(ckpt["model"])
     nets = {"student": model}
     if method == "dino":
         teacher = mod.Teacher(model)
-        teacher.load_state_dict(ckpt["teacher"])
+        if not args.init:
+            teacher.load_state_dict(ckpt["teacher"])
         nets["teacher"] = teacher
-    out = {"checkpoint": args.checkpoint, "method": method, "epoch": ckpt["epoch"], "images": len(x),
+    center = torch.zeros(1, a.prototypes) if args.init else ckpt.get("center")
+    out = {"checkpoint": args.checkpoint, "method": method, "epoch": 0 if args.init else ckpt["epoch"], "images": len(x),
            "prototypes": a.prototypes, "ln_K": math.log(a.prototypes)}
     for name, net in nets.items():
         net.train()  # train-mode BatchNorm, as the loss sees the batch
@@ -97,7 +105,7 @@ def probe(args):
         out[name] = head_stats(torch.cat(zs).float(), F.normalize(w.float(), dim=1))
     if method == "dino":  # the teacher's target P_t = softmax((g_t - c) / tau_t) at the run's final tau_t
         t = torch.cat([nets["teacher"]([xb]) for xb in x.split(args.batch_size)])  # (N, K)
-        p = F.softmax((t - ckpt["center"]) / a.teacher_temp, dim=1)
+        p = F.softmax((t - center) / a.teacher_temp, dim=1)
         out["target_entropy"] = -(p * p.clamp_min(1e-12).log()).sum(1).mean().item()
     return out
 

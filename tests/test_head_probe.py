@@ -61,6 +61,10 @@ def test_probe_reads_dino_and_swav_checkpoints(tmp_path):
             assert s["score_std_over_k"] > 0 and -1 <= s["mean_pairwise_cos_z"] <= 1
         if method == "dino":
             assert 0 < r["target_entropy"] <= math.log(24) + 1e-5
+            # --init: the run's start, whose teacher is the student's copy
+            run([SCRIPT, str(ckpt), "--init", "--images", "16", "--batch-size", "8", "--out", str(out)], timeout=300)
+            i = json.loads(out.read_text())
+            assert i["epoch"] == 0 and i["student"] == i["teacher"] and i["student"] != r["student"]
         else:
             assert "target_entropy" not in r
 
