@@ -964,23 +964,63 @@ class TrainLoader:
 
 
 # ---------------------------------------------------------------- 5. backbones
+# name -> (torchvision architecture, width divisor). The narrow ResNet-18s keep the architecture
+# and divide every stage's channels: a CPU smoke run or a classroom (eighth: 8/16/32/64), a scale
+# model of an experiment (quarter: 16/32/64/128, about 13x the images/s of the full one on a CPU).
+BACKBONES = {"resnet18": ("resnet18", 1), "resnet34": ("resnet34", 1), "resnet50": ("resnet50", 1),
+             "resnet18-half": ("resnet18", 2), "resnet18-quarter": ("resnet18", 4),
+             "resnet18-eighth": ("resnet18", 8)}
+
+
+def _narrow(net, div, zero_init_residual):
+    """Rebuild a torchvision ResNet's stem and stages with 1/div of their channels, initialized as
+    torchvision initializes them (Kaiming conv weights, unit BN scales, zero last BN if asked)."""
+    block = type(net.layer1[0])
+    w = 64 // div
+    net.inplanes = w
+    net.conv1 = nn.Conv2d(3, w, 7, 2, 3, bias=False)
+    net.bn1 = nn.BatchNorm2d(w)
+    depth = [len(net.layer1), len(net.layer2), len(net.layer3), len(net.layer4)]
+    net.layer1 = net._make_layer(block, w, depth[0])
+    net.layer2 = net._make_layer(block, 2 * w, depth[1], stride=2)
+    net.layer3 = net._make_layer(block, 4 * w, depth[2], stride=2)
+    net.layer4 = net._make_layer(block, 8 * w, depth[3], stride=2)
+    net.fc = nn.Linear(8 * w * block.expansion, net.fc.out_features)
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for m in net.modules() if zero_init_residual else ():
+        if isinstance(m, torchvision.models.resnet.Bottleneck):
+            nn.init.zeros_(m.bn3.weight)
+        elif isinstance(m, torchvision.models.resnet.BasicBlock):
+            nn.init.zeros_(m.bn2.weight)
+    return net
+
+
 class Backbone(nn.Module):
     """A torchvision ResNet without its classifier: (B, 3, H, W) -> (f (B, D, h, w), h (B, D)).
     For images of 64 px and less, the 7x7 stride-2 stem and the max-pool would shrink a
-    32 px image to 1x1 by layer4; the CIFAR stem is a 3x3 stride-1 convolution, no pool."""
+    32 px image to 1x1 by layer4; the CIFAR stem is a 3x3 stride-1 convolution, no pool.
+    `name` is a key of BACKBONES; a narrow ResNet-18 has the same layers with fewer channels."""
 
     def __init__(self, name="resnet18", small_images=True, zero_init_residual=False):
         super().__init__()
-        if name not in ("resnet18", "resnet34", "resnet50"):
-            raise UserError(f"unknown backbone '{name}': choose resnet18, resnet34 or resnet50.")
+        if name not in BACKBONES:
+            raise UserError(f"unknown backbone '{name}': choose one of {', '.join(BACKBONES)}.")
+        arch, div = BACKBONES[name]
         # zero_init_residual: the last BN of each residual branch starts at 0, so every block
         # starts as the identity (Goyal et al. 2017; MoCo v3's and BYOL's ImageNet recipes)
-        net = getattr(torchvision.models, name)(weights=None, zero_init_residual=zero_init_residual)
+        net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
+        if div > 1:
+            net = _narrow(net, div, zero_init_residual)
         if small_images:
-            net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            net.conv1 = nn.Conv2d(3, 64 // div, 3, 1, 1, bias=False)
             net.maxpool = nn.Identity()
         self.name, self.small_images = name, small_images
-        self.dim = net.fc.in_features  # 512 for R18/34, 2048 for R50
+        self.dim = net.fc.in_features  # 512 for R18/34, 2048 for R50, 512 / div for a narrow R18
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
 

@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("run_dir", nargs="?", default="", help="run folder of a method script (backbone.pt, args.json)")
     p.add_argument("--weights", default="", help="a backbone.pt to evaluate instead of RUN_DIR/backbone.pt")
     # None: take the value from RUN_DIR/args.json (flags override it), else the default in the help
-    p.add_argument("--backbone", default=None, choices=["resnet18", "resnet34", "resnet50"],
+    p.add_argument("--backbone", default=None, choices=list(common.BACKBONES),
                    help="the backbone of the weights (default: args.json, else resnet18)")
     p.add_argument("--dataset", default=None, choices=common.DATASETS, help="data set (default: args.json; needed with --weights)")
     p.add_argument("--data-dir", default=None, help="data folder (default: args.json, else 'data')")

@@ -38,7 +38,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="digits", choices=common.DATASETS, help="data set; digits needs no download")
     p.add_argument("--data-dir", default="data", help="where torchvision data sets are downloaded, or the ImageFolder root")
-    p.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet34", "resnet50"], help="torchvision ResNet")
+    p.add_argument("--backbone", default="resnet18", choices=list(common.BACKBONES),
+                   help="ResNet; resnet18-half/-quarter/-eighth have 1/2, 1/4, 1/8 of the channels")
     p.add_argument("--image-size", type=int, default=0, help="global crop side in pixels; 0: the data set's native size")
     p.add_argument("--local-crops", type=int, default=0,
                    help="small crops beside the 2 global ones (solo-learn CIFAR: 0; official ImageNet: 6 of 96 px)")

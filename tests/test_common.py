@@ -100,6 +100,37 @@ def test_backbone_shapes(name, dim):
     assert big(torch.randn(1, 3, 224, 224))[0].shape == (1, 512, 7, 7)
 
 
+@pytest.mark.parametrize("name,dim", [("resnet18-half", 256), ("resnet18-quarter", 128), ("resnet18-eighth", 64)])
+def test_narrow_resnet18_is_resnet18_with_fewer_channels(name, dim):
+    """Same layers and tensor names as ResNet-18, every stage's channels divided; both stems;
+    zero_init_residual as in the full one; a full ResNet-18's weights do not load into it."""
+    net, full = common.build_backbone(name), common.build_backbone("resnet18")
+    assert list(net.state_dict()) == list(full.state_dict())
+    div = 512 // dim
+    assert all(a.shape[0] * div == b.shape[0] for a, b in zip(net.state_dict().values(), full.state_dict().values())
+               if a.dim() > 0)
+    f, h = net(torch.randn(2, 3, 16, 16))
+    assert f.shape == (2, dim, 2, 2) and h.shape == (2, dim) and net.dim == dim
+    big = common.build_backbone(name, small_images=False)
+    assert big(torch.randn(1, 3, 64, 64))[0].shape == (1, dim, 2, 2)
+    zero = common.build_backbone(name, zero_init_residual=True)
+    assert all(blk.bn2.weight.abs().sum() == 0 for layer in (zero.layer1, zero.layer4) for blk in layer)
+    assert all(blk.bn2.weight.abs().sum() > 0 for blk in net.layer1)
+    conv = net.layer2[0].conv1.weight  # Kaiming fan-out init, as torchvision's: std sqrt(2 / (C_out * 9))
+    assert abs(conv.std().item() / (2 / (conv.shape[0] * 9)) ** 0.5 - 1) < 0.15
+
+
+def test_narrow_backbone_weights_round_trip(tmp_path):
+    net = common.build_backbone("resnet18-eighth")
+    torch.save(net.state_dict(), tmp_path / "b.pt")
+    again = common.build_backbone("resnet18-eighth", weights=str(tmp_path / "b.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+    with pytest.raises(common.UserError, match="does not hold resnet18 weights"):
+        common.build_backbone("resnet18", weights=str(tmp_path / "b.pt"))
+    with pytest.raises(common.UserError, match="unknown backbone 'resnet18-tenth'"):
+        common.build_backbone("resnet18-tenth")
+
+
 def test_backbone_weights_round_trip_and_mismatch(tmp_path):
     net = common.build_backbone("resnet18")
     torch.save(net.state_dict(), tmp_path / "b.pt")
