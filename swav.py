@@ -181,8 +181,9 @@ def swav_loss(scores, codes, temperature=0.1):
     logp = F.log_softmax(scores.float() / temperature, dim=2)  # (V, b, K)
     loss = 0.0
     for i in range(codes.shape[0]):
-        others = [v for v in range(scores.shape[0]) if v != i]
-        loss = loss - (codes[i] * logp[others]).sum(dim=2).mean()
+        # (V-1, b, K), from slices: indexing with a Python list copies it host -> device every step
+        others = torch.cat([logp[:i], logp[i + 1:]])
+        loss = loss - (codes[i] * others).sum(dim=2).mean()
     return loss / codes.shape[0]
 
 
@@ -312,7 +313,9 @@ def qscore(h, eps=3.0):
     h = F.normalize(h.float(), dim=1)
     mu, sigma = h.mean(1, keepdim=True), h.std(1, correction=0, keepdim=True)  # (B, 1)
     mask = h > mu + eps * sigma
-    top = F.one_hot(h.argmax(1), h.shape[1]).bool()
+    # the largest feature, by scatter: F.one_hot reads its indices' range back to the host (a sync
+    # that CUDA skips, but the dispatch trace of tests/test_host_sync.py would see)
+    top = torch.zeros_like(mask).scatter_(1, h.argmax(1, keepdim=True), True)  # (B, D)
     used = torch.where(mask.any(1, keepdim=True), mask, top)
     q = ((h - mu) * used).sum(1) / used.sum(1)
     return q, mask
