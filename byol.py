@@ -195,8 +195,12 @@ def ema_update(target, online, tau):
     """xi <- tau xi + (1 - tau) theta (Eq. 1), over parameters only: the target keeps no
     buffers (`without_running_stats`). Online parameters are the same on every process
     after DDP's step, so the target stays the same on every process too."""
-    for t, o in zip(target.parameters(), online.parameters()):
-        t.mul_(tau).add_(o.detach(), alpha=1 - tau)
+    pairs = list(zip(target.parameters(), online.parameters()))
+    targets = [t for t, _ in pairs]
+    # one multi-tensor kernel per operation, not two per parameter; the same arithmetic as
+    # t.mul_(tau).add_(o, alpha=1 - tau)
+    torch._foreach_mul_(targets, tau)
+    torch._foreach_add_(targets, [o.detach() for _, o in pairs], alpha=1 - tau)
 
 
 class LARS(torch.optim.Optimizer):

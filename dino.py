@@ -252,8 +252,12 @@ def ema_update(teacher, student, m):
     """theta_t <- m theta_t + (1 - m) theta_s over parameters only. The student's parameters are
     the same on every process after the DDP step, so the teacher stays the same everywhere too."""
     online = itertools.chain(student.backbone.parameters(), student.head.parameters())
-    for t, s in zip(teacher.parameters(), online):
-        t.mul_(m).add_(s.detach(), alpha=1 - m)
+    pairs = list(zip(teacher.parameters(), online))
+    teachers = [t for t, _ in pairs]
+    # one multi-tensor kernel per operation, not two per parameter; the same arithmetic as
+    # t.mul_(m).add_(s, alpha=1 - m)
+    torch._foreach_mul_(teachers, m)
+    torch._foreach_add_(teachers, [s.detach() for _, s in pairs], alpha=1 - m)
 
 
 def clip_gradients(model, clip):

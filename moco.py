@@ -214,9 +214,15 @@ class KeyEncoder(nn.Module):
 @torch.no_grad()
 def ema_update(model, key_encoder, tau):
     """theta_k <- tau theta_k + (1 - tau) theta_q (MoCo, Eq. 2); BN statistics stay the copy's own."""
+    keys, queries = [], []
     for part in ("backbone", "projector"):
         for pq, pk in zip(getattr(model, part).parameters(), getattr(key_encoder, part).parameters()):
-            pk.mul_(tau).add_(pq.detach(), alpha=1 - tau)
+            keys.append(pk)
+            queries.append(pq.detach())
+    # one multi-tensor kernel per operation, not two per parameter; the same arithmetic as
+    # pk.mul_(tau).add_(pq, alpha=1 - tau)
+    torch._foreach_mul_(keys, tau)
+    torch._foreach_add_(keys, queries, alpha=1 - tau)
 
 
 def momentum_at(step, total, base, end):

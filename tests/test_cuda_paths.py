@@ -304,3 +304,50 @@ def test_knn_bank_of_a_folder_is_limited_by_default(tmp_path, monkeypatch):
     bank = common.knn_bank("folder", str(tmp_path), train)
     assert bank.dataset is train and len(bank) == 4
     assert common.knn_bank("folder", str(tmp_path), train, 0) is train
+
+
+# --- momentum updates in multi-tensor kernels ---------------------------------------------------
+def _ema_pairs(script):
+    """(update(tau) with the script's ema_update, [(moving, online)] parameters) of a model whose
+    online weights were moved away from the copy's, so that every product counts."""
+    import copy
+
+    mod = importlib.import_module(script)
+    args = mod.parse_args(["--backbone", "resnet18-eighth", "--proj-hidden", "64",
+                           "--proj-dim", "32"])
+    torch.manual_seed(0)
+    if script == "moco":
+        model = mod.MoCo(args, small_images=True)
+        moving = mod.KeyEncoder(model)
+        online = list(model.backbone.parameters()) + list(model.projector.parameters())
+        update = lambda tau: mod.ema_update(model, moving, tau)
+    elif script == "byol":
+        model = mod.BYOL(args, small_images=True)
+        moving = torch.nn.ModuleList([model.target_backbone, model.target_projector])
+        online = list(model.backbone.parameters()) + list(model.projector.parameters())
+        update = lambda tau: (mod.ema_update(model.target_backbone, model.backbone, tau),
+                              mod.ema_update(model.target_projector, model.projector, tau))
+    else:
+        model = mod.DINO(args, small_images=True)
+        moving = mod.Teacher(model)
+        online = list(model.backbone.parameters()) + list(model.head.parameters())
+        update = lambda tau: mod.ema_update(moving, model, tau)
+    with torch.no_grad():
+        for p in online:
+            p.add_(torch.randn_like(p) * 0.1)
+    return update, moving, list(zip(copy.deepcopy(moving).parameters(), online))
+
+
+@pytest.mark.parametrize("script", ["moco", "byol", "dino"])
+def test_ema_update_in_foreach_kernels_equals_the_loop(script):
+    """torch._foreach_mul_ / _foreach_add_ (one kernel per operation on CUDA) give bit for bit
+    the per-parameter loop's mul_(tau).add_(online, alpha=1 - tau), step after step: the same
+    arithmetic, so a resumed run still ends where an unbroken one does."""
+    update, moving, loop = _ema_pairs(script)
+    for tau in (0.99, 0.996, 0.9995):
+        update(tau)
+        with torch.no_grad():
+            for t, o in loop:
+                t.mul_(tau).add_(o.detach(), alpha=1 - tau)
+        assert all(torch.equal(a, t) for a, (t, _) in zip(moving.parameters(), loop))
+    assert not torch.equal(loop[0][0], loop[0][1])  # the copy moved towards, not onto, the online
