@@ -237,7 +237,7 @@ def momentum_keys(key_encoder, x, shuffle=True):
     Shuffled BN (MoCo, Sec. 3.3): under DDP the key encoder sees a random share of the
     global batch, so a key's BN statistics do not come from its query's sub-batch (a
     shortcut to the positive); keys are put back in order. BN running statistics are
-    averaged so that the copy stays the same on every process."""
+    averaged so that the copy stays the same on every process (`average_buffers`)."""
     world, r, n = common.world_size(), common.rank(), x.shape[0]
     if world == 1 or not shuffle:
         k = key_encoder(x)
@@ -250,11 +250,23 @@ def momentum_keys(key_encoder, x, shuffle=True):
         k[perm] = k_all  # undo the shuffle
         k = k[r * n:(r + 1) * n]
     if world > 1:
-        for buf in key_encoder.buffers():
-            if buf.is_floating_point():
-                dist.all_reduce(buf)
-                buf.div_(world)
+        average_buffers(key_encoder)
     return F.normalize(k.float(), dim=1)
+
+
+@torch.no_grad()
+def average_buffers(module):
+    """Average the floating-point buffers (BN running statistics) of `module` over all processes,
+    in one all-reduce of their concatenation rather than one per buffer (about 100 for a
+    ResNet-50). Under SyncBatchNorm every process updates them from the same global statistics,
+    so they are equal already and nothing is sent."""
+    if any(isinstance(m, nn.SyncBatchNorm) for m in module.modules()):
+        return
+    bufs = [b for b in module.buffers() if b.is_floating_point()]
+    flat = torch._utils._flatten_dense_tensors(bufs)  # (sum of sizes,), as DDP packs its buckets
+    dist.all_reduce(flat)
+    flat.div_(common.world_size())
+    torch._foreach_copy_(bufs, torch._utils._unflatten_dense_tensors(flat, bufs))
 
 
 @torch.no_grad()

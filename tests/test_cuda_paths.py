@@ -351,3 +351,65 @@ def test_ema_update_in_foreach_kernels_equals_the_loop(script):
                 t.mul_(tau).add_(o.detach(), alpha=1 - tau)
         assert all(torch.equal(a, t) for a, (t, _) in zip(moving.parameters(), loop))
     assert not torch.equal(loop[0][0], loop[0][1])  # the copy moved towards, not onto, the online
+
+
+# --- MoCo's key encoder: BN statistics averaged in one all-reduce -------------------------------
+def _buffer_average(rank, world, sync_bn):
+    import copy
+
+    import torch.distributed as dist
+    from torch import nn
+
+    import moco
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 6),
+                        nn.BatchNorm1d(6))
+    if sync_bn:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    g = torch.Generator().manual_seed(rank)  # each process's own statistics
+    for name, b in net.named_buffers():
+        b.copy_(torch.full_like(b, rank + 1) if name.endswith("num_batches_tracked") else
+                torch.rand(b.shape, generator=g) * 3)
+    before, per_buffer = {k: b.clone() for k, b in net.named_buffers()}, copy.deepcopy(net)
+    for b in per_buffer.buffers():  # the loop it replaces: one all-reduce per floating buffer
+        if b.is_floating_point():
+            dist.all_reduce(b)
+            b.div_(world)
+    calls, real = [], dist.all_reduce
+
+    def counting(*a, **k):
+        calls.append(a[0].numel())
+        return real(*a, **k)
+
+    dist.all_reduce = counting
+    try:
+        moco.average_buffers(net)
+    finally:
+        dist.all_reduce = real
+    return before, dict(per_buffer.named_buffers()), dict(net.named_buffers()), calls
+
+
+def test_moco_buffers_are_averaged_in_one_all_reduce():
+    """2 gloo processes with different BN statistics: the flattened all-reduce gives bit for bit
+    the per-buffer averages (running means and variances; the batch counters stay each process's),
+    in one collective of all 20 numbers."""
+    from conftest import spawn
+
+    for before, per_buffer, flat, calls in spawn(_buffer_average, False):
+        assert calls == [4 + 4 + 6 + 6] and len(flat) == 6
+        for k in flat:
+            assert torch.equal(flat[k], per_buffer[k]), k
+            if k.endswith("num_batches_tracked"):
+                assert torch.equal(flat[k], before[k])
+            else:
+                assert not torch.equal(flat[k], before[k])
+
+
+def test_moco_buffers_under_sync_bn_are_left_alone():
+    """Under SyncBatchNorm every process's statistics are the global batch's already: no
+    collective, no change."""
+    from conftest import spawn
+
+    for before, _, after, calls in spawn(_buffer_average, True):
+        assert calls == []
+        assert all(torch.equal(after[k], before[k]) for k in before)
