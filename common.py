@@ -632,14 +632,24 @@ def _decode_folder(ds):
 
 def decode_uint8(dataset, device=torch.device("cpu")):
     """Every image of `dataset` as one uint8 tensor (N, 3, H, W) on `device`, decoded once per
-    data set and device: CIFAR, STL-10 and digits from their `.data` arrays, folders with PIL."""
+    data set and device: CIFAR, STL-10 and digits from their `.data` arrays, folders with PIL.
+    For a GPU only the GPU's copy is kept: the host copy it is made from is dropped (a host copy
+    asked for before stays cached), so that an 8 GiB data set does not also hold 8 GiB of host
+    RAM in every process for the whole run."""
     cache = _DECODED.setdefault(dataset, {})
     key = str(device)
     if key in cache:
         return cache[key]
     base, idx = _base(dataset)
     if device.type != "cpu":
-        x = decode_uint8(dataset).to(device)
+        x = cache.get("cpu")
+        if x is None:  # decode on the host, keeping none of the host copies made on the way (a
+            # Subset's base's too)
+            fresh = [d for d in (dataset, base) if "cpu" not in _DECODED.get(d, {})]
+            x = decode_uint8(dataset)
+            for d in fresh:
+                _DECODED[d].pop("cpu", None)
+        x = x.to(device)
     elif base is not dataset:
         x = decode_uint8(base)[torch.as_tensor(idx)]
     elif not _decodable(base):

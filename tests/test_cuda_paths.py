@@ -413,3 +413,25 @@ def test_moco_buffers_under_sync_bn_are_left_alone():
     for before, _, after, calls in spawn(_buffer_average, True):
         assert calls == []
         assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+# --- the tensor path keeps one copy of the data set, on the device --------------------------------
+def test_a_data_set_on_the_device_keeps_no_host_copy():
+    """The 'meta' device stands in for a GPU: the training loader's decoded copy is the device's
+    only, and a Subset's (a kNN bank's) leaves no host copy of itself or of its base behind; a
+    host copy asked for before stays, and is the one moved."""
+    meta = torch.device("meta")
+    train = common.make_dataset("digits", "", train=True)
+    views = common.simclr_views(16)
+    loader = common.TrainLoader(train, views, 8, common.STATS["digits"], meta, workers=0,
+                                data_path="tensor")
+    assert loader.images.device == meta and loader.images.shape == (1437, 3, 32, 32)
+    assert set(common._DECODED[train]) == {"meta"}
+    assert common.decode_uint8(train, meta) is loader.images
+    other = common.make_dataset("digits", "", train=True)
+    bank = torch.utils.data.Subset(other, [5, 3, 200])
+    assert common.decode_uint8(bank, meta).shape == (3, 3, 32, 32)
+    assert set(common._DECODED[bank]) == {"meta"} and "cpu" not in common._DECODED.get(other, {})
+    host = common.decode_uint8(train)  # asked for on the host: cached, and the next device's source
+    assert common.decode_uint8(train, torch.device("meta", 1)).shape == host.shape
+    assert common._DECODED[train]["cpu"] is host
