@@ -1,7 +1,9 @@
-"""The CUDA-only paths, covered on the CPU with stand-ins: no device constant built per batch
-(on CUDA each is a blocking host-to-device copy), the losses in float32 under bf16 autocast,
-one step of every model in the CUDA configuration (bf16 autocast + channels_last), one decoded
-copy of a split, and the set-up checks that only bite under CUDA and several processes."""
+"""The CUDA-only paths, covered on the CPU with stand-ins: the losses (and every autocast guard)
+in float32 under bf16 autocast, one step of every model in the CUDA configuration (bf16 autocast
++ channels_last), one decoded copy of a split, kept on the device only, the set-up checks that
+only bite under CUDA and several processes, the sharded kNN, and the momentum updates' multi-
+tensor kernels and MoCo's one all-reduce of BN statistics. That no step waits for the host (no
+device constant built per batch, no .item()) is tests/test_host_sync.py's."""
 import importlib
 import os
 
@@ -15,65 +17,14 @@ STEP = ["--dataset", "digits", "--image-size", "16", "--batch-size", "4", "--epo
         "--warmup-epochs", "0", "--knn-every", "0", "--data-path", "tensor"]
 
 
-def count_device_tensors(monkeypatch):
-    """Every later torch.tensor(..., device=...) call appends to the returned list."""
-    calls, real = [], torch.tensor
-
-    def counting(*a, **k):
-        if k.get("device") is not None:
-            calls.append(k["device"])
-        return real(*a, **k)
-
-    monkeypatch.setattr(torch, "tensor", counting)
-    return calls
-
-
-def test_augment_builds_no_device_constant_per_batch(monkeypatch):
-    """DINO's 2 + 8 crops with every operation (jitter with hue, grey, blur, solarize) and the
-    evaluation transform: after the first batch, no torch.tensor with a device."""
-    calls = count_device_tensors(monkeypatch)
-    views = common.multicrop_views(32, 8, blur_p=(1.0, 0.1, 0.5), solarize_p=(0.0, 0.2, 0.0))
-    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    g = torch.Generator().manual_seed(0)
-    per_batch = []
-    for _ in range(3):
-        before = len(calls)
-        for v in views:
-            common.augment(x, v, common.STATS["cifar10"], g)
-        common.eval_tensor(x, 32, common.STATS["cifar10"], 32)
-        per_batch.append(len(calls) - before)
-    assert per_batch[1:] == [0, 0], per_batch
-
-
-@pytest.mark.parametrize("script", ["swav", "dino"])
-def test_training_steps_build_no_device_constant(monkeypatch, tmp_path, script):
-    """A whole training step (augmentation, forward, loss, optimizer, bookkeeping) of the two
-    multi-crop methods: torch.tensor calls with a device, counted between the loader's batches,
-    are zero after the first step."""
-    mod = importlib.import_module(script)
-    calls = count_device_tensors(monkeypatch)
-    marks, real_iter = [], common.TrainLoader.__iter__
-
-    def marking(self):
-        for batch in real_iter(self):
-            marks.append(len(calls))
-            yield batch
-
-    monkeypatch.setattr(common.TrainLoader, "__iter__", marking)
-    args = mod.parse_args(STEP + ["--steps-per-epoch", "4", "--local-crops", "2", "--run-dir", str(tmp_path)])
-    assert mod.main(args) == 0
-    assert len(marks) >= 4
-    per_step = [b - a for a, b in zip(marks, marks[1:])]
-    assert per_step[1:] == [0] * (len(per_step) - 1), per_step
-
-
 def _leaf(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).requires_grad_()
 
 
 def _losses():
     """(name, inputs, function of the inputs -> scalar): every loss of every script, DINO's
-    last layer, and the add-ons' correlation mask and losses."""
+    last layer, SwAV's scores (of the batch and of its queue), and the add-ons' correlation
+    mask, classifier and losses: each autocast guard of the scripts is in one of them."""
     import byol
     import dino
     import moco
@@ -86,15 +37,27 @@ def _losses():
     queue = torch.nn.functional.normalize(torch.randn(64, d), dim=1)
     head = dino.DINOHead(d, 32, d, k)
     head.mlp = torch.nn.Identity()  # the MLP is the model's, in bf16 on purpose: only the last layer here
-    xhead = simclr.CrossAttentionHead(d, 5)
-    torch.nn.init.zeros_(xhead.attn.weight), torch.nn.init.zeros_(xhead.attn.bias)  # beta = 0.5 in any precision
     labels = torch.arange(b) % 5
+
+    class Pooled(torch.nn.Module):  # SwAV's backbone, stood in for: the crops are already h (n, d)
+        def forward(self, x):
+            return x[:, :, None, None], x
+
+    sw = swav.SwAV(swav.parse_args(["--backbone", "resnet18-eighth", "--prototypes", str(k),
+                                    "--proj-dim", str(d)]), small_images=True)
+    sw.backbone, sw.projector = Pooled(), torch.nn.Identity()  # the prototypes' product alone
+    prototypes = torch.nn.functional.normalize(torch.randn(k, d), dim=1)
+    past = torch.nn.functional.normalize(torch.randn(2, 3 * b, d), dim=2)  # SwAV's queue (2, L, d)
     yield "nt_xent", [_leaf(b, d), _leaf(b, d, seed=1)], lambda z1, z2: simclr.nt_xent_loss(z1, z2, 0.2)
     yield "infonce_queue", [_leaf(b, d), _leaf(b, d, seed=1)], lambda q, kk: moco.infonce_loss(q, kk, queue, 0.2)
     yield "moco_v3", [_leaf(2 * b, d), _leaf(2 * b, d, seed=1)], lambda q, kk: moco.moco_loss(q, kk, None, 0.2)
     yield "byol", [_leaf(b, d, seed=s) for s in range(4)], byol.regression_loss
     yield "simsiam", [_leaf(b, d, seed=s) for s in range(4)], simsiam.negative_cosine_loss
     yield "swav", [_leaf(4, b, k)], lambda s: swav.swav_loss(s, codes, 0.1)
+    yield "swav.scores", [_leaf(2 * b, d)], lambda h: swav.swav_loss(
+        sw(list(h.split(b)))["scores"].unflatten(0, (2, b)), codes, 0.1)
+    yield "swav.queue_codes", [_leaf(2, b, k)], lambda s: swav.swav_loss(
+        s, swav.assign_codes(s.detach(), past, prototypes, 0.05, 3), 0.1)
     yield "dino", [_leaf(4 * b, k), _leaf(2 * b, k, seed=1)], lambda s, t: dino.dino_loss(s, t, torch.zeros(1, k), 0.1, 0.04)
     yield "dino_head", [_leaf(4 * b, d)], lambda h: dino.dino_loss(head(h)[1], head(h[: 2 * b])[1].detach(),
                                                                   torch.zeros(1, k), 0.1, 0.04)
@@ -102,7 +65,12 @@ def _losses():
         mod = importlib.import_module(name)
         yield f"{name}.correlation_mask", [_leaf(b, d, 4, 4)], lambda f, m=mod: (
             m.correlation_mask(f, f.detach().roll(1, 0)[:, None]).pow(2).sum() + f.sum())
-    yield "xattn_classifier", [_leaf(2 * b, d, 4, 4)], lambda f: xhead(f)[1].logsumexp(1).mean()
+    for name in SCRIPTS:
+        xhead = importlib.import_module(name).CrossAttentionHead(d, 5)
+        torch.nn.init.zeros_(xhead.attn.weight)  # beta = 0.5 in any precision: the classifier alone
+        torch.nn.init.zeros_(xhead.attn.bias)
+        yield f"{name}.xattn_classifier", [_leaf(2 * b, d, 4, 4)], (
+            lambda f, x=xhead: x(f)[1].logsumexp(1).mean())
     yield "xattn_losses", [_leaf(2 * b, d, 4, 4), _leaf(2 * b, 1, 4, 4, seed=1), _leaf(2 * b, 5, seed=2)], (
         lambda f, beta, logits: sum(simclr.xattn_losses(f, beta.sigmoid(), logits, labels, 1)))
 
@@ -245,13 +213,15 @@ def _sharded_knn(rank, world, bank, bank_y, query, query_y, k):
     share = -(-len(bank) // world)  # extract_features(gather=False)'s contiguous shares
     mine = slice(rank * share, (rank + 1) * share)
     scores = common.MemoryBank.knn_predict(query, bank[mine], bank_y[mine], 5, k=k, sharded=True)
-    return scores, common.knn_top1(bank[mine], bank_y[mine], query, query_y, 5, k=k, chunk=7, sharded=True)
+    top1 = common.knn_top1(bank[mine], bank_y[mine], query, query_y, 5, k=k, chunk=7, sharded=True)
+    return len(bank[mine]), scores, top1
 
 
-@pytest.mark.parametrize("n,k", [(41, 10), (41, 30), (3, 10)])
+@pytest.mark.parametrize("n,k", [(41, 10), (41, 30), (3, 10), (1, 10), (1, 1)])
 def test_sharded_knn_matches_one_process(n, k):
     """Fix 4: 2 gloo processes, each with half the bank (the last share may be smaller than k,
-    or empty), give the scores and top-1 of one process holding the whole bank."""
+    or empty: n = 1 gives shares of 1 and 0 rows), give the scores and top-1 of one process
+    holding the whole bank."""
     from conftest import spawn
 
     g = torch.Generator().manual_seed(0)
@@ -259,7 +229,10 @@ def test_sharded_knn_matches_one_process(n, k):
     bank_y, query_y = torch.randint(0, 5, (n,), generator=g), torch.randint(0, 5, (20,), generator=g)
     ref = common.MemoryBank.knn_predict(query, bank, bank_y, 5, k=k)
     ref_top1 = common.knn_top1(bank, bank_y, query, query_y, 5, k=k)
-    for scores, top1 in spawn(_sharded_knn, bank, bank_y, query, query_y, k):
+    results = spawn(_sharded_knn, bank, bank_y, query, query_y, k)
+    shares = [r[0] for r in results]
+    assert sum(shares) == n and (n > 1 or shares == [1, 0]), shares
+    for _, scores, top1 in results:
         torch.testing.assert_close(scores, ref, rtol=1e-5, atol=1e-5)
         assert top1 == ref_top1
 
