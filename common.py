@@ -108,6 +108,18 @@ def _caught_stop(signum, frame):
     _caught["signal"] = signum
 
 
+def _test_signal():
+    """RunControl's test hook CLEANSSL_TEST_SIGNAL here: (signal, epoch, step) or None."""
+    spec = os.environ.get("CLEANSSL_TEST_SIGNAL")
+    if not spec or int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) > 0:
+        return None
+    name, _, where = spec.partition("@")
+    epoch, step, *who = where.split(":")
+    if who and who != [f"rank{rank()}"]:
+        return None
+    return signal.Signals[name], int(epoch), int(step)
+
+
 def _ignore_stop_signals(worker_id):
     """DataLoader workers ignore the stop signals, which a scheduler sends to every process of a job:
     the main process decides when to stop, and its workers end with it."""
@@ -135,7 +147,13 @@ class RunControl:
     clock. The processes compare notes every `interval` steps, in one all_reduce of 3 numbers on the
     CPU (a gloo group, beside NCCL, so the GPU is never made to wait), and process 0 picks the next
     interval so that they meet about every AGREE_SECONDS. One process looks after every step.
-    Made, it catches the stop signals if the script's __main__ asked for it (catch_stop_signals)."""
+    Made, it catches the stop signals if the script's __main__ asked for it (catch_stop_signals).
+
+    For tests only: CLEANSSL_TEST_SIGNAL=NAME@EPOCH:STEP[:rankR] (SIGTERM@1:2, SIGKILL@1:2:rank1)
+    makes the process (of rank R, else every process) send itself the real signal NAME after step
+    STEP of epoch EPOCH (both from 1, counted by poll() from this process's start: a run from
+    scratch), so that a test stops or kills a run at a chosen step whatever the machine's speed.
+    Under torchrun only the first attempt does (TORCHELASTIC_RESTART_COUNT unset or 0)."""
 
     def __init__(self, every_min):
         if _caught["armed"]:
@@ -146,6 +164,7 @@ class RunControl:
         self.interval = self.countdown = 1
         self.group = dist.new_group(backend="gloo") if world_size() > 1 else None
         self.stopped_by = None  # the name of the agreed stop signal, once agreed
+        self.at, self.test_signal = (1, 0), _test_signal()  # (epoch, step) polled last; test hook
         if (rank() == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0
                 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
             print("note: torchrun shares its rendezvous store with the workers, and restarted workers can find their "
@@ -159,6 +178,9 @@ class RunControl:
     def poll(self, force=False):
         """(name of a stop signal or None, checkpoint due) on every process after each step;
         force: meet now, at a point every process passes (an epoch's end)."""
+        self.at = (self.at[0] + 1, 0) if force else (self.at[0], self.at[1] + 1)
+        if self.test_signal and self.test_signal[1:] == self.at:
+            os.kill(os.getpid(), self.test_signal[0])  # the real thing: a handler, or a kill -9
         self.countdown -= 1
         if self.countdown > 0 and not force:
             return self.stopped_by, False

@@ -216,11 +216,13 @@ def test_xattn_stopped_mid_epoch_resumes_with_that_epochs_labels(tmp_path):
             + ["--epochs", "2", "--knn-every", "0", "--xattn", "--xattn-clusters", "8"])
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     run(argv + ["--run-dir", str(straight)], env={"OMP_NUM_THREADS": "1"})
-    code, out = stop_with_sigterm(argv + ["--run-dir", str(broken)], after="epoch 2/2  step 1/3")
+    code, out = stop_with_sigterm(argv + ["--run-dir", str(broken)], at="2:2")
     assert code == common.EXIT_STOPPED, out
+    assert out.strip().splitlines()[-1].startswith("stopped by SIGTERM at epoch 2 step 2/3; "), out
     mid = load(broken / "checkpoint.pt")
-    assert mid["epoch"] == 1 and mid["at"]["step"] >= 1 and mid["pseudo_labels"] is not None
-    run(argv + ["--run-dir", str(broken)], env={"OMP_NUM_THREADS": "1"})
+    assert mid["epoch"] == 1 and mid["at"]["step"] == 2 and mid["pseudo_labels"] is not None
+    p = run(argv + ["--run-dir", str(broken)], env={"OMP_NUM_THREADS": "1"})
+    assert f"resuming {broken} at epoch 2 step 2\n" in p.stdout
     a, b = load(straight / "checkpoint.pt"), load(broken / "checkpoint.pt")
     assert torch.equal(a["pseudo_labels"], b["pseudo_labels"]) and torch.equal(a["centroids"], b["centroids"])
     assert_same_state(a, b)

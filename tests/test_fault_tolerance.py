@@ -7,7 +7,6 @@ import inspect
 import json
 import os
 import runpy
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from conftest import REPO, free_port, read_metrics, run, spawn
 SCRIPTS = ["simclr", "moco", "byol", "simsiam", "swav", "dino"]
 # 2 epochs of 3 steps at 8 px with narrow heads; no kNN pass, a progress line every step
 BASE = ["--dataset", "digits", "--image-size", "8", "--batch-size", "16", "--steps-per-epoch", "3", "--epochs", "2",
-        "--workers", "0", "--knn-every", "0", "--log-every", "1"]
+        "--workers", "0", "--knn-every", "0", "--log-every", "1", "--backbone", "resnet18-eighth"]
 FAMILY = {  # one script of each family: contrastive, momentum teacher, multi-crop with a queue (full from step 2)
     "simclr": ["--proj-hidden", "64", "--proj-dim", "32"],
     "byol": ["--proj-hidden", "64", "--pred-hidden", "64", "--proj-dim", "32"],
@@ -59,18 +58,13 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def stop_with_sigterm(args, after):
-    """Start `python ARGS`, send it SIGTERM once it printed a line containing `after`, and
-    return (exit code, stdout)."""
-    p = subprocess.Popen([sys.executable] + args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env={**os.environ, **ONE})
-    out = []
-    for line in p.stdout:
-        out.append(line)
-        if after in line:
-            p.send_signal(signal.SIGTERM)
-            after = "\0"  # once: no line holds a NUL
-    return p.wait(timeout=300), "".join(out)
+def stop_with_sigterm(args, at):
+    """Run `python ARGS` until it sends itself SIGTERM after step `at` ("EPOCH:STEP", the test hook
+    of common.RunControl: that step, whatever the machine's speed); return (exit code, stdout)."""
+    env = {**os.environ, **ONE, "CLEANSSL_TEST_SIGNAL": f"SIGTERM@{at}"}
+    p = subprocess.run([sys.executable] + args, cwd=REPO, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, env=env, timeout=300, check=False)
+    return p.returncode, p.stdout
 
 
 @pytest.fixture(scope="module")
@@ -87,16 +81,17 @@ def straight(tmp_path_factory):
 @pytest.mark.parametrize("script", list(FAMILY))
 def test_sigterm_mid_epoch_then_resume_ends_with_the_unbroken_weights(script, straight, tmp_path):
     d = tmp_path / "run"
-    code, out = stop_with_sigterm(argv(script, "--run-dir", str(d)), after="epoch 1/2  step 1/3")
+    code, out = stop_with_sigterm(argv(script, "--run-dir", str(d)), at="1:2")  # a full SwAV queue
     assert code == common.EXIT_STOPPED, out
     last = out.strip().splitlines()[-1]
-    assert last.startswith("stopped by SIGTERM at epoch 1 step ") and f"checkpoint in {d};" in last, out
+    assert last.startswith("stopped by SIGTERM at epoch 1 step 2/3; "), out
+    assert f"checkpoint in {d};" in last, out
     mid = load(d / "checkpoint.pt")
-    assert mid["epoch"] == 0 and 1 <= mid["at"]["step"] <= 2, mid["at"]  # inside epoch 1
+    assert mid["epoch"] == 0 and mid["at"]["step"] == 2, mid["at"]  # in epoch 1, the step chosen
     assert not (d / "backbone.pt").exists() and not (d / "checkpoint.pt.tmp").exists()
     # the same command again: --run-dir holds a checkpoint, so it continues
     p = run(argv(script, "--run-dir", str(d)), env=ONE)
-    assert f"resuming {d} at epoch 1 step {mid['at']['step']}" in p.stdout
+    assert f"resuming {d} at epoch 1 step 2\n" in p.stdout
     a, b = load(straight[script] / "checkpoint.pt"), load(d / "checkpoint.pt")
     assert b["epoch"] == 2 and b["at"] is None
     assert_same_state(a, b)  # model, optimizer-free parts: target (BYOL) and queue (SwAV) included
@@ -122,26 +117,6 @@ def test_same_seed_twice_gives_the_same_losses_and_backbone(straight, tmp_path):
 
 
 # ------------------------------------------------------------------ torchrun, a worker killed
-def _children(pid):
-    """{RANK: pid} of the processes whose parent is `pid` (torchrun's workers)."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            if ppid != pid:
-                continue
-            with open(f"/proc/{entry}/environ", "rb") as fh:
-                env = dict(kv.split(b"=", 1) for kv in fh.read().split(b"\0") if b"=" in kv)
-        except (OSError, ValueError, IndexError):
-            continue
-        if b"RANK" in env:
-            found[int(env[b"RANK"])] = int(entry)
-    return found
-
-
 def torchrun_cmd(args, restarts=0):
     """With the c10d rendezvous and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (see `killed`) every round of the
     rendezvous has a store of its own; the store that --master-addr's static rendezvous shares with the workers
@@ -154,8 +129,10 @@ def torchrun_cmd(args, restarts=0):
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory):
     """simclr on 2 gloo processes, unbroken; and the same run with --max-restarts 1, a checkpoint at
-    every meeting of the processes, and rank 1 SIGKILLed right after the first mid-epoch checkpoint.
-    Also keeps a copy of that mid-epoch checkpoint for a resume on 1 process."""
+    every meeting of the processes (the first is after step 1), and rank 1 killed by SIGKILL after
+    step 2 of epoch 1 (common.RunControl's test hook: in the first attempt only, whatever the
+    machine's speed). Also the same kill without restarts, whose step-1 checkpoint stays for a
+    resume on 1 process (the restarted workers above replace theirs)."""
     root = tmp_path_factory.mktemp("torchrun")
     args = argv("simclr")[1:]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
@@ -164,38 +141,39 @@ def killed(tmp_path_factory):
     p = subprocess.run(torchrun_cmd(args + ["--run-dir", str(root / "straight")]), cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    d = root / "killed"
-    p = subprocess.Popen(torchrun_cmd(args + ["--checkpoint-every-min", "0.001", "--run-dir", str(d)], restarts=1),
-                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    out = []
-    for line in p.stdout:
-        out.append(line)
-        # step 1's checkpoint comes right after step 1's line: at step 2's line it is on disk
-        if line.startswith("epoch 1/2  step 2/3"):
-            shutil.copy(d / "checkpoint.pt", root / "mid.pt")
-            workers = _children(p.pid)
-            os.kill(workers[1], signal.SIGKILL)
-            break
-    out = "".join(out) + p.communicate(timeout=400)[0]
-    return {"root": root, "straight": root / "straight", "killed": d, "code": p.returncode, "out": out,
-            "mid": load(root / "mid.pt"), "args": args}
+    env["CLEANSSL_TEST_SIGNAL"] = "SIGKILL@1:2:rank1"
+    every = ["--checkpoint-every-min", "0.000001"]  # due at every meeting
+    out = {}
+    for name, restarts in (("killed", 1), ("dead", 0)):
+        cmd = torchrun_cmd(args + every + ["--run-dir", str(root / name)], restarts)
+        out[name] = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, timeout=400, check=False)
+    dead = out["dead"]
+    assert dead.returncode != 0 and "exitcode: -9" in dead.stdout, dead.stdout[-3000:]  # no restart
+    mid = root / "dead" / "checkpoint.pt"
+    return {"root": root, "straight": root / "straight", "killed": root / "killed", "args": args,
+            "code": out["killed"].returncode, "out": out["killed"].stdout,
+            "mid_path": mid, "mid": load(mid)}
 
 
 def test_torchrun_restart_after_a_killed_worker_ends_with_the_unbroken_weights(killed):
-    assert killed["code"] == 0, killed["out"][-3000:]
-    assert killed["mid"]["epoch"] == 0 and killed["mid"]["at"]["step"] >= 1
-    # the restarted workers continued the folder from a mid-epoch checkpoint
-    assert f"resuming {killed['killed']} at epoch 1 step " in killed["out"], killed["out"][-3000:]
+    out = killed["out"]
+    assert killed["code"] == 0, out[-3000:]
+    # rank 1 died of the SIGKILL once; the restarted workers continued from step 1's checkpoint
+    assert out.count("exitcode: -9") == 1 and out.count("resuming") == 1, out[-3000:]
+    assert f"resuming {killed['killed']} at epoch 1 step 1\n" in out, out[-3000:]
     assert_same_state(load(killed["straight"] / "backbone.pt"), load(killed["killed"] / "backbone.pt"))
     assert_same_state(load(killed["straight"] / "checkpoint.pt"), load(killed["killed"] / "checkpoint.pt"))
     assert [m["epoch"] for m in read_metrics(killed["killed"])] == [1, 2]
 
 
 def test_resume_on_another_number_of_processes_is_allowed_and_said(killed, tmp_path):
-    (tmp_path / "checkpoint.pt").write_bytes((killed["root"] / "mid.pt").read_bytes())
+    mid = killed["mid"]
+    assert mid["epoch"] == 0 and mid["at"]["step"] == 1 and mid["world"] == 2
+    (tmp_path / "checkpoint.pt").write_bytes(killed["mid_path"].read_bytes())
     p = run(["simclr.py"] + killed["args"] + ["--run-dir", str(tmp_path)], env=ONE)
-    step = killed["mid"]["at"]["step"]
-    assert f"resuming {tmp_path} at epoch 1 step {step}; it ran on 2 process(es), this run has 1: allowed" in p.stdout
+    said = f"resuming {tmp_path} at epoch 1 step 1; it ran on 2 process(es), this run has 1"
+    assert said + ": allowed" in p.stdout
     assert [m["epoch"] for m in read_metrics(tmp_path)] == [1, 2] and (tmp_path / "backbone.pt").exists()
     # once more, as a restarted worker would: the run is done
     again = run(["simclr.py"] + killed["args"] + ["--run-dir", str(tmp_path)], env=ONE)
@@ -321,6 +299,45 @@ def test_full_disk_keeps_the_last_checkpoint_and_says_why(straight, tmp_path, mo
     assert simclr.main(simclr.parse_args(argv("simclr", "--run-dir", str(d))[1:])) == 0
     assert "resuming" in capsys.readouterr().out
     assert [m["epoch"] for m in read_metrics(d)] == [1, 2]  # epoch 2's first line, from before the checkpoint, dropped
+    assert_same_state(load(straight["simclr"] / "backbone.pt"), load(d / "backbone.pt"))
+
+
+# ------------------------------------------------------------------ a loss that turns non-finite
+def test_a_loss_non_finite_in_epoch_2_stops_and_keeps_epoch_1s_checkpoint(
+        straight, tmp_path, monkeypatch, capsys, in_process):
+    """simclr.py as __main__, in this process, with SimCLR's loss made NaN at step 2 of epoch 2 (the
+    5th call of F.cross_entropy, the loss's last call, once a step): a line naming that step, exit 1
+    (README's exit-code table), checkpoint.pt and backbone.pt left as epoch 1 wrote them, and the
+    same command, the loss sound again, resumes from them to the unbroken run's weights."""
+    d = tmp_path / "run"
+    real, calls, kept = torch.nn.functional.cross_entropy, [], {}
+
+    def loss(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:  # epoch 2's first step: the files are epoch 1's end's
+            kept.update({f: (d / f).read_bytes() for f in ("checkpoint.pt", "backbone.pt")})
+        out = real(*a, **k)
+        return out * float("nan") if len(calls) == 5 else out
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", loss)
+    monkeypatch.setattr(sys, "argv", argv("simclr", "--run-dir", str(d)))
+    with pytest.raises(SystemExit) as end:
+        runpy.run_path(os.path.join(REPO, "simclr.py"), run_name="__main__")
+    assert end.value.code == 1 and len(calls) == 5  # no step after the first non-finite one
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        "error: the loss became non-finite at epoch 2, step 2; stopping, the last good checkpoint "
+        f"stays in {d}.")
+    assert {f: (d / f).read_bytes() for f in kept} == kept  # not rewritten: the same bytes
+    files = ["args.json", "backbone.pt", "checkpoint.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in d.iterdir()) == files  # no temporary file left
+    ckpt = load(d / "checkpoint.pt")
+    assert ckpt["epoch"] == 1 and ckpt["at"] is None
+    assert [m["epoch"] for m in read_metrics(d)] == [1]
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", real)
+    import simclr
+    assert simclr.main(simclr.parse_args(argv("simclr", "--run-dir", str(d))[1:])) == 0
+    assert f"resuming {d} at the start of epoch 2" in capsys.readouterr().out
     assert_same_state(load(straight["simclr"] / "backbone.pt"), load(d / "backbone.pt"))
 
 

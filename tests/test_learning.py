@@ -1,18 +1,24 @@
 """benchmarks/learning.py's plumbing on digits: a few steps of the CleanSSL half, its JSON, PNG and
-table row, the lightly half skipped with its reason, and bad input. No lightly, no network,
-nothing from ../shared. With LIGHTLY_PYTHON=/path/to/python (an environment with lightly), the
-lightly half of every method lightly has is run for 3 steps as well."""
+table row, the lightly half skipped with its reason, and bad input. No network, nothing from
+../shared. Where lightly imports (see `lightly_python`), the lightly half of every method lightly
+has runs for 3 steps as well, and parity.py for SimCLR, SwAV and BYOL."""
+import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
-from conftest import run
+from conftest import REPO, run
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import learning  # noqa: E402
 
 SCRIPT = os.path.join("benchmarks", "learning.py")
 # 4 steps of 16 digits at 16 px = 2 script epochs of 2 steps, a kNN after each; a small bank.
 SMALL = ["--dataset", "digits", "--image-size", "16", "--images", "64", "--batch-size", "16", "--points", "2",
-         "--epochs-per-point", "1", "--workers", "0", "--knn-limit", "256", "--log-every", "1"]
+         "--epochs-per-point", "1", "--workers", "0", "--knn-limit", "256", "--log-every", "1",
+         "--extra", "--backbone resnet18-eighth"]
 
 
 def one_sentence(p):
@@ -65,19 +71,34 @@ def test_bad_input_is_one_sentence_and_exit_2(tmp_path, argv, says):
     assert says in one_sentence(p)
 
 
-LIGHTLY_PYTHON = os.environ.get("LIGHTLY_PYTHON", "")
+@pytest.fixture(scope="module")
+def lightly_python():
+    """An interpreter that imports lightly: this one, else $LIGHTLY_PYTHON, else ../lightly-venv
+    beside the checkout (benchmarks/learning.py's find_lightly checks each); the tests that need
+    it skip, saying how to get one, when none does."""
+    env = os.environ.get("LIGHTLY_PYTHON", "")
+    tried = [sys.executable] if importlib.util.find_spec("lightly") else []
+    reasons = [] if tried else [f"not in {sys.executable}"]
+    for py in tried + ([env] if env else []) + [learning.LIGHTLY_PYTHON]:
+        found, why = learning.find_lightly(py)
+        if found:
+            return found
+        reasons.append(why.removeprefix("lightly does not import: "))
+    pytest.skip(f"lightly does not import ({'; '.join(reasons)}): pip install lightly into this "
+                "environment, or set LIGHTLY_PYTHON to a Python that has it, or make "
+                f"{os.path.dirname(os.path.dirname(learning.LIGHTLY_PYTHON))} as "
+                "benchmarks/learning.py's docstring says")
 
 
-@pytest.mark.skipif(not LIGHTLY_PYTHON, reason="set LIGHTLY_PYTHON to an interpreter with lightly to run the lightly half")
 @pytest.mark.parametrize("method", ["simclr", "mocov2", "byol", "simsiam", "swav", "dino"])
-def test_lightly_half_runs(tmp_path, method):
-    extra = ["--extra", "--queue-size 32"] if method == "mocov2" else \
-        ["--extra", "--queue-size 32 --prototypes 50"] if method == "swav" else []
+def test_lightly_half_runs(tmp_path, method, lightly_python):
+    own = {"mocov2": " --queue-size 32", "swav": " --queue-size 32 --prototypes 50"}.get(method, "")
+    extra = ["--extra", "--backbone resnet18-eighth" + own]  # both halves build the narrow backbone
     out = tmp_path / "out"
     argv = ["--dataset", "digits", "--image-size", "32", "--images", "48", "--batch-size", "16", "--points", "1",
             "--epochs-per-point", "1", "--workers", "0", "--knn-limit", "256"]
-    run([SCRIPT, method, *argv, "--impl", "lightly", "--lightly-python", LIGHTLY_PYTHON, "--out", str(out), *extra],
-        timeout=600)
+    run([SCRIPT, method, *argv, "--impl", "lightly", "--lightly-python", lightly_python,
+         "--out", str(out), *extra], timeout=600)
     r = json.loads((out / f"{method}_lightly.json").read_text())
     assert [x for x, _ in r["curve"]] == [48] and r["lightly"] and r["lightly_classes"] and r["differences"]
 
@@ -86,19 +107,17 @@ PARITY = os.path.join("benchmarks", "parity.py")
 
 
 def test_parity_without_lightly_is_one_sentence(tmp_path):
-    import importlib.util
     if importlib.util.find_spec("lightly"):
         pytest.skip("this interpreter has lightly; the sentence is for one without it")
     p = run([PARITY, "--dataset", "digits", "--steps", "1"], check=False)
     assert "parity.py needs lightly" in one_sentence(p)
 
 
-@pytest.mark.skipif(not LIGHTLY_PYTHON, reason="set LIGHTLY_PYTHON to an interpreter with lightly to run parity.py")
-def test_parity_loss_rung_is_identical_and_the_others_differ(tmp_path):
+def test_parity_loss_rung_is_identical_and_the_others_differ(tmp_path, lightly_python):
     import subprocess
     out = tmp_path / "parity.json"
-    subprocess.run([LIGHTLY_PYTHON, PARITY, "--dataset", "digits", "--steps", "2", "--batch-size", "8", "--out", str(out),
-                    "--extra=--no-per-view-bn"],
+    subprocess.run([lightly_python, PARITY, "--dataset", "digits", "--steps", "2",
+                    "--batch-size", "8", "--out", str(out), "--extra=--no-per-view-bn"],
                    check=True, timeout=600)
     r = json.loads(out.read_text())["rungs"]
     assert [x["rung"][0] for x in r] == ["0", "1", "2", "3", "4"]
@@ -107,12 +126,11 @@ def test_parity_loss_rung_is_identical_and_the_others_differ(tmp_path):
     assert r[3]["grad_vs_previous_step1"] < 1e-6 and r[3]["weights_vs_previous_step1"] > 1e-4  # same grads, other step
 
 
-@pytest.mark.skipif(not LIGHTLY_PYTHON, reason="set LIGHTLY_PYTHON to an interpreter with lightly to run parity.py")
-def test_swav_parity_loss_rung_is_identical_and_the_others_differ(tmp_path):
+def test_swav_parity_loss_rung_is_identical_and_the_others_differ(tmp_path, lightly_python):
     import subprocess
     out = tmp_path / "parity_swav.json"
-    subprocess.run([LIGHTLY_PYTHON, PARITY, "swav", "--dataset", "digits", "--steps", "2", "--batch-size", "8",
-                    "--out", str(out)], check=True, timeout=600)
+    subprocess.run([lightly_python, PARITY, "swav", "--dataset", "digits", "--steps", "2",
+                    "--batch-size", "8", "--out", str(out)], check=True, timeout=600)
     result = json.loads(out.read_text())
     r = result["rungs"]
     assert result["method"] == "swav" and [x["rung"][0] for x in r] == ["0", "1", "2", "3", "4"]
@@ -124,12 +142,13 @@ def test_swav_parity_loss_rung_is_identical_and_the_others_differ(tmp_path):
     assert abs(r[4]["loss_step1"] - r[3]["loss_step1"]) > 1e-3  # lightly's prototypes have a bias
 
 
-@pytest.mark.skipif(not LIGHTLY_PYTHON, reason="set LIGHTLY_PYTHON to an interpreter with lightly to run parity.py")
-def test_byol_parity_loss_and_heads_are_identical_and_the_loss_scale_is_not(tmp_path):
+def test_byol_parity_loss_and_heads_are_identical_and_the_loss_scale_is_not(tmp_path,
+                                                                           lightly_python):
     import subprocess
     out = tmp_path / "parity_byol.json"
-    subprocess.run([LIGHTLY_PYTHON, PARITY, "byol", "--dataset", "digits", "--steps", "2", "--batch-size", "8",
-                    "--extra=--lars-mode official", "--out", str(out)], check=True, timeout=600)
+    subprocess.run([lightly_python, PARITY, "byol", "--dataset", "digits", "--steps", "2",
+                    "--batch-size", "8", "--extra=--lars-mode official", "--out", str(out)],
+                   check=True, timeout=600)
     result = json.loads(out.read_text())
     r = result["rungs"]
     assert result["method"] == "byol" and [x["rung"][0] for x in r] == ["0", "1", "2", "3", "4"]
