@@ -18,6 +18,8 @@ Sections, in order:
   7. `grad_cam`
 This file imports nothing of ours.
 """
+
+import argparse
 import errno
 import functools
 import hashlib
@@ -73,7 +75,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 def use_bf16(precision, device):
     """--precision: bf16 autocast (and channels_last) or plain float32; auto is bf16 on CUDA and
-    float32 elsewhere, and `bf16` runs the CUDA configuration on the CPU. The losses stay float32."""
+    float32 elsewhere, and `bf16` runs the CUDA configuration on CPU. The losses stay float32."""
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}.")
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
@@ -82,29 +84,51 @@ def use_bf16(precision, device):
 # ---------------------------------------------------------------- 1b. long runs on clusters
 # Exit codes besides 0 (done), 1 (the loss went non-finite) and 2 (bad input, UserError), from
 # sysexits.h so that a job script can tell "continue me" from "I failed". Both are non-zero, so
-# torchrun --max-restarts restarts the workers, which then continue from the run folder's checkpoint.
-EXIT_WRITE = 74  # EX_IOERR: the run folder could not be written (a full disk, a quota); its last checkpoint is whole
-EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by SIGTERM or SIGUSR1 after writing a checkpoint; the same command continues
+# torchrun --max-restarts restarts the workers, which then resume from the run folder's checkpoint.
+
+# EX_IOERR: the run folder could not be written (a full disk, a quota); its last checkpoint is whole
+EXIT_WRITE = 74
+# EX_TEMPFAIL: stopped by SIGTERM or SIGUSR1 after writing a checkpoint; the same command continues
+EXIT_STOPPED = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-AGREE_SECONDS = 1.0  # the processes of a run compare their stop flags and process 0's clock about this often
+AGREE_SECONDS = (
+    1.0  # the processes of a run compare their stop flags and process 0's clock about this often
+)
 # Flags that say how a run is carried out, not what it computes: a resumed run may change them.
-RESUME_FREE = ("run_dir", "resume", "device", "workers", "data_path", "compile", "precision", "knn_every", "knn_limit",
-               "log_every", "log_seconds", "checkpoint_every_min", "check_data")
-_caught = {"armed": False, "signal": 0}  # catch_stop_signals called; the last stop signal caught, 0: none
+RESUME_FREE = (
+    "run_dir",
+    "resume",
+    "device",
+    "workers",
+    "data_path",
+    "compile",
+    "precision",
+    "knn_every",
+    "knn_limit",
+    "log_every",
+    "log_seconds",
+    "checkpoint_every_min",
+    "check_data",
+)
+_caught = {
+    "armed": False,
+    "signal": 0,
+}  # catch_stop_signals called; the last stop signal caught, 0: none
 
 
 def catch_stop_signals():
-    """From the training loop on (RunControl), SIGTERM (a scheduler's preemption, torchrun's shutdown of
-    its workers) and SIGUSR1 (SLURM's --signal=USR1@90 warning before the time limit) set a flag instead
-    of killing the process: the loop finishes its step, writes a checkpoint and exits with EXIT_STOPPED.
-    Before the loop (set-up, a process group's rendezvous) they kill as usual: there is nothing to save.
-    A script's __main__ calls it, so that importing a script (tests, benchmarks) leaves signals alone."""
+    """From the training loop on (RunControl), SIGTERM (a scheduler's preemption, torchrun's
+    shutdown of its workers) and SIGUSR1 (SLURM's --signal=USR1@90 warning before the time limit)
+    set a flag instead of killing the process: the loop finishes its step, writes a checkpoint and
+    exits with EXIT_STOPPED. Before the loop (set-up, a process group's rendezvous) they kill as
+    usual: there is nothing to save. A script's __main__ calls it, so that importing a script
+    (tests, benchmarks) leaves signals alone."""
     _caught["armed"] = True
 
 
 def _caught_stop(signum, frame):
-    # A second signal changes nothing: SLURM signals every process of a step, and torchrun forwards its own
-    # signal to its workers too, so one stop often arrives twice.
+    # A second signal changes nothing: SLURM signals every process of a step, and torchrun
+    # forwards its own signal to its workers too, so one stop often arrives twice.
     _caught["signal"] = signum
 
 
@@ -121,8 +145,8 @@ def _test_signal():
 
 
 def _ignore_stop_signals(worker_id):
-    """DataLoader workers ignore the stop signals, which a scheduler sends to every process of a job:
-    the main process decides when to stop, and its workers end with it."""
+    """DataLoader workers ignore the stop signals, which a scheduler sends to every process of a
+    job: the main process decides when to stop, and its workers end with it."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
@@ -133,9 +157,13 @@ def fail_write(e):
     if e.errno not in (errno.ENOSPC, errno.EDQUOT):
         raise e
     where = f"'{e.filename}'" if e.filename else "the run folder"
-    print(f"error: {e.strerror} while writing {where}; the last checkpoint there is whole (files are written to a "
-          f"temporary name, then renamed); free some space and run the same command with --resume on the run folder.",
-          file=sys.stderr, flush=True)
+    print(
+        f"error: {e.strerror} while writing {where}; the last checkpoint there is whole (files are "
+        "written to a temporary name, then renamed); free some space and run the same command "
+        "with --resume on the run folder.",
+        file=sys.stderr,
+        flush=True,
+    )
     sys.exit(EXIT_WRITE)
 
 
@@ -165,11 +193,18 @@ class RunControl:
         self.group = dist.new_group(backend="gloo") if world_size() > 1 else None
         self.stopped_by = None  # the name of the agreed stop signal, once agreed
         self.at, self.test_signal = (1, 0), _test_signal()  # (epoch, step) polled last; test hook
-        if (rank() == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0
-                and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
-            print("note: torchrun shares its rendezvous store with the workers, and restarted workers can find their "
-                  "predecessors' addresses there (pytorch/pytorch#135712): for --max-restarts use --rdzv-backend c10d "
-                  "and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (README: Long runs and clusters).", flush=True)
+        if (
+            rank() == 0
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        ):
+            print(
+                "note: torchrun shares its rendezvous store with the workers, and restarted "
+                "workers can find their predecessors' addresses there (pytorch/pytorch#135712): "
+                "for --max-restarts use --rdzv-backend c10d and "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (README: Long runs and clusters).",
+                flush=True,
+            )
 
     def saved(self):
         """A checkpoint was written: the clock of --checkpoint-every-min starts again."""
@@ -185,12 +220,16 @@ class RunControl:
         if self.countdown > 0 and not force:
             return self.stopped_by, False
         now = time.time()
-        note = torch.zeros(3, dtype=torch.float64)  # stop signal (any process), checkpoint due, next interval (process 0)
+        note = torch.zeros(
+            3, dtype=torch.float64
+        )  # stop signal (any process), checkpoint due, next interval (process 0)
         note[0] = _caught["signal"]
         if rank() == 0:
             note[1] = float(self.every > 0 and now - self.last_save >= self.every)
             per_step = (now - self.last_meet) / self.interval
-            pace = min(1000, max(1, int(AGREE_SECONDS / max(per_step, 1e-6))))  # steps in AGREE_SECONDS
+            pace = min(
+                1000, max(1, int(AGREE_SECONDS / max(per_step, 1e-6)))
+            )  # steps in AGREE_SECONDS
             note[2] = 1 if self.group is None else self.interval if force else pace
         if self.group is not None:
             dist.all_reduce(note, op=dist.ReduceOp.MAX, group=self.group)
@@ -202,17 +241,25 @@ class RunControl:
 
     def position(self, step, seen, seconds, sums, bad_images):
         """What a mid-epoch checkpoint holds to finish its epoch as an unbroken run would, on every
-        process: the steps done, the images seen, the seconds spent, the running metric sums as their
-        mean over processes (a resume on W processes starts each from it, and the epoch's mean over W
-        comes out the same) and the unreadable images of all processes."""
-        sums = {k: v.detach().cpu().clone() for k, v in sums.items()}  # their own dtype: a resume adds on bit for bit
+        process: the steps done, the images seen, the seconds spent, the running metric sums as
+        their mean over processes (a resume on W processes starts each from it, and the epoch's mean
+        over W comes out the same) and the unreadable images of all processes."""
+        sums = {
+            k: v.detach().cpu().clone() for k, v in sums.items()
+        }  # their own dtype: a resume adds on bit for bit
         bad = torch.tensor([float(bad_images)], dtype=torch.float64)
         if self.group is not None:
             for v in sums.values():
                 dist.all_reduce(v, group=self.group)
                 v.div_(world_size())
             dist.all_reduce(bad, group=self.group)
-        return {"step": step, "seen": seen, "seconds": seconds, "bad_images": int(bad.item()), "sums": sums}
+        return {
+            "step": step,
+            "seen": seen,
+            "seconds": seconds,
+            "bad_images": int(bad.item()),
+            "sums": sums,
+        }
 
     def total(self, n):
         """The sum of an integer count over all processes."""
@@ -222,14 +269,24 @@ class RunControl:
         return int(t.item())
 
     def stop(self, where, run_dir=None):
-        """Every process, after process 0 has written the checkpoint in `run_dir`: one line, then the end of
-        the process group; returns EXIT_STOPPED. run_dir None: the program keeps no checkpoint."""
+        """Every process, after process 0 has written the checkpoint in `run_dir`: one line, then
+        the end of the process group; returns EXIT_STOPPED. run_dir None: the program keeps no
+        checkpoint."""
         if self.group is not None:
-            dist.barrier(group=self.group)  # process 0 is past its save: no process exits before the file is whole
+            dist.barrier(
+                group=self.group
+            )  # process 0 is past its save: no process exits before the file is whole
         who = f"process {rank()}: " if world_size() > 1 else ""
-        then = (f"checkpoint in {run_dir}; resume with the same command and --run-dir {run_dir} (or --resume {run_dir})"
-                if run_dir else "nothing was written; run the same command again")
-        print(f"{who}stopped by {self.stopped_by} {where}; {then}; exit code {EXIT_STOPPED}.", flush=True)
+        then = (
+            f"checkpoint in {run_dir}; resume with the same command "
+            f"and --run-dir {run_dir} (or --resume {run_dir})"
+            if run_dir
+            else "nothing was written; run the same command again"
+        )
+        print(
+            f"{who}stopped by {self.stopped_by} {where}; {then}; exit code {EXIT_STOPPED}.",
+            flush=True,
+        )
         if world_size() > 1:
             dist.destroy_process_group()
         return EXIT_STOPPED
@@ -237,7 +294,7 @@ class RunControl:
 
 def checkpoint_to_resume(resume, run_dir):
     """The checkpoint a run continues, or None: --resume's (a run folder or a .pt file), else
-    --run-dir's checkpoint.pt when there is one (auto-resume: a restarted command continues its run)."""
+    --run-dir's checkpoint.pt if any (auto-resume: a restarted command continues its run)."""
     if resume:
         return resume if resume.endswith(".pt") else os.path.join(resume, "checkpoint.pt")
     path = os.path.join(run_dir, "checkpoint.pt") if run_dir else ""
@@ -246,15 +303,24 @@ def checkpoint_to_resume(resume, run_dir):
 
 def check_resume(saved, args, path):
     """UserError when a flag that changes what the run computes differs from the checkpoint's: every
-    flag but RESUME_FREE (--data-dir only for --dataset folder, where it is the data set itself and not
-    a download folder). Flags that the checkpoint does not know (added since) are not compared."""
+    flag but RESUME_FREE (--data-dir only for --dataset folder, where it is the data set itself
+    and not a download folder). Flags unknown to the checkpoint (added since) are not compared."""
     now = vars(args)
-    differ = [k for k in saved if k in now and k not in RESUME_FREE and saved[k] != now[k]
-              and not (k == "data_dir" and now.get("dataset") != "folder")]
+    differ = [
+        k
+        for k in saved
+        if k in now
+        and k not in RESUME_FREE
+        and saved[k] != now[k]
+        and not (k == "data_dir" and now.get("dataset") != "folder")
+    ]
     if differ:
         flags = lambda a: " ".join(f"--{k.replace('_', '-')} {a[k]}" for k in differ)
-        raise UserError(f"the checkpoint '{path}' was run with {flags(saved)}, not {flags(now)}; a resumed run keeps "
-                        "every flag that changes what it computes (pass the checkpoint's, or start another --run-dir).")
+        raise UserError(
+            f"the checkpoint '{path}' was run with {flags(saved)}, not {flags(now)}; a resumed run "
+            "keeps every flag that changes what it computes (pass the checkpoint's, or start "
+            "another --run-dir)."
+        )
 
 
 def resume_note(ckpt, run_dir, world, batch_size):
@@ -271,18 +337,29 @@ def resume_note(ckpt, run_dir, world, batch_size):
                 return json.loads(line)["epoch"] <= ckpt["epoch"]
             except ValueError:  # a line cut short by the kill
                 return False
+
         keep = [line for line in lines if kept(line)]
         if len(keep) < len(lines):
             with open(path, "w") as fh:
                 fh.writelines(keep)
     at, epochs = ckpt.get("at") or {}, ckpt["args"].get("epochs", math.inf)
-    if not at and ckpt["epoch"] >= epochs:  # e.g. torchrun restarting a worker that died after the last checkpoint
+    if (
+        not at and ckpt["epoch"] >= epochs
+    ):  # e.g. torchrun restarting a worker that died after the last checkpoint
         print(f"{run_dir} has finished its {epochs} epochs: nothing to do.", flush=True)
         return
-    where = f"epoch {ckpt['epoch'] + 1} step {at['step']}" if at else f"the start of epoch {ckpt['epoch'] + 1}"
+    where = (
+        f"epoch {ckpt['epoch'] + 1} step {at['step']}"
+        if at
+        else f"the start of epoch {ckpt['epoch'] + 1}"
+    )
     before = ckpt.get("world", world)
-    change = (f"; it ran on {before} process(es), this run has {world}: allowed, as the global batch ({batch_size}) "
-              f"and the schedule stay the same" if before != world else "")
+    change = (
+        f"; it ran on {before} process(es), this run has {world}: allowed, as the global batch "
+        f"({batch_size}) and the schedule stay the same"
+        if before != world
+        else ""
+    )
     print(f"resuming {run_dir} at {where}{change}", flush=True)
 
 
@@ -313,7 +390,9 @@ class DigitsDataset(torch.utils.data.Dataset):
         x = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)
         order = np.random.RandomState(0).permutation(len(x))
         keep = order[:1437] if train else order[1437:]
-        self.data = x[torch.as_tensor(keep)].permute(0, 2, 3, 1).contiguous().numpy()  # (N, 32, 32, 3)
+        self.data = (
+            x[torch.as_tensor(keep)].permute(0, 2, 3, 1).contiguous().numpy()
+        )  # (N, 32, 32, 3)
         self.targets = [int(t) for t in d.target[keep]]
         self.classes = [str(i) for i in range(10)]
 
@@ -330,9 +409,14 @@ def check_dataset(name, data_dir):
         raise UserError(f"unknown dataset '{name}': choose one of {', '.join(DATASETS)}.")
     if name == "folder":
         if not os.path.isdir(os.path.join(data_dir, "train")):
-            raise UserError(f"--dataset folder needs an ImageFolder tree, but '{data_dir}/train' does not exist.")
+            raise UserError(
+                "--dataset folder needs an ImageFolder tree, "
+                f"but '{data_dir}/train' does not exist."
+            )
         if not any(os.path.isdir(os.path.join(data_dir, s)) for s in ("val", "test")):
-            raise UserError(f"--dataset folder needs '{data_dir}/val' or '{data_dir}/test' beside train/.")
+            raise UserError(
+                f"--dataset folder needs '{data_dir}/val' or '{data_dir}/test' beside train/."
+            )
 
 
 def make_dataset(name, data_dir, train=True, download=True):
@@ -343,17 +427,25 @@ def make_dataset(name, data_dir, train=True, download=True):
         if name == "digits":
             return DigitsDataset(train)
         if name == "folder":
-            split = "train" if train else ("val" if os.path.isdir(os.path.join(data_dir, "val")) else "test")
+            split = (
+                "train"
+                if train
+                else ("val" if os.path.isdir(os.path.join(data_dir, "val")) else "test")
+            )
             return torchvision.datasets.ImageFolder(os.path.join(data_dir, split))
         if name == "stl10":
             # Pre-training uses train+unlabeled (the SSL convention); the probe uses train.
-            ds = torchvision.datasets.STL10(data_dir, split="train" if not train else "train+unlabeled", download=download)
+            ds = torchvision.datasets.STL10(
+                data_dir, split="train" if not train else "train+unlabeled", download=download
+            )
             ds.targets = [int(t) for t in ds.labels]
             return ds
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         return cls(data_dir, train=train, download=download)
     except (RuntimeError, OSError) as e:  # no network, a corrupt archive, a missing file
-        raise UserError(f"could not load dataset '{name}' from '{data_dir}' ({str(e).splitlines()[0]}).") from e
+        raise UserError(
+            f"could not load dataset '{name}' from '{data_dir}' ({str(e).splitlines()[0]})."
+        ) from e
 
 
 BAD_IMAGE_TRIES = 64  # load_image gives up after this many unreadable items in a row
@@ -361,10 +453,10 @@ BAD_IMAGE_TRIES = 64  # load_image gives up after this many unreadable items in 
 
 def load_image(dataset, i):
     """Item i of `dataset` as (RGB PIL image, label, index read, replaced). An image that cannot be
-    read (a truncated file, a file that is not an image, a file gone from a network disk) is replaced
-    by the next readable item (i + 1, i + 2, ..., around the end): the same substitute in every epoch
-    and on every process, so a run replays exactly, and counted by the caller instead of crashing a
-    run hours in. --check-data names such files before training."""
+    read (a truncated file, a file that is not an image, a file gone from a network disk) is
+    replaced by the next readable item (i + 1, i + 2, ..., around the end): the same substitute in
+    every epoch and on every process, so a run replays exactly, and counted by the caller instead of
+    crashing a run hours in. --check-data names such files before training."""
     n = len(dataset)
     for k in range(min(n, BAD_IMAGE_TRIES)):
         j = (i + k) % n
@@ -373,8 +465,10 @@ def load_image(dataset, i):
             return img.convert("RGB"), y, j, k > 0
         except (OSError, SyntaxError, ValueError):  # what PIL raises for a file it cannot decode
             continue
-    raise UserError(f"{min(n, BAD_IMAGE_TRIES)} images in a row from item {i} of the data set cannot be read; "
-                    "list the bad files with --check-data.")
+    raise UserError(
+        f"{min(n, BAD_IMAGE_TRIES)} images in a row from item {i} of the data set cannot be read; "
+        "list the bad files with --check-data."
+    )
 
 
 class _Probe(torch.utils.data.Dataset):
@@ -389,7 +483,9 @@ class _Probe(torch.utils.data.Dataset):
     def __getitem__(self, i):
         try:
             with Image.open(self.paths[i]) as img:
-                img.draft("RGB", (1, 1))  # a JPEG decodes at 1/8 scale: every byte is still read and checked
+                img.draft(
+                    "RGB", (1, 1)
+                )  # a JPEG decodes at 1/8 scale: every byte is still read and checked
                 img.load()
             return ""
         except (OSError, SyntaxError, ValueError) as e:
@@ -397,18 +493,26 @@ class _Probe(torch.utils.data.Dataset):
 
 
 def check_images(datasets, workers=2, shown=5):
-    """--check-data: open and decode every file of the image-folder data sets among `datasets`, before
-    training, each process a share. Raises UserError naming the first `shown` unreadable files and
-    their count; else process 0 says how many files it checked. Data sets held as arrays (digits,
-    CIFAR, STL-10) have no files to check."""
+    """--check-data: open and decode every file of the image-folder data sets among `datasets`,
+    before training, each process a share. Raises UserError naming the first `shown` unreadable
+    files and their count; else process 0 says how many files it checked. Data sets held as arrays
+    (digits, CIFAR, STL-10) have no files to check."""
     paths = sorted({p for ds in datasets for p, _ in getattr(_base(ds)[0], "samples", [])})
     if not paths:
         if rank() == 0:
-            print("check-data: this data set is held as arrays, not image files; nothing to check.", flush=True)
+            print(
+                "check-data: this data set is held as arrays, not image files; nothing to check.",
+                flush=True,
+            )
         return 0
-    share = _Probe(paths[rank()::world_size()])
-    loader = torch.utils.data.DataLoader(share, batch_size=64, num_workers=workers, collate_fn=list,
-                                         worker_init_fn=_ignore_stop_signals)
+    share = _Probe(paths[rank() :: world_size()])
+    loader = torch.utils.data.DataLoader(
+        share,
+        batch_size=64,
+        num_workers=workers,
+        collate_fn=list,
+        worker_init_fn=_ignore_stop_signals,
+    )
     why = [w for batch in loader for w in batch]
     bad = [(p, w) for p, w in zip(share.paths, why) if w]
     if world_size() > 1:
@@ -417,10 +521,13 @@ def check_images(datasets, workers=2, shown=5):
         bad = sorted(b for part in every for b in part)
     if bad:
         more = f", and {len(bad) - shown} more" if len(bad) > shown else ""
-        raise UserError(f"--check-data: {len(bad)} of {len(paths)} images cannot be read: "
-                        + "; ".join(f"'{p}' ({w})" for p, w in bad[:shown]) + more
-                        + " (remove or replace them; without --check-data a run replaces each by the next readable "
-                          "image and counts them as bad_images in metrics.jsonl).")
+        raise UserError(
+            f"--check-data: {len(bad)} of {len(paths)} images cannot be read: "
+            + "; ".join(f"'{p}' ({w})" for p, w in bad[:shown])
+            + more
+            + " (remove or replace them; without --check-data a run replaces each by the next "
+            "readable image and counts them as bad_images in metrics.jsonl)."
+        )
     if rank() == 0:
         print(f"check-data: all {len(paths)} image files decode.", flush=True)
     return len(paths)
@@ -439,7 +546,9 @@ def eval_dataset(name, data_dir, download=True, train_set=None):
     return make_dataset(name, data_dir, train=True, download=download)
 
 
-KNN_LIMIT_FOLDER = 50000  # --knn-limit's default for image folders (ImageNet: ~4% of the train split)
+KNN_LIMIT_FOLDER = (
+    50000  # --knn-limit's default for image folders (ImageNet: ~4% of the train split)
+)
 
 
 def knn_bank(name, data_dir, train_set, limit=None):
@@ -450,7 +559,9 @@ def knn_bank(name, data_dir, train_set, limit=None):
     bank = eval_dataset(name, data_dir, train_set=train_set)
     limit = (KNN_LIMIT_FOLDER if name == "folder" else 0) if limit is None else limit
     if limit and limit < len(bank):
-        bank = torch.utils.data.Subset(bank, np.random.RandomState(0).permutation(len(bank))[:limit].tolist())
+        bank = torch.utils.data.Subset(
+            bank, np.random.RandomState(0).permutation(len(bank))[:limit].tolist()
+        )
     return bank
 
 
@@ -498,11 +609,22 @@ def byol_views(size, crop_min=0.08, blur_p=(1.0, 0.1), solarize_p=(0.0, 0.2)):
     0.4/0.4/0.2/0.1 with p 0.8, grey p 0.2, blur p and solarization p per view.
     solo-learn's CIFAR `asymmetric.yaml` keeps all of it but the blur: (0, 0)."""
     v = View(size, scale=(crop_min, 1.0), jitter=(0.4, 0.4, 0.2, 0.1))
-    return [replace(v, blur_p=blur_p[0], solarize_p=solarize_p[0]), replace(v, blur_p=blur_p[1], solarize_p=solarize_p[1])]
+    return [
+        replace(v, blur_p=blur_p[0], solarize_p=solarize_p[0]),
+        replace(v, blur_p=blur_p[1], solarize_p=solarize_p[1]),
+    ]
 
 
-def multicrop_views(size, local_crops, global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), local_size=None,
-                    jitter=jitter_of(1.0), blur_p=(0.5, 0.5, 0.5), solarize_p=(0.0, 0.0, 0.0)):
+def multicrop_views(
+    size,
+    local_crops,
+    global_scale=(0.14, 1.0),
+    local_scale=(0.05, 0.14),
+    local_size=None,
+    jitter=jitter_of(1.0),
+    blur_p=(0.5, 0.5, 0.5),
+    solarize_p=(0.0, 0.0, 0.0),
+):
     """Multi-crop (SwAV, Caron et al. 2020, Sec. 3.2): two global crops of `size` and
     `local_crops` small crops. 224 -> 96 px as in the papers; smaller images get local crops
     of half their side (16 px for CIFAR, 48 px for STL-10). blur_p and solarize_p: for the
@@ -511,9 +633,17 @@ def multicrop_views(size, local_crops, global_scale=(0.14, 1.0), local_scale=(0.
     solarization 0/0.2/0)."""
     local_size = local_size or (96 if size >= 224 else size // 2)
     g = View(size, scale=tuple(global_scale), jitter=tuple(jitter))
-    l = View(local_size, scale=tuple(local_scale), jitter=tuple(jitter), blur_p=blur_p[2], solarize_p=solarize_p[2])
-    return ([replace(g, blur_p=blur_p[0], solarize_p=solarize_p[0]), replace(g, blur_p=blur_p[1], solarize_p=solarize_p[1])]
-            + [l] * local_crops)
+    local = View(
+        local_size,
+        scale=tuple(local_scale),
+        jitter=tuple(jitter),
+        blur_p=blur_p[2],
+        solarize_p=solarize_p[2],
+    )
+    return [
+        replace(g, blur_p=blur_p[0], solarize_p=solarize_p[0]),
+        replace(g, blur_p=blur_p[1], solarize_p=solarize_p[1]),
+    ] + [local] * local_crops
 
 
 def positive_view(size, blur_p=0.5):
@@ -526,7 +656,9 @@ def cpu_transform(view, stats):
     """A View as a torchvision pipeline on PIL images -> normalized float tensor (3, s, s)."""
     b, c, s, h = view.jitter
     steps = [
-        T.RandomResizedCrop(view.size, scale=view.scale, ratio=view.ratio, interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomResizedCrop(
+            view.size, scale=view.scale, ratio=view.ratio, interpolation=T.InterpolationMode.BICUBIC
+        ),
         T.RandomHorizontalFlip(view.flip_p),
         T.RandomApply([T.ColorJitter(b, c, s, h)], p=view.jitter_p),
         T.RandomGrayscale(view.gray_p),
@@ -542,7 +674,11 @@ def cpu_transform(view, stats):
 
 def eval_transform(size, stats, native):
     """Evaluation: resize (256/224 of the crop side for large images) and center crop."""
-    steps = [] if size == native and size <= 64 else [T.Resize(int(round(size * 256 / 224)) if size > 64 else size), T.CenterCrop(size)]
+    steps = (
+        []
+        if size == native and size <= 64
+        else [T.Resize(int(round(size * 256 / 224)) if size > 64 else size), T.CenterCrop(size)]
+    )
     return T.Compose(steps + [T.ToTensor(), T.Normalize(*stats)])
 
 
@@ -562,7 +698,9 @@ _DECODED = weakref.WeakKeyDictionary()  # dataset -> {"cpu" or device: uint8 ten
 
 def cache_dir():
     """Decoded image folders are cached as .npy here, never in the repository."""
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cleanssl")
+    return os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cleanssl"
+    )
 
 
 def _base(dataset):
@@ -576,7 +714,9 @@ def _base(dataset):
 
 def _decodable(ds):
     data = getattr(ds, "data", None)
-    return (isinstance(data, (np.ndarray, torch.Tensor)) and data.ndim == 4) or isinstance(ds, torchvision.datasets.ImageFolder)
+    return (isinstance(data, (np.ndarray, torch.Tensor)) and data.ndim == 4) or isinstance(
+        ds, torchvision.datasets.ImageFolder
+    )
 
 
 def estimate_bytes(dataset):
@@ -593,11 +733,15 @@ def estimate_bytes(dataset):
         try:
             with Image.open(p) as img:
                 sizes.add(img.size)
-        except (OSError, SyntaxError, ValueError):  # an unreadable file: decoding names it, --check-data lists them
+        except (
+            OSError,
+            SyntaxError,
+            ValueError,
+        ):  # an unreadable file: decoding names it, --check-data lists them
             continue
     if len(sizes) != 1:
         return None
-    (w, h), = sizes
+    ((w, h),) = sizes
     return n * 3 * w * h
 
 
@@ -610,13 +754,19 @@ def resolve_data_path(choice, dataset, device):
         return choice
     need = estimate_bytes(dataset)
     if choice == "tensor" and need is None:
-        raise UserError("--data-path tensor needs a data set of equal-sized images (CIFAR, STL-10, digits, "
-                        "a folder of one image size); use --data-path cpu.")
+        raise UserError(
+            "--data-path tensor needs a data set of equal-sized images (CIFAR, STL-10, digits, "
+            "a folder of one image size); use --data-path cpu."
+        )
     if choice != "auto":
         return choice
     if device.type != "cuda" or need is None:
         return "cpu"
-    return "tensor" if need <= min(TENSOR_MAX_BYTES, torch.cuda.get_device_properties(device).total_memory // 4) else "cpu"
+    return (
+        "tensor"
+        if need <= min(TENSOR_MAX_BYTES, torch.cuda.get_device_properties(device).total_memory // 4)
+        else "cpu"
+    )
 
 
 def _decode_folder(ds):
@@ -626,7 +776,9 @@ def _decode_folder(ds):
     for p, _ in ds.samples:
         st = os.stat(p)
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    path = os.path.join(cache_dir(), f"{os.path.basename(os.path.normpath(ds.root))}_{h.hexdigest()[:16]}.npy")
+    path = os.path.join(
+        cache_dir(), f"{os.path.basename(os.path.normpath(ds.root))}_{h.hexdigest()[:16]}.npy"
+    )
     if os.path.isfile(path):
         return torch.from_numpy(np.load(path))
     first = None
@@ -634,15 +786,24 @@ def _decode_folder(ds):
         try:
             with Image.open(p) as img:
                 a = np.asarray(img.convert("RGB"))
-        except (OSError, SyntaxError, ValueError) as e:  # before training, so one sentence rather than a substitute
-            raise UserError(f"'{p}' cannot be read ({str(e).splitlines()[0]}); the tensor path decodes every image "
-                            "first: remove it, or use --data-path cpu, which replaces unreadable images and counts "
-                            "them (--check-data lists them all).") from e
+        except (
+            OSError,
+            SyntaxError,
+            ValueError,
+        ) as e:  # before training, so one sentence rather than a substitute
+            raise UserError(
+                f"'{p}' cannot be read ({str(e).splitlines()[0]}); the tensor path decodes every "
+                "image first: remove it, or use --data-path cpu, which replaces unreadable images "
+                "and counts them (--check-data lists them all)."
+            ) from e
         if first is None:
             first = np.empty((len(ds.samples),) + a.shape, np.uint8)  # (N, H, W, 3)
         if a.shape != first.shape[1:]:
-            raise UserError(f"--data-path tensor needs images of one size, but '{p}' is {a.shape[1]}x{a.shape[0]} "
-                            f"and the first is {first.shape[2]}x{first.shape[1]}; use --data-path cpu.")
+            raise UserError(
+                f"--data-path tensor needs images of one size, but '{p}' is "
+                f"{a.shape[1]}x{a.shape[0]} and the first is {first.shape[2]}x{first.shape[1]}; "
+                "use --data-path cpu."
+            )
         first[i] = a
     x = np.ascontiguousarray(first.transpose(0, 3, 1, 2))  # (N, 3, H, W)
     os.makedirs(cache_dir(), exist_ok=True)
@@ -675,10 +836,15 @@ def decode_uint8(dataset, device=torch.device("cpu")):
     elif base is not dataset:
         x = decode_uint8(base)[torch.as_tensor(idx)]
     elif not _decodable(base):
-        raise UserError("--data-path tensor needs CIFAR, STL-10, digits or an image folder; use --data-path cpu.")
+        raise UserError(
+            "--data-path tensor needs CIFAR, STL-10, digits or an image folder; "
+            "use --data-path cpu."
+        )
     elif getattr(base, "data", None) is not None:
         x = torch.as_tensor(base.data)
-        x = x if x.shape[1] == 3 else x.permute(0, 3, 1, 2)  # STL-10 is stored (N, 3, H, W), the rest (N, H, W, 3)
+        x = (
+            x if x.shape[1] == 3 else x.permute(0, 3, 1, 2)
+        )  # STL-10 is stored (N, 3, H, W), the rest (N, H, W, 3)
     else:
         x = _decode_folder(base)
     cache[key] = x.contiguous()
@@ -711,7 +877,9 @@ def _shift_hue(x, shift):
     chroma = v - x.min(1).values
     r, g, b = x.unbind(1)
     safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    h = torch.where(cmax == 0, (g - b) / safe, torch.where(cmax == 1, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    h = torch.where(
+        cmax == 0, (g - b) / safe, torch.where(cmax == 1, 2 + (b - r) / safe, 4 + (r - g) / safe)
+    )
     h = torch.where(chroma > 0, h / 6, torch.zeros_like(h))
     h = torch.remainder(h + shift[:, None, None], 1.0) * 6  # in sextants [0, 6)
     # back to RGB: each channel is v - chroma * clamp(min(k, 4 - k), 0, 1), k = (n + h) mod 6
@@ -726,24 +894,36 @@ def sample_params(view, n, height, width, generator, device):
     and fallback, RandomHorizontalFlip, RandomApply(ColorJitter) with a random order of its
     four operations, RandomGrayscale, RandomApply(GaussianBlur), RandomSolarize).
     Returns a dict of device tensors; nothing is read back to the host."""
+
     def rand(*shape):
         return torch.rand(*shape, generator=generator, device=device)
 
     # crop: 10 tries of (area, log-uniform aspect); the first that fits, else a centred fallback
-    area = height * width * (view.scale[0] + (view.scale[1] - view.scale[0]) * rand(n, 10))  # (n, 10)
+    area = (
+        height * width * (view.scale[0] + (view.scale[1] - view.scale[0]) * rand(n, 10))
+    )  # (n, 10)
     lo, hi = math.log(view.ratio[0]), math.log(view.ratio[1])
     aspect = torch.exp(lo + (hi - lo) * rand(n, 10))
     w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = fits.float().argmax(1, keepdim=True)  # argmax returns the first maximum
     in_ratio = width / height
-    fw, fh = ((width, round(width / min(view.ratio))) if in_ratio < min(view.ratio) else
-              (round(height * max(view.ratio)), height) if in_ratio > max(view.ratio) else (width, height))
+    fw, fh = (
+        (width, round(width / min(view.ratio)))
+        if in_ratio < min(view.ratio)
+        else (round(height * max(view.ratio)), height)
+        if in_ratio > max(view.ratio)
+        else (width, height)
+    )
     ok = fits.any(1)
     w = torch.where(ok, w.gather(1, first)[:, 0], torch.full_like(w[:, 0], fw))
     h = torch.where(ok, h.gather(1, first)[:, 0], torch.full_like(h[:, 0], fh))
-    top = torch.where(ok, torch.floor(rand(n) * (height - h + 1)), torch.div(height - h, 2, rounding_mode="floor"))
-    left = torch.where(ok, torch.floor(rand(n) * (width - w + 1)), torch.div(width - w, 2, rounding_mode="floor"))
+    top = torch.where(
+        ok, torch.floor(rand(n) * (height - h + 1)), torch.div(height - h, 2, rounding_mode="floor")
+    )
+    left = torch.where(
+        ok, torch.floor(rand(n) * (width - w + 1)), torch.div(width - w, 2, rounding_mode="floor")
+    )
 
     def factor(strength):  # ColorJitter: uniform in [max(0, 1 - s), 1 + s]
         a = max(0.0, 1 - strength)
@@ -752,12 +932,17 @@ def sample_params(view, n, height, width, generator, device):
     bs, cs, ss, hs = view.jitter
     jitter = rand(n) < view.jitter_p
     return {
-        "top": top, "left": left, "h": h, "w": w,  # (n,) crop box in pixels
+        "top": top,
+        "left": left,
+        "h": h,
+        "w": w,  # (n,) crop box in pixels
         "flip": rand(n) < view.flip_p,
         "jitter": jitter,
         "order": rand(n, 4).argsort(1),  # (n, 4) a uniformly random permutation of the 4 operations
-        "brightness": torch.where(jitter, factor(bs), 1.0), "contrast": torch.where(jitter, factor(cs), 1.0),
-        "saturation": torch.where(jitter, factor(ss), 1.0), "hue": torch.where(jitter, (2 * rand(n) - 1) * hs, 0.0),
+        "brightness": torch.where(jitter, factor(bs), 1.0),
+        "contrast": torch.where(jitter, factor(cs), 1.0),
+        "saturation": torch.where(jitter, factor(ss), 1.0),
+        "hue": torch.where(jitter, (2 * rand(n) - 1) * hs, 0.0),
         "gray": rand(n) < view.gray_p,
         "blur": rand(n) < view.blur_p,
         "sigma": 0.1 + 1.9 * rand(n),  # GaussianBlur sigma in [0.1, 2]
@@ -778,7 +963,9 @@ def apply_view(images, p, view, stats):
     theta[:, 1, 1] = p["h"] / height
     theta[:, 1, 2] = (2 * p["top"] + p["h"]) / height - 1
     grid = F.affine_grid(theta, (b, 3, s, s), align_corners=False)
-    x = F.grid_sample(images.float() / 255, grid, mode="bicubic", padding_mode="border", align_corners=False).clamp(0, 1)
+    x = F.grid_sample(
+        images.float() / 255, grid, mode="bicubic", padding_mode="border", align_corners=False
+    ).clamp(0, 1)
 
     # colour jitter: at each of the 4 slots every operation runs, with the identity factor for
     # the samples whose permutation puts another operation there (no per-sample Python branch)
@@ -794,13 +981,17 @@ def apply_view(images, p, view, stats):
             x = torch.where(((op == 3) & p["jitter"]).view(b, 1, 1, 1), _shift_hue(x, p["hue"]), x)
     if view.gray_p > 0:
         x = torch.where(p["gray"].view(b, 1, 1, 1), _gray(x).expand(-1, 3, -1, -1), x)
-    if view.blur_p > 0:  # separable Gaussian, reflect padding, per-sample sigma: grouped convolutions
+    if (
+        view.blur_p > 0
+    ):  # separable Gaussian, reflect padding, per-sample sigma: grouped convolutions
         k = blur_kernel(s)  # the kernel of cpu_transform
         t = torch.linspace(-(k // 2), k // 2, k, device=x.device)
         kern = torch.exp(-0.5 * (t / p["sigma"][:, None]) ** 2)
         kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(3, 0)  # (B*3, k)
         y = F.pad(x.reshape(1, b * 3, s, s), [k // 2] * 4, mode="reflect")
-        y = F.conv2d(F.conv2d(y, kern.view(-1, 1, 1, k), groups=b * 3), kern.view(-1, 1, k, 1), groups=b * 3)
+        y = F.conv2d(
+            F.conv2d(y, kern.view(-1, 1, 1, k), groups=b * 3), kern.view(-1, 1, k, 1), groups=b * 3
+        )
         x = torch.where(p["blur"].view(b, 1, 1, 1), y.view(b, 3, s, s), x)
     if view.solarize_p > 0:  # PIL: pixels >= 128 become 255 - pixel
         x = torch.where(p["solarize"].view(b, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
@@ -810,7 +1001,9 @@ def apply_view(images, p, view, stats):
 
 def augment(images, view, stats, generator):
     """One View applied to a uint8 batch (B, 3, H, W) on its device, fresh parameters per sample."""
-    p = sample_params(view, images.shape[0], images.shape[2], images.shape[3], generator, images.device)
+    p = sample_params(
+        view, images.shape[0], images.shape[2], images.shape[3], generator, images.device
+    )
     return apply_view(images, p, view, stats)
 
 
@@ -822,11 +1015,16 @@ def eval_tensor(images, size, stats, native):
         side = int(round(size * 256 / 224)) if size > 64 else size
         h, w = x.shape[-2:]
         if min(h, w) != side:
-            x = F.interpolate(x, size=(side, int(side * w / h)) if h <= w else (int(side * h / w), side),
-                              mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+            x = F.interpolate(
+                x,
+                size=(side, int(side * w / h)) if h <= w else (int(side * h / w), side),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            ).clamp(0, 1)
         h, w = x.shape[-2:]
         top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-        x = x[..., top:top + size, left:left + size]
+        x = x[..., top : top + size, left : left + size]
     mean, std = (device_constant(tuple(v), x.device).view(1, 3, 1, 1) for v in stats)
     return (x - mean) / std
 
@@ -834,7 +1032,7 @@ def eval_tensor(images, size, stats, native):
 # ---------------------------------------------------------------- 4. training loader
 class _Views(torch.utils.data.Dataset):
     """Key (i, 0, seed) -> every view of image i; key (i, 1, seed) -> the positive crop of image i.
-    The transforms draw from torch's generator seeded with `seed`, so that an image's crops depend on
+    The transforms draw from torch's generator seeded with `seed`, so an image's crops depend on
     the key alone, not on which worker (or process) made them. Items are (crops, index read, kind,
     1 if the image was unreadable and replaced (load_image) else 0)."""
 
@@ -849,7 +1047,9 @@ class _Views(torch.utils.data.Dataset):
     def __getitem__(self, key):
         i, kind, seed = key
         img, _, j, replaced = load_image(self.base, i)
-        with torch.random.fork_rng(devices=[]):  # with workers=0 this is the training process: leave its generator be
+        with torch.random.fork_rng(
+            devices=[]
+        ):  # with workers=0 this is the training process: leave its generator be
             torch.manual_seed(seed)
             crops = [self.pos_tf(img)] if kind == 1 else [t(img) for t in self.tf]
         return crops, j, kind, int(replaced)
@@ -889,13 +1089,28 @@ class TrainLoader:
     compile: torch.compile the tensor path's augmentation.
     """
 
-    def __init__(self, dataset, views, batch_size, stats, device, seed=0, workers=2, positive=None,
-                 data_path="cpu", compile=False):
+    def __init__(
+        self,
+        dataset,
+        views,
+        batch_size,
+        stats,
+        device,
+        seed=0,
+        workers=2,
+        positive=None,
+        data_path="cpu",
+        compile=False,
+    ):
         self.n, self.world, self.rank = len(dataset), world_size(), rank()
         if batch_size % self.world:
-            raise UserError(f"--batch-size {batch_size} is not divisible by the {self.world} processes.")
+            raise UserError(
+                f"--batch-size {batch_size} is not divisible by the {self.world} processes."
+            )
         if batch_size > self.n:
-            raise UserError(f"--batch-size {batch_size} is larger than the {self.n} training images.")
+            raise UserError(
+                f"--batch-size {batch_size} is larger than the {self.n} training images."
+            )
         self.batch_size, self.local = batch_size, batch_size // self.world
         self.device, self.seed, self.workers = device, seed, workers
         self.epoch, self.start_step, self.bad_images = 0, 0, 0
@@ -909,13 +1124,17 @@ class TrainLoader:
         self.labels, self.members, self.positives = None, None, 0
 
     def __len__(self):
-        return self.n // self.batch_size  # drop the last incomplete batch: equal steps on every process
+        return (
+            self.n // self.batch_size
+        )  # drop the last incomplete batch: equal steps on every process
 
     def set_epoch(self, epoch, start_step=0, bad_images=0):
-        """Iterate epoch `epoch` from step `start_step`; count unreadable images from `bad_images`."""
+        """Iterate `epoch` from step `start_step`; count unreadable images from `bad_images`."""
         if start_step > len(self):
-            raise UserError(f"the checkpoint stopped at step {start_step} of an epoch, but an epoch of this data set has "
-                            f"{len(self)} steps: the data set changed since.")
+            raise UserError(
+                f"the checkpoint stopped at step {start_step} of an epoch, but an epoch of this "
+                f"data set has {len(self)} steps: the data set changed since."
+            )
         self.epoch, self.start_step, self.bad_images = epoch, start_step, bad_images
 
     def set_clusters(self, labels, positives):
@@ -932,23 +1151,35 @@ class TrainLoader:
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         perm = torch.randperm(self.n, generator=g).numpy()
         rng = np.random.default_rng(self.seed * 100003 + self.epoch)
-        mine = slice(self.rank * self.local, (self.rank + 1) * self.local)  # this process's part of a global batch
+        mine = slice(
+            self.rank * self.local, (self.rank + 1) * self.local
+        )  # this process's part of a global batch
         for s in range(len(self)):
-            idx = perm[s * self.batch_size:(s + 1) * self.batch_size][mine]
-            # one seed per crop of the global batch (anchors, then their positives), from (seed, epoch, step)
-            seeds = np.random.default_rng([self.seed, self.epoch, s]).integers(2**63, size=(1 + self.positives, self.batch_size))
+            idx = perm[s * self.batch_size : (s + 1) * self.batch_size][mine]
+            # one seed per crop of the global batch (anchors, then their positives),
+            # from (seed, epoch, step)
+            seeds = np.random.default_rng([self.seed, self.epoch, s]).integers(
+                2**63, size=(1 + self.positives, self.batch_size)
+            )
             keys = [(int(i), 0, int(z)) for i, z in zip(idx, seeds[0, mine])]
             if self.positives:
                 order, bounds = self.members
                 c = self.labels[idx]
                 lo, hi = bounds[c], bounds[c + 1]  # (b,) every cluster has its anchor, so hi > lo
-                u = rng.random((self.batch_size, self.positives))[mine]  # drawn for the global batch, then this part
+                u = rng.random((self.batch_size, self.positives))[
+                    mine
+                ]  # drawn for the global batch, then this part
                 pick = lo[:, None] + (u * (hi - lo)[:, None]).astype(np.int64)
-                keys += [(int(j), 1, int(z)) for j, z in zip(order[pick].reshape(-1), seeds[1:, mine].T.reshape(-1))]
+                keys += [
+                    (int(j), 1, int(z))
+                    for j, z in zip(order[pick].reshape(-1), seeds[1:, mine].T.reshape(-1))
+                ]
             yield keys  # (b,) anchors, then (b * P,) positives anchor-major
 
     def _step_seed(self, s):
-        return int(np.random.SeedSequence([self.seed, self.epoch, s, self.rank]).generate_state(1)[0])
+        return int(
+            np.random.SeedSequence([self.seed, self.epoch, s, self.rank]).generate_state(1)[0]
+        )
 
     def __iter__(self):
         if self.data_path == "tensor":
@@ -958,8 +1189,13 @@ class TrainLoader:
         # the workers' seeds from the global one.
         g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 104729 + self.rank)
         loader = torch.utils.data.DataLoader(
-            self.data, batch_sampler=list(self._batches())[self.start_step:], num_workers=self.workers,
-            collate_fn=_collate, pin_memory=self.device.type == "cuda", generator=g, persistent_workers=False,
+            self.data,
+            batch_sampler=list(self._batches())[self.start_step :],
+            num_workers=self.workers,
+            collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+            generator=g,
+            persistent_workers=False,
             worker_init_fn=_ignore_stop_signals,
         )
         for crops, idx, positives, bad in loader:
@@ -970,13 +1206,17 @@ class TrainLoader:
             yield crops, idx.to(self.device, non_blocking=True), positives
 
     def _tensor_batches(self):
-        keys = list(self._batches())[self.start_step:]
+        keys = list(self._batches())[self.start_step :]
         if not keys:
             return
         # The epoch's indices cross to the device in one copy: a host->device copy per step
         # from pageable memory would wait for the GPU to drain its queue.
         anchors = torch.tensor([[k for k, kind, _ in b if kind == 0] for b in keys])  # (S, b)
-        pos = torch.tensor([[k for k, kind, _ in b if kind == 1] for b in keys]) if self.positives else None  # (S, b*P)
+        pos = (
+            torch.tensor([[k for k, kind, _ in b if kind == 1] for b in keys])
+            if self.positives
+            else None
+        )  # (S, b*P)
         if self.device.type == "cuda":
             anchors, pos = anchors.pin_memory(), pos.pin_memory() if pos is not None else None
         anchors = anchors.to(self.device, non_blocking=True)
@@ -984,14 +1224,24 @@ class TrainLoader:
         g = torch.Generator(device=self.device)
         h, w = self.images.shape[2:]
         for s in range(len(keys)):
-            g.manual_seed(self._step_seed(self.start_step + s))  # each step's draws, wherever the epoch starts
+            g.manual_seed(
+                self._step_seed(self.start_step + s)
+            )  # each step's draws, wherever the epoch starts
             idx = anchors[s]
             x = self.images[idx]  # (b, 3, H, W) uint8
-            crops = [self.apply(x, sample_params(v, len(idx), h, w, g, self.device), v, self.stats) for v in self.views]
+            crops = [
+                self.apply(x, sample_params(v, len(idx), h, w, g, self.device), v, self.stats)
+                for v in self.views
+            ]
             positives = None
             if pos is not None:
                 xp = self.images[pos[s]]
-                positives = self.apply(xp, sample_params(self.positive, len(xp), h, w, g, self.device), self.positive, self.stats)
+                positives = self.apply(
+                    xp,
+                    sample_params(self.positive, len(xp), h, w, g, self.device),
+                    self.positive,
+                    self.stats,
+                )
             yield crops, idx, positives
 
 
@@ -999,9 +1249,14 @@ class TrainLoader:
 # name -> (torchvision architecture, width divisor). The narrow ResNet-18s keep the architecture
 # and divide every stage's channels: a CPU smoke run or a classroom (eighth: 8/16/32/64), a scale
 # model of an experiment (quarter: 16/32/64/128, about 13x the images/s of the full one on a CPU).
-BACKBONES = {"resnet18": ("resnet18", 1), "resnet34": ("resnet34", 1), "resnet50": ("resnet50", 1),
-             "resnet18-half": ("resnet18", 2), "resnet18-quarter": ("resnet18", 4),
-             "resnet18-eighth": ("resnet18", 8)}
+BACKBONES = {
+    "resnet18": ("resnet18", 1),
+    "resnet34": ("resnet34", 1),
+    "resnet50": ("resnet50", 1),
+    "resnet18-half": ("resnet18", 2),
+    "resnet18-quarter": ("resnet18", 4),
+    "resnet18-eighth": ("resnet18", 8),
+}
 
 
 def _narrow(net, div, zero_init_residual):
@@ -1054,7 +1309,12 @@ class Backbone(nn.Module):
         self.name, self.small_images = name, small_images
         self.dim = net.fc.in_features  # 512 for R18/34, 2048 for R50, 512 / div for a narrow R18
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            net.layer1,
+            net.layer2,
+            net.layer3,
+            net.layer4,
+        )
 
     def forward(self, x):
         f = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))  # (B, D, h, w)
@@ -1068,18 +1328,37 @@ def build_backbone(name="resnet18", small_images=True, weights=None, zero_init_r
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError) as e:
-            raise UserError(f"could not read backbone weights '{weights}' ({str(e).splitlines()[0]}).") from e
+            raise UserError(
+                f"could not read backbone weights '{weights}' ({str(e).splitlines()[0]})."
+            ) from e
         try:
             net.load_state_dict(state)
         except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
-            raise UserError(f"'{weights}' does not hold {name} weights (small_images={small_images}).") from e
+            raise UserError(
+                f"'{weights}' does not hold {name} weights (small_images={small_images})."
+            ) from e
     return net
 
 
 # ---------------------------------------------------------------- 6. features, memory bank, kNN
 @torch.no_grad()
-def extract_features(model, dataset, size, stats, native, device, batch_size=256, workers=2, embed=None,
-                     data_path="cpu", precision="auto", gather=True, faults=None, progress="", every=30.0):
+def extract_features(
+    model,
+    dataset,
+    size,
+    stats,
+    native,
+    device,
+    batch_size=256,
+    workers=2,
+    embed=None,
+    data_path="cpu",
+    precision="auto",
+    gather=True,
+    faults=None,
+    progress="",
+    every=30.0,
+):
     """Embeddings of every image of `dataset`, with the evaluation transform and `model` in
     eval mode (BatchNorm running statistics, not batch statistics). `embed(model, x)`
     gives (B, d) features; the default takes the pooled h of a Backbone. Each process
@@ -1100,14 +1379,20 @@ def extract_features(model, dataset, size, stats, native, device, batch_size=256
     per = math.ceil(n / world)
     mine = [min(i, n - 1) for i in range(r * per, (r + 1) * per)]  # pad the last share with repeats
     if resolve_data_path(data_path, dataset, device) == "tensor":
-        base, sub = _base(dataset)  # a Subset reads its rows of its base's decoded tensor, never a copy of its own
+        base, sub = _base(
+            dataset
+        )  # a Subset reads its rows of its base's decoded tensor, never a copy of its own
         images, y_all = decode_uint8(base, device), targets_of(base).to(device)
         rows = torch.as_tensor(np.asarray(mine) if sub is None else sub[mine]).to(device)
-        loader = ((eval_tensor(images[i], size, stats, native), y_all[i], 0) for i in rows.split(batch_size))
+        loader = (
+            (eval_tensor(images[i], size, stats, native), y_all[i], 0)
+            for i in rows.split(batch_size)
+        )
     else:
         data = _EvalSet(dataset, mine, eval_transform(size, stats, native))
-        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers,
-                                             worker_init_fn=_ignore_stop_signals)
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=batch_size, num_workers=workers, worker_init_fn=_ignore_stop_signals
+        )
     feats, labels, replaced, done = [], [], 0, 0
     start = shown = time.time()
     for x, y, bad in loader:
@@ -1117,11 +1402,18 @@ def extract_features(model, dataset, size, stats, native, device, batch_size=256
         labels.append(y.to(device))
         replaced += int(bad.sum()) if torch.is_tensor(bad) else bad
         done += len(y)
-        if progress and r == 0 and time.time() - shown >= every:  # by time, rank 0 alone: no collective
+        if (
+            progress and r == 0 and time.time() - shown >= every
+        ):  # by time, rank 0 alone: no collective
             shown = time.time()
-            rate = done / max(shown - start, 1e-9)  # this process's images/s; every process has a share as large
-            print(f"{progress}: {min(n, done * world)}/{n} images  {rate * world:.0f} img/s  "
-                  f"{duration((len(mine) - done) / rate)} left", flush=True)
+            rate = done / max(
+                shown - start, 1e-9
+            )  # this process's images/s; every process has a share as large
+            print(
+                f"{progress}: {min(n, done * world)}/{n} images  {rate * world:.0f} img/s  "
+                f"{duration((len(mine) - done) / rate)} left",
+                flush=True,
+            )
     model.train(was_training)
     if faults is not None:
         count = torch.tensor(float(replaced), device=device)
@@ -1189,21 +1481,23 @@ class MemoryBank:
         if k > n:
             raise UserError(f"cannot make {k} clusters of {n} embeddings; lower --xattn-clusters.")
         if init is not None and tuple(init.shape) != (k, x.shape[1]):
-            raise UserError(f"k-means: the saved centroids are {tuple(init.shape)}, not ({k}, {x.shape[1]}); "
-                            "--xattn-clusters differs from the run's.")
+            raise UserError(
+                f"k-means: the saved centroids are {tuple(init.shape)}, not ({k}, {x.shape[1]}); "
+                "--xattn-clusters differs from the run's."
+            )
         g = torch.Generator(device=x.device).manual_seed(seed)
 
         def best(c):  # nearest centroid by cosine, chunked for large banks
             sims, labels = [], []
             for s in range(0, n, chunk):
-                v, i = (x[s:s + chunk] @ c.T).max(dim=1)
+                v, i = (x[s : s + chunk] @ c.T).max(dim=1)
                 sims.append(v)
                 labels.append(i)
             return torch.cat(sims), torch.cat(labels)
 
         if init is not None:
             c = F.normalize(init.to(x.device, torch.float32), dim=1)
-        else:  # k-means++: each next centre drawn with probability proportional to its squared distance
+        else:  # k-means++: each next centre drawn with probability proportional to squared distance
             centers = [x[torch.randint(n, (1,), generator=g, device=x.device)].squeeze(0)]
             d2 = (2 - 2 * (x @ centers[0])).clamp_min(0)
             for _ in range(1, k):
@@ -1239,12 +1533,16 @@ class MemoryBank:
         with torch.autocast(query.device.type, enabled=False):
             sim = query @ bank.T  # (B, N)
         if sharded and world_size() > 1:
-            if sim.shape[1] < k:  # a share smaller than k (or empty): the missing neighbours vote with weight 0
+            if (
+                sim.shape[1] < k
+            ):  # a share smaller than k (or empty): the missing neighbours vote with weight 0
                 sim = torch.cat([sim, sim.new_full((len(sim), k - sim.shape[1]), float("-inf"))], 1)
             labels = torch.cat([bank_labels, bank_labels.new_zeros(max(0, k - len(bank_labels)))])
             sim, nn_idx = sim.topk(k, dim=1)  # (B, k) of this share
-            sim, lab = (all_gather(a).unflatten(0, (world_size(), -1)).transpose(0, 1).flatten(1)
-                        for a in (sim, labels[nn_idx]))  # (B, W k)
+            sim, lab = (
+                all_gather(a).unflatten(0, (world_size(), -1)).transpose(0, 1).flatten(1)
+                for a in (sim, labels[nn_idx])
+            )  # (B, W k)
             sim, best = sim.topk(k, dim=1)
             lab = lab.gather(1, best)
         else:
@@ -1254,14 +1552,92 @@ class MemoryBank:
         return (votes * (sim / t).exp()[..., None]).sum(dim=1)
 
 
-def knn_top1(train_h, train_y, test_h, test_y, num_classes, k=200, t=0.1, chunk=1024, sharded=False):
+def knn_top1(
+    train_h, train_y, test_h, test_y, num_classes, k=200, t=0.1, chunk=1024, sharded=False
+):
     """kNN top-1 accuracy (a float in [0, 1]) of test features against a train bank.
     sharded: train_h, train_y are this process's share (extract_features(..., gather=False))."""
     correct = 0
     for s in range(0, len(test_h), chunk):
-        scores = MemoryBank.knn_predict(test_h[s:s + chunk], train_h, train_y, num_classes, k, t, sharded)
-        correct += (scores.argmax(1) == test_y[s:s + chunk]).sum().item()
+        scores = MemoryBank.knn_predict(
+            test_h[s : s + chunk], train_h, train_y, num_classes, k, t, sharded
+        )
+        correct += (scores.argmax(1) == test_y[s : s + chunk]).sum().item()
     return correct / len(test_h)
+
+
+class PseudoLabels:
+    """The k-means pseudo-labels of the spatial cross-attention add-on (Seyfi et al., Sec. 2.1):
+    at the start of every `every`-th epoch the whole training set is embedded (`embed(model, x)`,
+    the method's z) and clustered into `clusters` groups; each image's cluster is its label, and
+    the loader draws its positives from it. k-means starts from the previous clustering's
+    centroids: Lloyd iterations from them reach the old assignment again where the embeddings
+    have not moved, so a cluster keeps its id (and the classifier of L_cls its meaning) from one
+    clustering to the next; re-seeded k-means would number the clusters anew. `state()` is the
+    checkpoint's part; an epoch resumed part-way keeps its labels."""
+
+    def __init__(self, saved, device):
+        labels = saved.get("pseudo_labels")
+        self.centroids = saved.get("centroids")  # (K_c, d) or None: k-means++ seeding
+        self.labels = labels.to(device) if labels is not None else None  # (N,)
+
+    def state(self):
+        return {"centroids": self.centroids, "pseudo_labels": self.labels}
+
+    def new_epoch(self, run, model, embed):
+        """At an epoch's start: cluster every --xattn-cluster-every epochs, then hand the labels
+        to the run's loader, which draws --xattn-positives positives per image from them."""
+        a = run.args
+        if self.labels is None or (
+            run.epoch % a.xattn_cluster_every == 0 and not run.at.get("step")
+        ):
+            self.labels, self.centroids = cluster(
+                model,
+                embed,
+                run.train_set,
+                run.size,
+                run.stats,
+                run.native,
+                run.device,
+                a.xattn_clusters,
+                a.seed * 1000 + run.epoch,
+                self.centroids,
+                workers=a.workers,
+                data_path=a.data_path,
+                precision=a.precision,
+            )
+        run.train_loader.set_clusters(self.labels.cpu().numpy(), a.xattn_positives)
+
+
+def cluster(
+    model, embed, dataset, size, stats, native, device, clusters, seed, centroids=None, **extract
+):
+    """Embed every image of `dataset` and cluster the normalized embeddings with k-means from
+    `centroids` (None: k-means++ seeding). Returns each image's label (N,) on `device` and the
+    centroids (K, d), identical on every process."""
+    # Seyfi et al. embed theta(T(I)), a training view through the network as it trains; here the
+    # eval transform in eval mode (BN running statistics): one image, one embedding everywhere
+    z, _ = extract_features(
+        model,
+        dataset,
+        size,
+        stats,
+        native,
+        device,
+        embed=embed,
+        progress="xattn memory bank",
+        **extract,
+    )
+    bank = MemoryBank(len(dataset), z.shape[1], device)
+    bank.z.copy_(F.normalize(z, dim=1))
+    return bank.kmeans(clusters, seed=seed, init=centroids)
+
+
+def at_least_one(text):
+    """argparse type: a whole number >= 1 (else argparse's one-line error, exit 2)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of at least 1")
+    return int(text)
 
 
 # ---------------------------------------------------------------- 7. Grad-CAM
@@ -1279,7 +1655,9 @@ def grad_cam(model, images, target, out_size=None):
     was_training = model.training
     model.eval()
     with torch.enable_grad():
-        f, h = model(images)  # h raw: Q-Score picks L_i on L2-normalized h, but the targets below are raw h's features
+        f, h = model(
+            images
+        )  # h raw: Q-Score picks L_i on L2-normalized h, but the targets below are raw h's features
         f.retain_grad()
         if callable(target):
             score = target(h)
@@ -1294,7 +1672,614 @@ def grad_cam(model, images, target, out_size=None):
         grads = torch.autograd.grad(score.sum(), f)[0]  # (B, D, h, w)
     weights = grads.mean(dim=(2, 3), keepdim=True)  # alpha_k: global-average-pooled gradients
     cam = F.relu((weights * f).sum(1, keepdim=True)).detach()  # (B, 1, h, w)
-    cam = F.interpolate(cam, size=out_size or images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    cam = F.interpolate(
+        cam, size=out_size or images.shape[-2:], mode="bilinear", align_corners=False
+    )[:, 0]
     cam = cam / cam.flatten(1).max(1).values.clamp_min(1e-12)[:, None, None]
     model.train(was_training)
     return cam
+
+
+# ---------------------------------------------------------------- 8. optimizer and schedule
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and LARS (You et al. 2017) in the two forms the references run.
+    For each weight w with gradient g (groups with `lars=False`, i.e. biases and norms, get
+    plain SGD with momentum and no weight decay, as in SimCLR, BYOL and solo-learn):
+      official (SimCLR, BYOL, MoCo v3 and DINO code; eta 0.001 on ImageNet):
+          d = g + wd w,  d *= eta ||w|| / ||d||
+      clip (solo-learn's LARS with clip_lr, used by its CIFAR recipes; eta 0.02):
+          d = g + wd w,  d *= min(eta ||w|| / (||g|| + wd ||w||) / lr, 1),
+          so that a layer's step min(eta ||w|| / (...), lr) is never larger than plain SGD's.
+    SwAV's apex LARC (unclipped) uses the clip form's ratio without the cap; with SwAV's
+    wd of 1e-6 that ratio and the official one differ by far less than a percent.
+    A zero ||w|| or ||g|| leaves the trust at 1. Momentum accumulates the scaled d."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001, mode="official"):
+        if mode not in ("official", "clip"):
+            raise ValueError(f"LARS mode '{mode}': choose official or clip")
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True, mode=mode
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if g["lars"]:
+                    w_norm, g_norm = p.norm(), d.norm()
+                    d = d.add(p, alpha=g["weight_decay"])
+                    if g["mode"] == "clip":
+                        trust = g["eta"] * w_norm / (g_norm + g["weight_decay"] * w_norm)
+                        if g["lr"] > 0:
+                            trust = (trust / g["lr"]).clamp(max=1.0)
+                    else:
+                        g_norm = d.norm()
+                        trust = g["eta"] * w_norm / g_norm
+                    # on the device: no host sync
+                    d = d * torch.where((w_norm > 0) & (g_norm > 0), trust, 1.0)
+                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                buf.mul_(g["momentum"]).add_(d)
+                p.add_(buf, alpha=-g["lr"])
+
+
+def param_groups(model, exclude_bias_norm=True):
+    """Biases and norm weights (1-d tensors) get no weight decay and no LARS adaptation;
+    exclude_bias_norm=False treats them like every other weight."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not exclude_bias_norm:
+        return [{"params": params}]
+    return [
+        {"params": [p for p in params if p.ndim > 1]},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lars": False},
+    ]
+
+
+def lr_at(step, total, warmup, base):
+    """Per-step schedule: linear warm-up, then cosine decay to 0."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# ---------------------------------------------------------------- 9. the run harness
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's line breaks (its commands) and shows every flag's default."""
+
+
+def add_run_flags(p):
+    """The flags every method script shares, after its own: data, backbone, device, run folder,
+    resume, checkpoints, logging. (The recipe's numbers, epochs, batch and lr, are the method's.)"""
+    p.add_argument(
+        "--dataset", default="digits", choices=DATASETS, help="data set; digits needs no download"
+    )
+    p.add_argument(
+        "--data-dir",
+        default="data",
+        help="where torchvision data sets are downloaded, or the ImageFolder root",
+    )
+    p.add_argument(
+        "--backbone",
+        default="resnet18",
+        choices=list(BACKBONES),
+        help="ResNet; resnet18-half/-quarter/-eighth have 1/2, 1/4, 1/8 of the channels",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=0,
+        help="(global) crop side in pixels; 0: the data set's native size",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of weights, data order and augmentations"
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="auto: cuda when there is one",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="data-loader processes per training process (default: 4, or fewer cores)",
+    )
+    p.add_argument(
+        "--data-path",
+        default="auto",
+        choices=DATA_PATHS,
+        help="tensor: decode once, augment batches on the device; cpu: PIL in --workers "
+        "processes; auto: tensor on CUDA when the data set fits in memory, else cpu",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="bf16: bf16 autocast and channels_last (the losses stay float32); fp32: "
+        "neither; auto: bf16 on CUDA, fp32 on CPU",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model and the tensor data path's augmentations",
+    )
+    p.add_argument(
+        "--run-dir",
+        default="",
+        help="output folder (default runs/<method>_<dataset>_s<seed>_<time>); one that "
+        "holds a checkpoint.pt is continued",
+    )
+    p.add_argument(
+        "--resume",
+        default="",
+        help="run folder (or checkpoint.pt) of a stopped run to continue, with its flags",
+    )
+    p.add_argument(
+        "--checkpoint-every-min",
+        type=float,
+        default=30,
+        help="also checkpoint every M minutes inside an epoch; 0: at epoch ends only",
+    )
+    p.add_argument(
+        "--check-data",
+        action="store_true",
+        help="decode every file of a --dataset folder first; exit 2 naming bad ones",
+    )
+    p.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=0,
+        help="cap on steps per epoch, for tests and benchmarks; 0: all",
+    )
+    p.add_argument(
+        "--knn-every",
+        type=int,
+        default=1,
+        help="online kNN evaluation every N epochs (and after the last); 0: never",
+    )
+    p.add_argument(
+        "--knn-limit",
+        type=int,
+        default=None,
+        help="kNN bank: this many training images; 0: all; default: all, 50000 for folders",
+    )
+    p.add_argument("--log-every", type=int, default=50, help="progress line every N steps")
+    p.add_argument(
+        "--log-seconds",
+        type=float,
+        default=30,
+        help="progress line also every S seconds (an epoch's first after 10 s)",
+    )
+
+
+def check_run(args, method, check=None):
+    """Bad input gets one sentence (UserError, exit 2) before any work. Also loads the checkpoint
+    that the run continues (--resume's, or --run-dir's) and checks it: this method, this backbone,
+    `check(args, checkpoint)` (the method's own checks, the checkpoint None for a new run), the same
+    flags. Returns (checkpoint or None, its run folder or None)."""
+    check_dataset(args.dataset, args.data_dir)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        raise UserError(
+            f"--batch-size {args.batch_size} is not divisible by the {world} processes."
+        )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no GPU is visible.")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.compile and args.sync_bn and world > 1 and cuda:  # SyncBatchNorm: CUDA and DDP only
+        raise UserError(
+            "--compile with SyncBatchNorm under DDP hits an open PyTorch bug "
+            "(pytorch/pytorch#107372): pass --no-sync-bn or leave out --compile."
+        )
+    path = checkpoint_to_resume(args.resume, args.run_dir)
+    ckpt = None
+    if path:
+        if not os.path.isfile(path):
+            raise UserError(f"--resume: no checkpoint at '{path}'.")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if ckpt.get("method") != method:
+            raise UserError(
+                f"--resume: '{path}' is a {ckpt.get('method')} checkpoint, not {method}."
+            )
+        if ckpt["args"]["backbone"] != args.backbone:
+            raise UserError(
+                f"--resume: '{path}' holds a {ckpt['args']['backbone']}, "
+                f"not --backbone {args.backbone}."
+            )
+    if check is not None:
+        check(args, ckpt)
+    if ckpt is None:
+        return None, None
+    check_resume(ckpt["args"], args, path)  # the same run, or one sentence
+    return ckpt, os.path.dirname(path)
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename: a kill or a full disk leaves the old file whole."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as fh:  # a file object: a full disk is OSError ENOSPC
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before the rename: a node's crash leaves no empty file
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            e.filename = path
+        raise
+
+
+def tensorboard_writer(run_dir):
+    """Each epoch's metrics as TensorBoard events in the run folder (`tensorboard --logdir runs`)
+    when the optional tensorboard package is installed; else a function that does nothing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return lambda metrics: None
+    writer = SummaryWriter(run_dir)
+
+    def write(metrics):
+        for k, v in metrics.items():
+            if k != "epoch":
+                writer.add_scalar(k, v, metrics["epoch"])  # step: the epoch
+        writer.flush()
+
+    return write
+
+
+def epoch_line(m, epochs):
+    """For a person, rounded: loss terms | online kNN | Q-Score | collapse monitor | speed."""
+    terms = " ".join(
+        f"{k[5:].replace('qscore', 'qscore-reg')} {v:.3f}"
+        for k, v in m.items()
+        if k.startswith("loss_")
+    )
+    knn = f"  online-knn {m['knn_top1']:.3f}" if "knn_top1" in m else ""
+    mem = f"  {m['peak_mem_gb']:.1f} GB" if m["peak_mem_gb"] else ""
+    return (
+        f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.3f} ({terms}){knn}  "
+        f"qscore {m['qscore']:.3f} |L| {m['qscore_active']:.1f} "
+        f"under-alpha {m['qscore_under_alpha']:.0%}  collapse-std {m['collapse_std']:.3f}  "
+        f"{m['images_per_s']:.1f} img/s{mem}  {duration(m['seconds'])}"
+    )
+
+
+class Run:
+    """The plumbing of one training run, so that a method script shows its method. In order:
+
+        run = common.Run(args, METHOD)          # flags checked, device, processes, seeds,
+                                                # folder, data
+        loader = run.loader(views, positive)    # the TrainLoader; run.epoch_steps, the schedule
+        ...the model, its optimizer...
+        saved = run.resume()                    # the checkpoint's contents ({} for a new run)
+        for epoch in run.epochs(state):         # state(): the method's part of a checkpoint
+            for step, it, crops, idx, positives in run.steps():
+                lr = run.schedule(optimizer, it)
+                ...forward, loss, backward, step...
+                if (code := run.step_done(loss, terms, batch)) is not None:
+                    return code                 # non-finite loss (1) or a stop signal (75)
+            if (code := run.end_epoch(backbone, **extra)) is not None:
+                return code
+        return run.finish()
+
+    What it keeps: the running metric sums on the device (the host reads them at log steps only),
+    the finite check, progress lines, mid-epoch checkpoints and the stop decision of RunControl, and
+    at each epoch's end the all-reduce of the sums, the online kNN, metrics.jsonl, checkpoint.pt,
+    backbone.pt, TensorBoard and the epoch line. Only process 0 writes files and prints."""
+
+    def __init__(self, args, method, check=None):
+        self.ckpt, resume_dir = check_run(args, method, check)
+        self.args, self.method = args, method
+        self.distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+        self.cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        if self.cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
+        )
+        self.bf16 = use_bf16(args.precision, self.device)  # bf16 autocast + channels_last: CUDA's
+        if self.distributed:
+            dist.init_process_group("nccl" if self.cuda else "gloo")
+        self.rank, self.world = rank(), world_size()
+        torch.manual_seed(args.seed)
+        np.random.seed(args.seed)
+        if self.cuda:
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cudnn.allow_tf32 = True  # convolutions
+            # Under bf16 autocast the only float32 matrix products are the ones the scripts ask
+            # for (losses, float32 heads): TF32 would cost them ~1% after a division by 0.05.
+            torch.set_float32_matmul_precision("highest")
+        self.dir = (
+            resume_dir
+            or args.run_dir
+            or os.path.join("runs", f"{method}_{args.dataset}_s{args.seed}_{int(time.time())}")
+        )
+        if self.rank == 0:
+            os.makedirs(self.dir, exist_ok=True)
+            with open(os.path.join(self.dir, "args.json"), "w") as fh:
+                json.dump(vars(args), fh, indent=2)
+            self._tensorboard = tensorboard_writer(self.dir)
+        if args.sync_bn and self.distributed and not self.cuda and self.rank == 0:
+            print(
+                "note: SyncBatchNorm needs CUDA; on CPU each process normalizes its own share of "
+                "the batch.",
+                flush=True,
+            )
+        # data: the training split, and the online kNN's bank (a fixed subset of it) and test split
+        self.native = IMAGE_SIZE[args.dataset]
+        self.size = args.image_size or self.native
+        self.stats = STATS[args.dataset]
+        self.train_set = make_dataset(args.dataset, args.data_dir, train=True)
+        self.knn_train = knn_bank(args.dataset, args.data_dir, self.train_set, args.knn_limit)
+        self.knn_test = make_dataset(args.dataset, args.data_dir, train=False)
+        if args.check_data:  # every file decoded now: a bad one is named before any work
+            check_images([self.train_set, self.knn_test], args.workers)
+        self.lr = 0.0
+
+    def loader(self, views, positive):
+        """The TrainLoader of the method's views (and the cross-attention positives' view); sets
+        the steps per epoch and the learning-rate schedule (warm-up, cosine) from it."""
+        a = self.args
+        self.train_loader = TrainLoader(
+            self.train_set,
+            views,
+            a.batch_size,
+            self.stats,
+            self.device,
+            seed=a.seed,
+            workers=a.workers,
+            positive=positive,
+            data_path=a.data_path,
+            compile=a.compile,
+        )
+        n = len(self.train_loader)
+        self.epoch_steps = min(n, a.steps_per_epoch) if a.steps_per_epoch else n
+        self.base_lr = a.lr * a.batch_size / 256  # --lr is per 256 images
+        self.total, self.warmup = (
+            a.epochs * self.epoch_steps,
+            int(a.warmup_epochs * self.epoch_steps),
+        )
+        return self.train_loader
+
+    def ddp(self, model):
+        """The model wrapped for DDP (gradients averaged over processes in backward) when there
+        are several processes, and compiled with --compile."""
+        if self.distributed:
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.cuda else None
+            )
+        return torch.compile(model) if self.args.compile else model
+
+    def resume(self):
+        """Checkpoint contents for a resumed run ({} for a new one); sets where it continues."""
+        self.start_epoch, self.resume_at = 0, {}
+        if self.ckpt is None:
+            return {}
+        self.start_epoch, self.resume_at = self.ckpt["epoch"], self.ckpt.get("at") or {}
+        return self.ckpt
+
+    def epochs(self, state, title=None, details=""):
+        """The run's header, then each epoch to train, with its data order and randomness seeded
+        (a resumed epoch replays them). state(): the method's part of a checkpoint (model,
+        optimizer, momentum copies, queues...), called on every process at each checkpoint."""
+        a = self.args
+        if self.rank == 0:
+            print(
+                f"{title or self.method}: {a.dataset} {len(self.train_set)} images at "
+                f"{self.size}px, {a.backbone}, {self.world} process(es) on {self.device.type}, "
+                f"{details}batch {a.batch_size}, {self.epoch_steps} steps/epoch -> {self.dir}",
+                flush=True,
+            )
+            if self.ckpt is not None:
+                resume_note(self.ckpt, self.dir, self.world, a.batch_size)
+        self.state = state
+        self.control = RunControl(a.checkpoint_every_min)  # stop signals, checkpoint clock
+        for epoch in range(self.start_epoch, a.epochs):
+            torch.manual_seed(a.seed * 1000 + epoch)  # a resumed epoch replays the same randomness
+            self.epoch = epoch
+            self.at = self.resume_at if epoch == self.start_epoch else {}  # a mid-epoch position
+            self.train_loader.set_epoch(
+                epoch,
+                start_step=self.at.get("step", 0),
+                bad_images=self.at.get("bad_images", 0) if self.rank == 0 else 0,
+            )
+            yield epoch
+
+    def steps(self):
+        """(step, iteration, crops, indices, positives) of each step of the epoch, from where a
+        mid-epoch checkpoint stopped; each step's own randomness is seeded by its iteration."""
+        a, at = self.args, self.at
+        self.sums = {k: v.to(self.device) for k, v in at.get("sums", {}).items()}
+        self.bad = torch.zeros((), device=self.device)  # first non-finite step + 1, or 0
+        self.t0, self.seen = time.time() - at.get("seconds", 0.0), at.get("seen", 0)
+        self.next_line = self.t0 + min(10.0, a.log_seconds)  # a first progress line soon
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        for step, (crops, idx, positives) in enumerate(self.train_loader, start=at.get("step", 0)):
+            if step >= self.epoch_steps:
+                break
+            it = self.epoch * self.epoch_steps + step
+            torch.manual_seed(a.seed * 1000003 + it)  # what a step draws replays from any step
+            if self.bf16:  # the positives too: a torch.cat of mixed memory formats is a copy
+                crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
+                if positives is not None:
+                    positives = positives.contiguous(memory_format=torch.channels_last)
+            self.step = step
+            yield step, it, crops, idx, positives
+
+    def schedule(self, optimizer, it):
+        """Each group's lr at iteration `it`: warm-up then cosine, times the group's lr_scale;
+        a group marked fix_lr keeps the base lr."""
+        self.lr = lr_at(it, self.total, self.warmup, self.base_lr)
+        for g in optimizer.param_groups:
+            g["lr"] = (self.base_lr if g.get("fix_lr") else self.lr) * g.get("lr_scale", 1.0)
+        return self.lr
+
+    def step_done(self, loss, terms, batch):
+        """After the optimizer step: add `terms` (name -> tensor) to the epoch's sums, note a
+        non-finite loss, print progress, and checkpoint or stop when RunControl says so. Returns
+        an exit code to end the run with, or None to go on."""
+        a, step = self.args, self.step
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float()
+        self.bad = torch.where(
+            (self.bad == 0) & ~torch.isfinite(loss.detach()),
+            torch.full_like(self.bad, step + 1.0),
+            self.bad,
+        )
+        self.seen += batch * self.world
+        log = (
+            step + 1
+        ) % a.log_every == 0 or step + 1 == self.epoch_steps  # the same on every process
+        if log and self._non_finite():  # an all-reduce, so never on a time-based line
+            return 1
+        if self.rank == 0 and (log or time.time() >= self.next_line):  # rank 0 alone: no collective
+            self._progress(loss)
+        stop, due = self.control.poll()  # the same answer on every process, at the same step
+        if (
+            stop or due
+        ) and step + 1 < self.epoch_steps:  # an epoch's last step: its end checkpoint follows
+            if self._non_finite():  # never a checkpoint of a broken run
+                return 1
+            self.checkpoint(
+                self.epoch,
+                self.control.position(
+                    step + 1,
+                    self.seen,
+                    time.time() - self.t0,
+                    self.sums,
+                    self.train_loader.bad_images,
+                ),
+            )
+            if stop:
+                return self.control.stop(
+                    f"at epoch {self.epoch + 1} step {step + 1}/{self.epoch_steps}", self.dir
+                )
+        return None
+
+    def end_epoch(self, backbone, **extra):
+        """The epoch's metrics (`extra` first: the method's schedules), the online kNN of
+        `backbone`, metrics.jsonl, checkpoint.pt, backbone.pt and the epoch line. Returns an exit
+        code to end the run with, or None to go on."""
+        a, epoch = self.args, self.epoch
+        seconds = time.time() - self.t0
+        peak_gb = torch.cuda.max_memory_allocated() / 2**30 if self.cuda else 0.0  # before the kNN
+        if self._non_finite():
+            return 1
+        metrics = {"epoch": epoch + 1, "lr": self.lr, **extra}
+        for k, v in self.sums.items():
+            if self.distributed:
+                dist.all_reduce(v)
+                v = v / self.world
+            metrics[k] = v.item() / self.epoch_steps
+        if a.knn_every and ((epoch + 1) % a.knn_every == 0 or epoch + 1 == a.epochs):
+            # The BN running statistics each process updated from its own share in the last
+            # step: process 0's, which backbone.pt holds and DDP's next forward broadcasts anyway
+            for b in backbone.buffers() if self.distributed else ():
+                dist.broadcast(b, 0)
+            features = functools.partial(
+                extract_features,
+                backbone,
+                size=self.size,
+                stats=self.stats,
+                native=self.native,
+                device=self.device,
+                workers=a.workers,
+                data_path=a.data_path,
+                precision=a.precision,
+            )
+            htr, ytr = features(self.knn_train, gather=False)  # this process's share of the bank
+            hte, yte = features(self.knn_test)
+            metrics["knn_top1"] = knn_top1(
+                htr, ytr, hte, yte, len(self.knn_test.classes), sharded=True
+            )
+        metrics.update(
+            images_per_s=self.seen / seconds,
+            seconds=seconds,
+            peak_mem_gb=peak_gb,
+            bad_images=self.control.total(self.train_loader.bad_images),
+        )
+        if self.rank == 0:
+            with open(os.path.join(self.dir, "metrics.jsonl"), "a") as fh:
+                fh.write(json.dumps(metrics) + "\n")
+        self.checkpoint(epoch + 1)
+        if self.rank == 0:
+            save_atomic(backbone.state_dict(), os.path.join(self.dir, "backbone.pt"))
+            self._tensorboard(metrics)
+            print(epoch_line(metrics, a.epochs), flush=True)
+        if self.distributed:
+            dist.barrier()
+        if epoch + 1 < a.epochs and self.control.poll(force=True)[0]:  # a signal in the kNN pass
+            return self.control.stop(f"at the end of epoch {epoch + 1}", self.dir)
+        return None
+
+    def finish(self):
+        """The end of a run that trained every epoch: exit code 0."""
+        if self.distributed:
+            dist.destroy_process_group()
+        return 0
+
+    def checkpoint(self, epoch, at=None):
+        """checkpoint.pt: epochs done, the position inside the next one (mid-epoch), the method's
+        state. steps_done is set first, for a method whose state counts steps."""
+        self.steps_done = epoch * self.epoch_steps + (at or {}).get("step", 0)
+        state = self.state()  # on every process: a method may gather its state (SwAV's queue)
+        if self.rank == 0:
+            save_atomic(
+                {
+                    "method": self.method,
+                    "args": vars(self.args),
+                    "world": self.world,
+                    "epoch": epoch,
+                    "at": at,
+                    **state,
+                },
+                os.path.join(self.dir, "checkpoint.pt"),
+            )
+        self.control.saved()
+
+    def _non_finite(self):
+        """Stop every process at once when a loss went non-finite; the last checkpoint stays."""
+        if self.distributed:
+            dist.all_reduce(self.bad, op=dist.ReduceOp.MAX)
+        if self.bad.item() == 0:
+            return False
+        if self.rank == 0:
+            print(
+                f"error: the loss became non-finite at epoch {self.epoch + 1}, step "
+                f"{int(self.bad.item())}; stopping, the last good checkpoint stays in {self.dir}.",
+                flush=True,
+            )
+        return True
+
+    def _progress(self, loss):
+        """A progress line from rank 0 (loss.item() waits for the device)."""
+        a, step = self.args, self.step
+        el = time.time() - self.t0
+        left = el / (step + 1) * ((a.epochs - self.epoch) * self.epoch_steps - step - 1)
+        print(
+            f"epoch {self.epoch + 1}/{a.epochs}  step {step + 1}/{self.epoch_steps}  "
+            f"loss {loss.item():.4f}  lr {self.lr:.4g}  {self.seen / el:.1f} img/s  "
+            f"{duration(left)} left",
+            flush=True,
+        )
+        self.next_line = time.time() + a.log_seconds
+
+
+def main_of(main, parse_args):
+    """A method script's `__main__`: stop signals caught from the training loop on (SIGTERM,
+    SIGUSR1: checkpoint and EXIT_STOPPED); bad input one sentence and exit 2; a full disk
+    EXIT_WRITE."""
+    catch_stop_signals()
+    try:
+        raise SystemExit(main(parse_args()))
+    except UserError as e:
+        fail(str(e))
+    except OSError as e:
+        fail_write(e)

@@ -3,11 +3,9 @@ them (Sinkhorn-Knopp, sums over all processes); each crop predicts the assignmen
 of the others. Multi-crop: 2 global crops give codes; they and N small crops predict them.
 
 Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster
-Assignments", NeurIPS 2020. Defaults: solo-learn's CIFAR recipe,
-scripts/pretrain/cifar/swav.yaml with augmentations/symmetric.yaml (2 crops of 32 px, no
-local crops); the ImageNet command is the official one (facebookresearch/swav,
-scripts/swav_800ep_pretrain.sh: 2x224 + 6x96, batch 4096 on 64 GPUs, 75.3% linear).
-RECIPES.md compares both, flag for flag.
+Assignments", NeurIPS 2020. Defaults: solo-learn's CIFAR recipe (2 crops of 32 px, no local
+crops); the ImageNet command is the official one (facebookresearch/swav: 2x224 + 6x96, batch
+4096 on 64 GPUs, 75.3% linear). RECIPES.md compares both, flag for flag.
 
     python swav.py --dataset digits --epochs 1                    # offline demo
     python swav.py --dataset cifar10 --data-dir data              # 1000 epochs, 1 GPU
@@ -17,13 +15,9 @@ RECIPES.md compares both, flag for flag.
         --local-crops 6 --global-scale 0.14 1 --local-scale 0.05 0.14 --queue-size 0 \
         --freeze-prototypes-epochs 1
 """
-import argparse
-import json
-import math
-import os
-import time
 
-import numpy as np
+import argparse
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -35,78 +29,58 @@ METHOD = "swav"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="digits", choices=common.DATASETS, help="data set; digits needs no download")
-    p.add_argument("--data-dir", default="data", help="where torchvision data sets are downloaded, or the ImageFolder root")
-    p.add_argument("--backbone", default="resnet18", choices=list(common.BACKBONES),
-                   help="ResNet; resnet18-half/-quarter/-eighth have 1/2, 1/4, 1/8 of the channels")
-    p.add_argument("--image-size", type=int, default=0, help="global crop side in pixels; 0: the data set's native size")
-    p.add_argument("--local-crops", type=int, default=0,
-                   help="small crops beside the 2 global ones (solo-learn CIFAR: 0; official ImageNet: 6 of 96 px)")
-    p.add_argument("--global-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
-                   help="area range of the global crops (solo-learn CIFAR: 0.08 1; official ImageNet: 0.14 1)")
-    p.add_argument("--local-scale", type=float, nargs=2, default=(0.05, 0.14), metavar=("MIN", "MAX"),
-                   help="area range of the local crops (official ImageNet: 0.05 0.14)")
-    p.add_argument("--blur-prob", type=float, nargs=3, default=(0.5, 0.5, 0.5), metavar=("G1", "G2", "L"),
-                   help="Gaussian blur probability of global crop 1, 2 and each local crop (solo-learn CIFAR, official: 0.5)")
-    p.add_argument("--epochs", type=int, default=1000, help="training epochs (solo-learn CIFAR: 1000; official ImageNet: 800)")
-    p.add_argument("--batch-size", type=int, default=256,
-                   help="global batch, split over processes (solo-learn CIFAR: 256; official ImageNet: 4096)")
-    p.add_argument("--lr", type=float, default=0.6,
-                   help="LARS learning rate per 256 images (solo-learn CIFAR: 0.6; official ImageNet: 4.8 at 4096 = 0.3)")
-    p.add_argument("--weight-decay", type=float, default=1e-6, help="weight decay (solo-learn CIFAR, official: 1e-6)")
-    p.add_argument("--exclude-bias-norm", action=argparse.BooleanOptionalAction, default=True,
-                   help="biases and norm weights get no weight decay and no LARS adaptation (solo-learn CIFAR: "
-                        "yes; official SwAV: no, its LARC wraps SGD over all parameters)")
-    p.add_argument("--lars-mode", default="clip", choices=["clip", "official"],
-                   help="LARS form (see class LARS): clip as solo-learn's CIFAR recipe, official (unclipped) as SwAV's LARC"
-                        "; the learning study (RESULTS.md) passes official, as at small batches the clipped step does not shrink with lr")
-    p.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient (solo-learn CIFAR: 0.02; official: 0.001)")
-    p.add_argument("--warmup-epochs", type=float, default=10, help="linear warm-up, then cosine decay (solo-learn, official: 10)")
-    p.add_argument("--temperature", type=float, default=0.1, help="temperature tau of the predictions (solo-learn, official: 0.1)")
-    p.add_argument("--prototypes", type=int, default=3000, help="number of prototypes K (solo-learn, official: 3000)")
-    p.add_argument("--sinkhorn-epsilon", type=float, default=0.05, help="entropy weight epsilon of the codes (solo-learn, official: 0.05)")
-    p.add_argument("--sinkhorn-iters", type=int, default=3, help="Sinkhorn-Knopp iterations (solo-learn, official: 3)")
-    p.add_argument("--queue-size", type=int, default=3840,
-                   help="global queue of past embeddings; 0: none (solo-learn CIFAR: 3840; official at batch 4096: 0)")
-    p.add_argument("--queue-start", type=int, default=50, help="epoch at which the queue starts filling (solo-learn CIFAR: 50)")
-    p.add_argument("--freeze-prototypes-epochs", type=float, default=2,
-                   help="prototypes held for N epochs (solo-learn CIFAR: 2; official ImageNet: 313 iterations, 1 epoch)")
-    p.add_argument("--proj-hidden", type=int, default=2048, help="projector hidden width (solo-learn, official: 2048)")
-    p.add_argument("--proj-dim", type=int, default=128, help="projector output width (solo-learn, official: 128)")
-    p.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction, default=False,
-                   help="each residual branch's last BN starts at 0 (solo-learn CIFAR, official SwAV ResNet-50: no)")
-    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
-                   help="global BatchNorm over all processes (solo-learn CIFAR: yes; official: apex SyncBN over groups "
-                        "of 8 GPUs); CUDA only")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, data order and augmentations")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="data-loader processes per training process (default: 4, or fewer CPU cores)")
-    p.add_argument("--data-path", default="auto", choices=common.DATA_PATHS, help="tensor: decode once, augment batches on "
-                   "the device; cpu: PIL in --workers processes; auto: tensor on CUDA when the data set fits in memory, else cpu")
-    p.add_argument("--precision", default="auto", choices=common.PRECISIONS,
-                   help="bf16: bf16 autocast and channels_last (the losses stay float32); fp32: neither; "
-                        "auto: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model's forward pass and the tensor data path's augmentations")
-    p.add_argument("--run-dir", default="", help="output folder; default runs/<method>_<dataset>_s<seed>_<time>. A "
-                   "folder that holds a checkpoint.pt is continued (auto-resume: torchrun --max-restarts, a requeued job)")
-    p.add_argument("--resume", default="", help="run folder (or checkpoint.pt) of a stopped run to continue; the flags "
-                   "that change what a run computes must be its own (README: Long runs and clusters)")
-    p.add_argument("--checkpoint-every-min", type=float, default=30, help="also checkpoint every M minutes inside an "
-                   "epoch (process 0's clock), and the rest of the epoch replays exactly on resume; 0: at epoch ends only. "
-                   "SIGTERM or SIGUSR1 checkpoint after the current step and exit 75")
-    p.add_argument("--check-data", action="store_true", help="decode every file of a --dataset folder before training "
-                   "and stop (exit 2) naming unreadable ones; without it, each is replaced by the next readable image "
-                   "and counted (bad_images in metrics.jsonl)")
-    p.add_argument("--steps-per-epoch", type=int, default=0, help="cap on steps per epoch, for tests and benchmarks; 0: all")
-    p.add_argument("--knn-every", type=int, default=1, help="kNN evaluation every N epochs (and after the last); 0: never")
-    p.add_argument("--knn-limit", type=int, default=None,
-                   help="kNN bank: this many training images (fixed subset); 0: all; default: all, 50000 for folders")
-    p.add_argument("--log-every", type=int, default=50, help="progress line every N steps")
-    p.add_argument("--log-seconds", type=float, default=30, help="progress line also every S seconds; an epoch's "
-                   "first comes at the end of its first step past 10 s (or S, if smaller)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add, bool_flag = p.add_argument, argparse.BooleanOptionalAction  # sources: RECIPES.md
+    add("--local-crops", type=int, default=0, help="small crops beside the 2 global ones")
+    scale = dict(type=float, nargs=2, metavar=("MIN", "MAX"))
+    add("--global-scale", **scale, default=(0.08, 1.0), help="area range of the global crops")
+    add("--local-scale", **scale, default=(0.05, 0.14), help="area range of the local crops")
+    add(
+        "--blur-prob",
+        type=float,
+        nargs=3,
+        default=(0.5, 0.5, 0.5),
+        metavar=("G1", "G2", "L"),
+        help="Gaussian blur probability of global crop 1, 2 and each local crop",
+    )
+    add("--epochs", type=int, default=1000, help="training epochs")
+    add("--batch-size", type=int, default=256, help="global batch, split over processes")
+    add("--lr", type=float, default=0.6, help="LARS learning rate per 256 images")
+    add("--weight-decay", type=float, default=1e-6, help="weight decay")
+    add(
+        "--exclude-bias-norm",
+        action=bool_flag,
+        default=True,
+        help="biases and norm weights get no weight decay and no LARS adaptation",
+    )
+    add(
+        "--lars-mode",
+        default="clip",
+        choices=["clip", "official"],
+        help="LARS form (common.LARS)",
+    )
+    add("--lars-eta", type=float, default=0.02, help="LARS trust coefficient")
+    add("--warmup-epochs", type=float, default=10, help="linear warm-up, then cosine decay")
+    add("--temperature", type=float, default=0.1, help="temperature tau of the predictions")
+    add("--prototypes", type=int, default=3000, help="number of prototypes K")
+    add("--sinkhorn-epsilon", type=float, default=0.05, help="entropy weight epsilon of the codes")
+    add("--sinkhorn-iters", type=int, default=3, help="Sinkhorn-Knopp iterations")
+    add("--queue-size", type=int, default=3840, help="global queue of past embeddings, 0: none")
+    add("--queue-start", type=int, default=50, help="epoch at which the queue starts filling")
+    add("--freeze-prototypes-epochs", type=float, default=2, help="prototypes fixed for N epochs")
+    add("--proj-hidden", type=int, default=2048, help="projector hidden width")
+    add("--proj-dim", type=int, default=128, help="projector output width")
+    add(
+        "--zero-init-residual",
+        action=bool_flag,
+        default=False,
+        help="each residual branch's last BN starts at 0",
+    )
+    add("--sync-bn", action=bool_flag, default=True, help="BatchNorm over all processes, CUDA only")
     add_addon_flags(p)
+    common.add_run_flags(p)
     return p.parse_args(argv)
 
 
@@ -117,33 +91,44 @@ class SwAV(nn.Module):
 
     def __init__(self, args, small_images):
         super().__init__()
-        self.backbone = common.build_backbone(args.backbone, small_images, zero_init_residual=args.zero_init_residual)
+        self.backbone = common.build_backbone(
+            args.backbone, small_images, zero_init_residual=args.zero_init_residual
+        )
         d = self.backbone.dim
         self.projector = nn.Sequential(  # SwAV's 2-layer MLP head with BN
-            nn.Linear(d, args.proj_hidden), nn.BatchNorm1d(args.proj_hidden), nn.ReLU(inplace=True),
-            nn.Linear(args.proj_hidden, args.proj_dim))
+            nn.Linear(d, args.proj_hidden),
+            nn.BatchNorm1d(args.proj_hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(args.proj_hidden, args.proj_dim),
+        )
         self.prototypes = nn.Linear(args.proj_dim, args.prototypes, bias=False)
-        self.xattn = CrossAttentionHead(d, args.xattn_clusters, args.xattn_temp) if args.xattn else None
+        self.xattn = (
+            CrossAttentionHead(d, args.xattn_clusters, args.xattn_temp) if args.xattn else None
+        )
 
     def forward(self, crops, positives=None):
         # As in the official code, consecutive crops of one size share one backbone pass: fewer,
-        # larger passes, and BN statistics over all crops of that size together (solo-learn, the
-        # CIFAR recipe, passes each crop on its own). The positives have the global size and ride along.
+        # larger passes, and BN statistics over all crops of that size together. The positives
+        # have the global size and ride along.
         b = crops[0].shape[0]
         sizes = [c.shape[-1] for c in crops]
         cuts = [0] + [i for i in range(1, len(crops)) if sizes[i] != sizes[i - 1]] + [len(crops)]
         fs, hs = [], []
         for lo, hi in zip(cuts[:-1], cuts[1:]):
-            f, h = self.backbone(torch.cat(crops[lo:hi] + ([positives] if lo == 0 and positives is not None else [])))
+            f, h = self.backbone(
+                torch.cat(crops[lo:hi] + ([positives] if lo == 0 and positives is not None else []))
+            )
             fs.append(f)  # ((hi-lo)*b [+ b*P], D, h, w)
             hs.append(h[: (hi - lo) * b])  # ((hi-lo)*b, D): the positives need no projection
         h = torch.cat(hs)  # (V*b, D) in crop order
         z = F.normalize(self.projector(h), dim=1)  # (V*b, d)
-        with torch.autocast(h.device.type, enabled=False):  # Sinkhorn's exp(s / 0.05) would amplify bf16 rounding
+        # float32 scores: Sinkhorn's exp(s / 0.05) would amplify bf16 rounding
+        with torch.autocast(h.device.type, enabled=False):
             scores = self.prototypes(z.float())  # (V*b, K)
-        out = {"h": h[: 2 * b], "z": z, "scores": scores}  # Q-Score sees the 2 global crops only, not the local ones
+        # Q-Score sees the 2 global crops only, not the local ones
+        out = {"h": h[: 2 * b], "z": z, "scores": scores}
         if self.xattn is not None and positives is not None:
-            out["f"] = torch.cat([fs[0][:b], fs[0][cuts[1] * b:]])  # anchors (the first crop), then positives
+            out["f"] = torch.cat([fs[0][:b], fs[0][cuts[1] * b :]])  # anchors (crop 1), positives
             out["beta"], out["logits"] = self.xattn(out["f"])
         return out
 
@@ -162,7 +147,8 @@ def sinkhorn(scores, epsilon=0.05, iterations=3):
     every sum runs over all processes (B = n * world), as one process with all rows would.
     Returns (n, K): each row sums to 1 exactly, each column to about B / K."""
     s = scores.float()
-    q = torch.exp((s - _all_reduce(s.max(), dist.ReduceOp.MAX)) / epsilon).T  # (K, n); the shift cancels
+    shift = _all_reduce(s.max(), dist.ReduceOp.MAX)  # against overflow; it cancels below
+    q = torch.exp((s - shift) / epsilon).T  # (K, n)
     k, n = q.shape[0], q.shape[1] * common.world_size()
     q /= _all_reduce(q.sum())
     for _ in range(iterations):
@@ -182,7 +168,7 @@ def swav_loss(scores, codes, temperature=0.1):
     loss = 0.0
     for i in range(codes.shape[0]):
         # (V-1, b, K), from slices: indexing with a Python list copies it host -> device every step
-        others = torch.cat([logp[:i], logp[i + 1:]])
+        others = torch.cat([logp[:i], logp[i + 1 :]])
         loss = loss - (codes[i] * others).sum(dim=2).mean()
     return loss / codes.shape[0]
 
@@ -194,127 +180,50 @@ def assign_codes(scores, queue, prototypes, epsilon, iterations):
     Sinkhorn batch, scored by today's prototypes (K, d), and are dropped after."""
     b = scores.shape[1]
     with torch.autocast(scores.device.type, enabled=False):  # float32 scores, as the batch's
-        rows = [scores[i] if queue is None else torch.cat([scores[i], queue[i] @ prototypes.float().T]) for i in range(2)]
+        rows = [
+            scores[i] if queue is None else torch.cat([scores[i], queue[i] @ prototypes.float().T])
+            for i in range(2)
+        ]
     return torch.stack([sinkhorn(s, epsilon, iterations)[:b] for s in rows])
 
 
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum and LARS (You et al. 2017) in the two forms the references run.
-    For each weight w with gradient g (groups with `lars=False`, i.e. biases and norms, get
-    plain SGD with momentum and no weight decay, as in SimCLR, BYOL and solo-learn):
-      official (SimCLR, BYOL, MoCo v3 and DINO code; eta 0.001 on ImageNet):
-          d = g + wd w,  d *= eta ||w|| / ||d||
-      clip (solo-learn's LARS with clip_lr, used by its CIFAR recipes; eta 0.02):
-          d = g + wd w,  d *= min(eta ||w|| / (||g|| + wd ||w||) / lr, 1),
-          so that a layer's step min(eta ||w|| / (...), lr) is never larger than plain SGD's.
-    SwAV's apex LARC (unclipped) uses the clip form's ratio without the cap; with SwAV's
-    wd of 1e-6 that ratio and the official one differ by far less than a percent.
-    A zero ||w|| or ||g|| leaves the trust at 1. Momentum accumulates the scaled d."""
-
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001, mode="official"):
-        if mode not in ("official", "clip"):
-            raise ValueError(f"LARS mode '{mode}': choose official or clip")
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True, mode=mode))
-
-    @torch.no_grad()
-    def step(self):
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if g["lars"]:
-                    w_norm, g_norm = p.norm(), d.norm()
-                    d = d.add(p, alpha=g["weight_decay"])
-                    if g["mode"] == "clip":
-                        trust = g["eta"] * w_norm / (g_norm + g["weight_decay"] * w_norm)
-                        if g["lr"] > 0:
-                            trust = (trust / g["lr"]).clamp(max=1.0)
-                    else:
-                        g_norm = d.norm()
-                        trust = g["eta"] * w_norm / g_norm
-                    d = d * torch.where((w_norm > 0) & (g_norm > 0), trust, 1.0)  # on the device: no host sync
-                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
-                buf.mul_(g["momentum"]).add_(d)
-                p.add_(buf, alpha=-g["lr"])
-
-
-def param_groups(model, exclude_bias_norm=True):
-    """Biases and norm weights (1-d tensors) get no weight decay and no LARS adaptation
-    (solo-learn's exclude_bias_n_norm); with exclude_bias_norm=False they are treated like
-    every other weight, as official SwAV's LARC around SGD(model.parameters()) treats them."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not exclude_bias_norm:
-        return [{"params": params}]
-    return [{"params": [p for p in params if p.ndim > 1]},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lars": False}]
-
-
 def swav_views(size, args):
-    """SwAV's multi-crop (Sec. 3.2): SimCLR's colour distortion at strength 1 (jitter
-    0.8/0.8/0.8/0.2 with p 0.8, grey 0.2) and blur on every crop; 2 global crops of `size`
-    and --local-crops small ones (96 px from 224 px images, else half the side)."""
-    return common.multicrop_views(size, args.local_crops, args.global_scale, args.local_scale, blur_p=args.blur_prob)
+    """SwAV's multi-crop (Sec. 3.2): colour distortion at strength 1 (jitter 0.8/0.8/0.8/0.2
+    with p 0.8, grey 0.2) and blur on every crop; 2 global crops of `size` and --local-crops
+    small ones (96 px from 224 px images, else half the side)."""
+    return common.multicrop_views(
+        size, args.local_crops, args.global_scale, args.local_scale, blur_p=args.blur_prob
+    )
 
 
 # --- add-ons: Q-Score regularization and spatial cross-attention ------------------------
 # The same text in every method script (tests/test_addons_block.py checks it), so that a
-# copied script stands alone.
+# copied script stands alone. Kalibhat et al. (Q-Score) and Seyfi et al. (cross-attention).
 def add_addon_flags(p):
-    p.add_argument("--qscore-lambda", type=float, default=0.0,
-                   help="Q-Score regularization weight lambda (Kalibhat et al. Eq. 4); 0 turns it off")
-    p.add_argument("--qscore-alpha-quantile", type=float, default=0.25,
-                   help="alpha of Eq. 4 is this quantile of the global batch's Q-Scores (detached), so that the "
-                        "regularizer acts on the batch's lowest-scoring share on any backbone: Q's scale depends on "
-                        "the width D of h and on training, and no fixed alpha selects a minority on every backbone "
-                        "(benchmarks/qscore_distribution.py). 0.25: a minority (Eq. 4's 'low-score samples'), wider "
-                        "than a linear probe's error rate on CIFAR-10 (about 10 %%) because Q ranks mistakes only "
-                        "roughly (the paper's AUROC: 65-73 %%), and 64 samples of a 256 batch: a steady threshold. "
-                        "0: the absolute --qscore-alpha")
-    p.add_argument("--qscore-alpha", type=float, default=0.2,
-                   help="with --qscore-alpha-quantile 0: regularize samples with Q_i < alpha, the paper's form "
-                        "(Eq. 4; it gives no value). On CIFAR-10, Q's 5th-95th percentiles are 0.04-0.06 for a random "
-                        "ResNet-18, 0.02-0.03 for a random ResNet-50 and 0.06-0.11 for a briefly trained ResNet-18, "
-                        "so 0.2 takes every sample")
-    p.add_argument("--qscore-eps", type=float, default=3.0, help="highly activating: h_ij > mu_i + eps sigma_i (Eq. 2; paper: 3)")
-    p.add_argument("--xattn", action="store_true", help="spatial cross-attention add-on (Seyfi et al.)")
-    p.add_argument("--xattn-lr-scale", type=float, default=0.03 / 3.6,
-                   help="the attention head's learning rate (its own parameter group) as this multiple of the "
-                        "backbone's, at every step of the script's schedule. Default 0.03/3.6: Seyfi et al. App. 1.2's "
-                        "peak lr_attn / lr_core. Their own schedules also warm up over 10 epochs, the head's from "
-                        "half its peak (0.015 -> 0.03, the core's 0.3 -> 3.6), and end near 0 (1e-6 and 0.0036); "
-                        "scaling the core's schedule keeps the peak ratio and the end, and warms the head from 0")
-    p.add_argument("--xattn-positives", type=int, default=1, help="positives P per image, from its k-means cluster (Sec. 2.3)")
-    p.add_argument("--xattn-clusters", type=int, default=100, help="k-means clusters K_c = classifier outputs (paper: 50-3000)")
-    p.add_argument("--xattn-cluster-every", type=at_least_one, default=1,
-                   help="k-means on the memory bank at every N-th epoch (Sec. 2.1: every epoch, i.e. every pass over "
-                        "the data). Each clustering embeds the whole training set, so where --steps-per-epoch makes an "
-                        "epoch a fraction of a pass (benchmarks), N > 1 keeps its cost and rate nearer the paper's")
-    p.add_argument("--xattn-temp", type=float, default=0.05, help="classifier temperature tau_c (Eq. 6; paper: 0.05)")
-    p.add_argument("--xattn-w-mask", type=float, default=0.05, help="weight w1 of L_mu (Eq. 7; paper: 0.05)")
-    p.add_argument("--xattn-w-cls", type=float, default=0.1, help="weight w2 of L_cls (Eq. 7; paper: 0.1)")
-
-
-def at_least_one(text):
-    """argparse type: a whole number >= 1 (else argparse's one-line error, exit 2)."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of at least 1")
-    return int(text)
+    add = p.add_argument  # the papers' values in parentheses; README explains each
+    add("--qscore-lambda", type=float, default=0.0, help="Q-Score weight lambda (Eq. 4); 0: off")
+    add("--qscore-alpha-quantile", type=float, default=0.25, help="alpha: this batch quantile of Q")
+    add("--qscore-alpha", type=float, default=0.2, help="with quantile 0: the fixed alpha (Eq. 4)")
+    add("--qscore-eps", type=float, default=3.0, help="L_i: h_ij > mu_i + eps sigma_i (Eq. 2: 3)")
+    add("--xattn", action="store_true", help="the spatial cross-attention add-on")
+    add("--xattn-lr-scale", type=float, default=0.03 / 3.6, help="head lr / backbone lr (0.03/3.6)")
+    add("--xattn-positives", type=int, default=1, help="positives P per image (Sec. 2.3)")
+    add("--xattn-clusters", type=int, default=100, help="k-means clusters K_c (50-3000)")
+    add("--xattn-cluster-every", type=common.at_least_one, default=1, help="k-means every N epochs")
+    add("--xattn-temp", type=float, default=0.05, help="classifier temperature tau_c (Eq. 6: 0.05)")
+    add("--xattn-w-mask", type=float, default=0.05, help="weight w1 of L_mu (Eq. 7: 0.05)")
+    add("--xattn-w-cls", type=float, default=0.1, help="weight w2 of L_cls (Eq. 7: 0.1)")
 
 
 def qscore(h, eps=3.0):
-    """Q-Score of each sample (Kalibhat et al., Eq. 2 and 3), label-free.
-    h: (B, D) pooled backbone representations; they are L2-normalized here.
-    L_i = {j : h_ij > mu_i + eps * sigma_i} (population std over the D features);
-    Q_i = mean over j in L_i of (h_ij - mu_i). An empty L_i becomes the single largest
-    feature for Q alone: the limit of Eq. 2 as eps falls, and it keeps a gradient.
-    Returns Q (B,) with gradient through h, and the mask of L (B, D) bool as Eq. 2 gives it
-    (an empty L_i is all False, so |L_i| counts 0: the fallback stays inside Q)."""
+    """Q-Score of each sample, label-free (Kalibhat et al., Eq. 2 and 3). h: (B, D), pooled;
+    L2-normalized here. L_i = {j : h_ij > mu_i + eps sigma_i}; Q_i = mean_{j in L_i} (h_ij - mu_i).
+    An empty L_i becomes the single largest feature for Q alone (Eq. 2 as eps falls; it keeps a
+    gradient). Returns Q (B,) and the mask of L (B, D) as Eq. 2 gives it (empty: all False)."""
     h = F.normalize(h.float(), dim=1)
     mu, sigma = h.mean(1, keepdim=True), h.std(1, correction=0, keepdim=True)  # (B, 1)
     mask = h > mu + eps * sigma
-    # the largest feature, by scatter: F.one_hot reads its indices' range back to the host (a sync
-    # that CUDA skips, but the dispatch trace of tests/test_host_sync.py would see)
+    # the largest feature by scatter: F.one_hot would read its indices back to the host
     top = torch.zeros_like(mask).scatter_(1, h.argmax(1, keepdim=True), True)  # (B, D)
     used = torch.where(mask.any(1, keepdim=True), mask, top)
     q = ((h - mu) * used).sum(1) / used.sum(1)
@@ -322,46 +231,51 @@ def qscore(h, eps=3.0):
 
 
 def qscore_regularizer(h, lam, alpha, eps=3.0, quantile=0.0):
-    """The Q-Score term of Eq. 4, as a loss to add: -lambda * mean_i[1{Q_i < alpha} Q_i].
-    The indicator carries no gradient; Q_i does, through h, so minimizing this raises the
-    Q-Score of low-quality samples and leaves samples above alpha alone. With quantile > 0,
-    alpha is that quantile of the Q-Scores of the global batch (detached; under DDP the B
-    values of every process are gathered, so each process uses the threshold one process
-    would on the whole batch), and the share under it is about `quantile` on any backbone.
-    Returns the loss (scalar) and statistics (device tensors, no host sync)."""
+    """Eq. 4's Q-Score term as a loss to add: -lambda * mean_i[1{Q_i < alpha} Q_i]. The indicator
+    carries no gradient; Q_i does, so low-quality samples are pushed up and the rest left alone.
+    quantile > 0: alpha is that quantile of the global batch's detached Q (gathered under DDP),
+    a departure from the paper's fixed alpha (README). Returns the loss and device statistics."""
     q, mask = qscore(h, eps)
     if quantile > 0:
         alpha = torch.quantile(common.all_gather(q.detach()), quantile)
     low = (q < alpha).float().detach()
     loss = -lam * (low * q).mean()
-    stats = {"qscore": q.mean().detach(), "qscore_active": mask.sum(1).float().mean(), "qscore_under_alpha": low.mean(),
-             "qscore_empty": (mask.sum(1) == 0).float().mean()}
+    size = mask.sum(1)
+    stats = {
+        "qscore": q.mean().detach(),
+        "qscore_active": size.float().mean(),
+        "qscore_under_alpha": low.mean(),
+        "qscore_empty": (size == 0).float().mean(),
+    }
     return loss, stats
 
 
+def qscore_stats(h, args):
+    """The Q-Score statistics of a batch when the regularizer is off (no loss, no gradient)."""
+    a = args
+    return qscore_regularizer(
+        h.detach(), 0.0, a.qscore_alpha, a.qscore_eps, a.qscore_alpha_quantile
+    )[1]
+
+
 def correlation_mask(f_s, f_p):
-    """Correlation mask mu (Seyfi et al., Eq. 3 and 4), the supervision of the attention head.
-    f_s: (B, D, H, W) feature maps of the images; f_p: (B, P, D, H', W') of their P positives.
-    rho_ij(I_s, I') = max_{i',j'} cos(f_s[:, i, j], f'[:, i', j']), averaged over the P
-    positives. Eq. 3 divides the raw inner product by D instead; the cosine of channel-normalized
-    features keeps the best match's position and puts every image on one scale, [0, 1] for the
-    post-ReLU maps, with no per-image rescaling: a positive that shares nothing with the image
-    gives a low mask, which the paper relies on ("consistently muted", Sec. 2.3), and a matching
-    one a high mask. Computed without gradient (it supervises) and in float32 (autocast off).
-    Returns mu (B, H, W)."""
-    with torch.no_grad(), torch.autocast(device_type=f_s.device.type, enabled=False):
+    """Correlation mask mu (Seyfi et al., Eq. 3 and 4), the attention head's target. f_s: (B, D,
+    H, W) the images' feature maps; f_p: (B, P, D, H', W') their P positives'. rho_ij = max over
+    (i', j') of cos(f_s[:, i, j], f'[:, i', j']), averaged over the positives. Eq. 3 divides the
+    raw inner product by D instead; the cosine keeps the best match's place and puts all images on
+    one scale, with no per-image rescaling, so an unrelated positive stays muted (Sec. 2.3).
+    No gradient (it supervises), float32. Returns mu (B, H, W)."""
+    with torch.no_grad(), torch.autocast(f_s.device.type, enabled=False):
         b, _, hgt, wid = f_s.shape
-        s = F.normalize(f_s.float().flatten(2), dim=1)  # (B, D, HW): a unit vector per position (0 if all 0)
+        s = F.normalize(f_s.float().flatten(2), dim=1)  # (B, D, HW): unit vectors (0 if all 0)
         p = F.normalize(f_p.float().flatten(3), dim=2)  # (B, P, D, H'W')
         corr = torch.einsum("bdi,bpdj->bpij", s, p)  # (B, P, HW, H'W'): cosines
-        mu = corr.max(dim=3).values.mean(dim=1)  # (B, HW): best match in each positive, averaged
-        return mu.view(b, hgt, wid)
+        return corr.max(dim=3).values.mean(dim=1).view(b, hgt, wid)  # best match, averaged
 
 
 class CrossAttentionHead(nn.Module):
-    """Attention head and classifier of the add-on (Seyfi et al., Sec. 2.3, App. 1.1).
-    beta = sigmoid(conv1x1(relu(f))), one channel; the explanation map f * beta is
-    pooled and classified over the K_c k-means clusters, logits divided by tau_c.
+    """Attention head and classifier (Seyfi et al., Sec. 2.3, App. 1.1): beta = sigmoid(conv1x1(
+    relu(f))), one channel; f * beta pooled and classified over the K_c clusters, logits / tau_c.
     Dropped after training: backbone.pt never holds it."""
 
     def __init__(self, dim, clusters, temperature=0.05):
@@ -372,28 +286,24 @@ class CrossAttentionHead(nn.Module):
 
     def forward(self, f):  # f (N, D, H, W) -> beta (N, 1, H, W), logits (N, K_c)
         beta = torch.sigmoid(self.attn(F.relu(f)))
-        with torch.autocast(f.device.type, enabled=False):  # logits / 0.05: float32 under bf16 autocast too
+        with torch.autocast(f.device.type, enabled=False):  # logits / 0.05: float32 always
             logits = self.classifier((f * beta).mean(dim=(2, 3)).float()) / self.temperature
         return beta, logits
 
 
 def xattn_losses(f, beta, logits, labels, positives):
-    """L_mu (Eq. 5) and L_cls (Eq. 6). f: (B + B*P, D, H, W) anchors then their positives
-    (anchor-major); beta, logits: the head's outputs for those rows; labels: (B,) pseudo-labels
-    of the anchors, which their positives share."""
+    """L_mu (Eq. 5) and L_cls (Eq. 6). f: (B + B*P, D, H, W), anchors then their positives;
+    beta, logits: the head's outputs for those rows; labels: (B,) the anchors' pseudo-labels."""
     b = labels.shape[0]
     fs, fp = f[:b], f[b:].unflatten(0, (b, positives))  # (B, D, H, W), (B, P, D, H, W)
-    mu = correlation_mask(fs, fp)
-    loss_mask = F.mse_loss(beta[:b, 0].float(), mu)
-    loss_cls = F.cross_entropy(logits.float(), torch.cat([labels, labels.repeat_interleave(positives)]))
-    return loss_mask, loss_cls
+    loss_mask = F.mse_loss(beta[:b, 0].float(), correlation_mask(fs, fp))
+    targets = torch.cat([labels, labels.repeat_interleave(positives)])  # positives share them
+    return loss_mask, F.cross_entropy(logits.float(), targets)
 
 
 def xattn_groups(groups, model, scale):
-    """The attention head's own parameter groups (Seyfi et al., App. 1.2: lr_attn far below
-    lr_core): each of the method's optimizer groups gives the head's parameters to a copy of
-    itself (same weight decay, LARS or not) marked lr_scale, and the training loop sets each
-    group's lr to lr_scale times the schedule's. Without the head the groups stay as they are."""
+    """The attention head's own optimizer groups (App. 1.2: lr_attn far below lr_core): each
+    group gives the head's parameters to a copy of itself marked lr_scale (common.Run.schedule)."""
     head = {id(p) for n, p in model.named_parameters() if n.startswith("xattn.")}
     out = []
     for g in groups:
@@ -404,342 +314,124 @@ def xattn_groups(groups, model, scale):
     return out
 
 
-def cluster_bank(model, embed, train_set, args, size, stats, native, device, epoch, centroids=None):
-    """Sec. 2.1: embed the whole training set, cluster it with k-means, and return each
-    image's pseudo-label (N,) on `device` and the centroids (K_c, d), identical on every process.
-    k-means starts from `centroids`, the previous epoch's (None: k-means++ seeding). Lloyd
-    iterations from the old centroids reach the old assignment again where the embeddings have
-    not moved, so a cluster keeps its id from one epoch to the next and the classifier of L_cls,
-    which is kept, keeps its meaning; re-seeded k-means would number the clusters anew."""
-    # Seyfi et al. embed theta(T(I)), a training view through the network as it trains; here the eval
-    # transform in eval mode (BN running statistics), so that one image has one embedding on every process
-    z, _ = common.extract_features(model, train_set, size, stats, native, device, workers=args.workers, embed=embed,
-                                  data_path=args.data_path, precision=args.precision, progress="xattn memory bank")
-    bank = common.MemoryBank(len(train_set), z.shape[1], device)
-    bank.z.copy_(F.normalize(z, dim=1))
-    return bank.kmeans(args.xattn_clusters, seed=args.seed * 1000 + epoch, init=centroids)
+def addon_losses(args, out, loss, pseudo, idx):
+    """The method's loss plus the add-ons': Kalibhat et al. Eq. 4 and Seyfi et al. Eq. 7 (w1 L_mu
+    + w2 L_cls). out: the model's h (and f, beta, logits with --xattn); pseudo: the run's
+    common.PseudoLabels; idx: the batch's image indices. Returns (loss, terms, Q-Score stats)."""
+    a, terms = args, {"loss_ssl": loss}
+    if a.qscore_lambda > 0:
+        terms["loss_qscore"], qstats = qscore_regularizer(
+            out["h"], a.qscore_lambda, a.qscore_alpha, a.qscore_eps, a.qscore_alpha_quantile
+        )
+        loss = loss + terms["loss_qscore"]
+    else:
+        qstats = qscore_stats(out["h"], a)
+    if a.xattn:
+        terms["loss_mask"], terms["loss_cls"] = xattn_losses(
+            out["f"], out["beta"], out["logits"], pseudo.labels[idx], a.xattn_positives
+        )
+        loss = loss + a.xattn_w_mask * terms["loss_mask"] + a.xattn_w_cls * terms["loss_cls"]
+    return loss, terms, qstats
+
+
 # --- end add-ons
 
 
 # --- training -----------------------------------------------------------------------
-def check_args(args):
-    """Bad input gets one sentence (common.UserError -> exit 2) before any work."""
-    common.check_dataset(args.dataset, args.data_dir)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world:
-        raise common.UserError(f"--batch-size {args.batch_size} is not divisible by the {world} processes.")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise common.UserError("--device cuda was asked for, but no GPU is visible.")
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if args.compile and args.sync_bn and world > 1 and cuda:  # SyncBatchNorm is used on CUDA with several processes only
-        raise common.UserError("--compile with SyncBatchNorm under DDP hits an open PyTorch bug (pytorch/pytorch#107372): "
-                               "pass --no-sync-bn or leave out --compile.")
-    path = common.checkpoint_to_resume(args.resume, args.run_dir)  # --resume's, or one in --run-dir (auto-resume)
-    if path:
-        if not os.path.isfile(path):
-            raise common.UserError(f"--resume: no checkpoint at '{path}'.")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        if ckpt.get("method") != METHOD:
-            raise common.UserError(f"--resume: '{path}' is a {ckpt.get('method')} checkpoint, not {METHOD}.")
-        if ckpt["args"]["backbone"] != args.backbone:
-            raise common.UserError(f"--resume: '{path}' holds a {ckpt['args']['backbone']}, not --backbone {args.backbone}.")
-        if ckpt["queue"].shape[1] != args.queue_size - args.queue_size % args.batch_size:
-            raise common.UserError(f"--resume: '{path}' holds a queue of {ckpt['queue'].shape[1]}, not --queue-size {args.queue_size}.")
-        common.check_resume(ckpt["args"], args, path)  # the same run, or one sentence
-        return ckpt, os.path.dirname(path)
-    return None, None
-
-
-def lr_at(step, total, warmup, base):
-    """Per-step schedule: linear warm-up, then cosine decay to 0."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a kill or a full disk leaves the previous file whole."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as fh:  # a file object: a full disk is OSError ENOSPC, not torch's opaque RuntimeError
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())  # on disk before the rename, so that a node's crash cannot leave an empty file
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            e.filename = path
-        raise
+def check_args(args, ckpt):
+    """SwAV's own check, before any work: a checkpoint to continue (None: a new run) holds the
+    queue that --queue-size gives, in whole batches."""
+    length = args.queue_size - args.queue_size % args.batch_size
+    if ckpt is not None and ckpt["queue"].shape[1] != length:
+        path = common.checkpoint_to_resume(args.resume, args.run_dir)  # the one check_run loaded
+        raise common.UserError(
+            f"--resume: '{path}' holds a queue of {ckpt['queue'].shape[1]}, "
+            f"not --queue-size {args.queue_size}."
+        )
 
 
 def main(args):
-    ckpt, resume_dir = check_args(args)
-    # set-up: device, processes, seed, run folder
-    distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-    bf16 = common.use_bf16(args.precision, device)  # bf16 autocast + channels_last: the CUDA configuration
-    if distributed:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank, world = common.rank(), common.world_size()
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    if use_cuda:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cudnn.allow_tf32 = True  # convolutions
-        # Under bf16 autocast the only float32 matrix products are the ones asked for (the losses, DINO's
-        # last layer, SwAV's scores and queue): TF32 would cost them ~1% after a division by 0.05.
-        torch.set_float32_matmul_precision("highest")
-    run_dir = resume_dir or args.run_dir or os.path.join("runs", f"{METHOD}_{args.dataset}_s{args.seed}_{int(time.time())}")
-    if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "args.json"), "w") as fh:
-            json.dump(vars(args), fh, indent=2)
-        tensorboard = tensorboard_writer(run_dir)  # rank 0 alone writes
-
-    # data
-    native = common.IMAGE_SIZE[args.dataset]
-    size = args.image_size or native
-    stats = common.STATS[args.dataset]
-    train_set = common.make_dataset(args.dataset, args.data_dir, train=True)
-    knn_train = common.knn_bank(args.dataset, args.data_dir, train_set, args.knn_limit)  # one decoded copy of a split
-    knn_test = common.make_dataset(args.dataset, args.data_dir, train=False)
-    if args.check_data:  # every file decoded now: a bad one is named before any work, not hours in
-        common.check_images([train_set, knn_test], args.workers)
-    num_classes = len(knn_test.classes)
-    views = swav_views(size, args)
-    loader = common.TrainLoader(train_set, views, args.batch_size, stats, device,
-                                seed=args.seed, workers=args.workers, positive=common.positive_view(size),
-                                data_path=args.data_path, compile=args.compile)
-    steps = min(len(loader), args.steps_per_epoch) if args.steps_per_epoch else len(loader)
-
-    # model, optimizer and queue
-    model = SwAV(args, small_images=size <= 64).to(device)
-    if args.sync_bn and distributed and use_cuda:
+    run = common.Run(args, METHOD, check=check_args)  # flags checked, device, processes, data
+    run.loader(swav_views(run.size, args), positive=common.positive_view(run.size))
+    model = SwAV(args, small_images=run.size <= 64).to(run.device)
+    if args.sync_bn and run.distributed and run.cuda:  # BN over the global batch, as solo-learn
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif args.sync_bn and distributed and rank == 0:
-        print("note: SyncBatchNorm needs CUDA; on CPU each process normalizes its own share of the batch.", flush=True)
-    if bf16:
+    if run.bf16:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = LARS(xattn_groups(param_groups(model, args.exclude_bias_norm), model, args.xattn_lr_scale), lr=0.0,
-                     weight_decay=args.weight_decay, eta=args.lars_eta, mode=args.lars_mode)
-    queue_len = (args.queue_size - args.queue_size % args.batch_size) // world  # whole batches, as the official code
-    queue = torch.zeros(2, queue_len, args.proj_dim, device=device)  # this process's past z of the global crops, newest first
-    # centroids, labels_all: the last k-means clustering of --xattn (where the next one starts) and its pseudo-labels;
-    # resume_at: the position inside start_epoch of a mid-epoch checkpoint (step, running sums, ...; see
-    # common.RunControl.position)
-    start_epoch, centroids, labels_all, resume_at = 0, None, None, {}
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        queue.copy_(ckpt["queue"][:, rank * queue_len:(rank + 1) * queue_len])  # the global queue, split again
-        start_epoch, centroids, resume_at = ckpt["epoch"], ckpt.get("centroids"), ckpt.get("at") or {}
-        labels_all = ckpt["pseudo_labels"].to(device) if ckpt.get("pseudo_labels") is not None else None
-    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if use_cuda else None) if distributed else model
-    if args.compile:  # graph capture of the forward (and, through autograd, the backward) pass
-        ddp = torch.compile(ddp)
-    base_lr = args.lr * args.batch_size / 256
-    total, warmup = args.epochs * steps, int(args.warmup_epochs * steps)
-    freeze = int(args.freeze_prototypes_epochs * steps)
-    if rank == 0:
-        print(f"{METHOD}: {args.dataset} {len(train_set)} images at {size}px, {args.backbone}, "
-              f"{world} process(es) on {device.type}, batch {args.batch_size}, {steps} steps/epoch -> {run_dir}", flush=True)
+    groups = xattn_groups(
+        common.param_groups(model, args.exclude_bias_norm), model, args.xattn_lr_scale
+    )
+    optimizer = common.LARS(
+        groups, lr=0.0, weight_decay=args.weight_decay, eta=args.lars_eta, mode=args.lars_mode
+    )
+    # the queue: whole batches, as the official code; each process keeps its share of the rows
+    queue_len = (args.queue_size - args.queue_size % args.batch_size) // run.world
+    queue = torch.zeros(2, queue_len, args.proj_dim, device=run.device)  # past z, newest first
+    saved = run.resume()
+    if saved:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        lo = run.rank * queue_len
+        queue.copy_(saved["queue"][:, lo : lo + queue_len])  # the global queue, split again
+    pseudo = common.PseudoLabels(saved, run.device)  # --xattn's k-means labels
+    # the codes are global (Sinkhorn's sums run over all processes), so DDP's mean of the
+    # per-process losses is the loss of one process on the whole batch
+    ddp = run.ddp(model)
+    freeze = int(args.freeze_prototypes_epochs * run.epoch_steps)
 
-    if rank == 0 and ckpt is not None:
-        common.resume_note(ckpt, run_dir, world, args.batch_size)
-    control = common.RunControl(args.checkpoint_every_min)  # stop signals and the checkpoint clock, agreed by all processes
-
-    def checkpoint(epoch, at=None):  # epochs done, and for a mid-epoch checkpoint the position inside the next one
-        queue_all = common.all_gather(queue.transpose(0, 1)).transpose(0, 1).cpu()  # (2, L * world, d): every process's rows
-        if rank == 0:
-            save_atomic({"method": METHOD, "args": vars(args), "world": world, "epoch": epoch, "at": at,
-                         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "queue": queue_all,
-                         "centroids": centroids,
-                         "pseudo_labels": labels_all},
-                        os.path.join(run_dir, "checkpoint.pt"))
-        control.saved()
+    def state():  # called on every process: the queue is gathered from all of them
+        queue_all = common.all_gather(queue.transpose(0, 1)).transpose(0, 1).cpu()  # (2, L*W, d)
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "queue": queue_all,
+            **pseudo.state(),
+        }
 
     def embed(m, x):  # the memory bank holds the normalized projections z that the prototypes score
         return F.normalize(m.projector(m.backbone(x)[1]), dim=1)
 
-    for epoch in range(start_epoch, args.epochs):
-        torch.manual_seed(args.seed * 1000 + epoch)  # a resumed epoch replays the same randomness
-        at = resume_at if epoch == start_epoch else {}  # where a mid-epoch checkpoint stopped in this epoch
-        loader.set_epoch(epoch, start_step=at.get("step", 0), bad_images=at.get("bad_images", 0) if rank == 0 else 0)
-        if args.xattn:  # k-means every --xattn-cluster-every epochs; an epoch resumed part-way keeps its labels
-            if labels_all is None or (epoch % args.xattn_cluster_every == 0 and not at.get("step")):
-                labels_all, centroids = cluster_bank(model, embed, train_set, args, size, stats, native, device, epoch,
-                                                     centroids)
-            loader.set_clusters(labels_all.cpu().numpy(), args.xattn_positives)
+    for epoch in run.epochs(state):
+        if args.xattn:
+            pseudo.new_epoch(run, model, embed)
         model.train()
-        sums = {k: v.to(device) for k, v in at.get("sums", {}).items()}  # the running sums of the steps done
-        bad = torch.zeros((), device=device)  # first non-finite step + 1, or 0
-        t0, seen = time.time() - at.get("seconds", 0.0), at.get("seen", 0)
-        next_line = t0 + min(10.0, args.log_seconds)  # a first progress line soon, then every --log-seconds
-        if use_cuda:
-            torch.cuda.reset_peak_memory_stats()
-        for step, (crops, idx, positives) in enumerate(loader, start=at.get("step", 0)):
-            if step >= steps:
-                break
-            it = epoch * steps + step
-            torch.manual_seed(args.seed * 1000003 + it)  # what a step draws (MoCo's BN shuffle) replays from any step
-            lr = lr_at(it, total, warmup, base_lr)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)  # the attention head's group: --xattn-lr-scale
+        for step, it, crops, idx, positives in run.steps():
+            run.schedule(optimizer, it)
             with torch.no_grad():  # prototypes on the unit sphere, so z^T c is a cosine
                 model.prototypes.weight.copy_(F.normalize(model.prototypes.weight, dim=1))
-            if bf16:  # the positives too: a torch.cat of mixed memory formats is a copy to the default one
-                crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
-                positives = positives.contiguous(memory_format=torch.channels_last) if positives is not None else None
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.bf16):
                 out = ddp(crops, positives if args.xattn else None)
                 b = crops[0].shape[0]
                 scores = out["scores"].unflatten(0, (len(crops), b))  # (V, b, K)
-                use_queue = queue_len > 0 and (it - args.queue_start * steps) * b >= queue_len  # only once full
-                codes = assign_codes(scores.detach(), queue if use_queue else None, model.prototypes.weight.detach(),
-                                     args.sinkhorn_epsilon, args.sinkhorn_iters)
-                terms = {"loss_ssl": swav_loss(scores, codes, args.temperature)}
-                loss = terms["loss_ssl"]
-                if args.qscore_lambda > 0:
-                    terms["loss_qscore"], qstats = qscore_regularizer(out["h"], args.qscore_lambda, args.qscore_alpha,
-                                                                      args.qscore_eps, args.qscore_alpha_quantile)
-                    loss = loss + terms["loss_qscore"]
-                else:
-                    _, qstats = qscore_regularizer(out["h"].detach(), 0.0, args.qscore_alpha, args.qscore_eps,
-                                                   args.qscore_alpha_quantile)
-                if args.xattn:
-                    terms["loss_mask"], terms["loss_cls"] = xattn_losses(
-                        out["f"], out["beta"], out["logits"], labels_all[idx], args.xattn_positives)
-                    loss = loss + args.xattn_w_mask * terms["loss_mask"] + args.xattn_w_cls * terms["loss_cls"]
-            if queue_len and epoch >= args.queue_start:  # after its use: a batch is never in its own queue
-                queue = torch.cat([out["z"][: 2 * b].detach().float().unflatten(0, (2, b)), queue[:, : queue_len - b]], 1)
+                filled = (it - args.queue_start * run.epoch_steps) * b  # rows since it started
+                use_queue = queue_len > 0 and filled >= queue_len  # in the Sinkhorn batch once full
+                codes = assign_codes(
+                    scores.detach(),
+                    queue if use_queue else None,
+                    model.prototypes.weight.detach(),
+                    args.sinkhorn_epsilon,
+                    args.sinkhorn_iters,
+                )
+                loss = swav_loss(scores, codes, args.temperature)
+                loss, terms, qstats = addon_losses(args, out, loss, pseudo, idx)
+            if queue_len and epoch >= args.queue_start:  # after its use: never in its own queue
+                z = out["z"][: 2 * b].detach().float().unflatten(0, (2, b))  # (2, b, d)
+                queue = torch.cat([z, queue[:, : queue_len - b]], 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if it < freeze:  # early prototypes would chase a random network: hold them (their grad is dropped)
+            if it < freeze:  # early prototypes would chase a random network: their grad is dropped
                 model.prototypes.weight.grad = None
             optimizer.step()
 
-            # bookkeeping on the device; the host reads it only at log steps
-            terms["loss"] = loss
-            terms["queue_used"] = torch.full((), float(use_queue), device=device)  # a fill, not a host copy
-            terms["collapse_std"] = out["z"][: 2 * b].detach().float().std(0).mean()  # solo-learn's monitor
-            for k, v in {**terms, **qstats}.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float()
-            bad = torch.where((bad == 0) & ~torch.isfinite(loss.detach()), torch.full_like(bad, step + 1.0), bad)
-            seen += b * world
-            log = (step + 1) % args.log_every == 0 or step + 1 == steps  # by steps: the same on every process
-            if log and check_finite(bad, epoch, run_dir):  # an all-reduce, so never on a time-based line
-                return 1
-            if rank == 0 and (log or time.time() >= next_line):  # by time: rank 0 alone, no collective
-                next_line = progress(args, epoch, step, steps, loss, lr, seen, t0)
-            stop, due = control.poll()  # the same answer on every process, at the same step
-            if (stop or due) and step + 1 < steps:  # at an epoch's last step its end-of-epoch checkpoint follows
-                if check_finite(bad, epoch, run_dir):  # never a checkpoint of a broken run
-                    return 1
-                checkpoint(epoch, control.position(step + 1, seen, time.time() - t0, sums, loader.bad_images))
-                if stop:
-                    return control.stop(f"at epoch {epoch + 1} step {step + 1}/{steps}", run_dir)
-
-        # end of epoch: metrics, kNN, checkpoint
-        seconds = time.time() - t0
-        peak_gb = torch.cuda.max_memory_allocated() / 2**30 if use_cuda else 0.0  # the training steps', before the kNN pass
-        stop = check_finite(bad, epoch, run_dir)
-        if stop:
-            return stop
-        metrics = {"epoch": epoch + 1, "lr": lr}
-        for k, v in sums.items():
-            if distributed:
-                dist.all_reduce(v)
-                v = v / world
-            metrics[k] = v.item() / steps
-        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            htr, ytr = common.extract_features(model.backbone, knn_train, size, stats, native, device,  # this share
-                                               workers=args.workers, data_path=args.data_path,
-                                               precision=args.precision, gather=False)
-            hte, yte = common.extract_features(model.backbone, knn_test, size, stats, native, device,
-                                               workers=args.workers, data_path=args.data_path,
-                                               precision=args.precision)
-            metrics["knn_top1"] = common.knn_top1(htr, ytr, hte, yte, num_classes, sharded=True)
-        metrics.update(images_per_s=seen / seconds, seconds=seconds,
-                       peak_mem_gb=peak_gb, bad_images=control.total(loader.bad_images))
-        if rank == 0:
-            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as fh:
-                fh.write(json.dumps(metrics) + "\n")
-        checkpoint(epoch + 1)
-        if rank == 0:
-            save_atomic(model.backbone.state_dict(), os.path.join(run_dir, "backbone.pt"))
-            tensorboard(metrics)
-            print(epoch_line(metrics, args.epochs), flush=True)
-        if distributed:
-            dist.barrier()
-        if epoch + 1 < args.epochs and control.poll(force=True)[0]:  # a stop signal in the last step or the kNN pass
-            return control.stop(f"at the end of epoch {epoch + 1}", run_dir)
-    if distributed:
-        dist.destroy_process_group()
-    return 0
-
-
-def check_finite(bad, epoch, run_dir):
-    """Stop every process at once when a loss went non-finite; the last checkpoint stays."""
-    if common.world_size() > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if bad.item() == 0:
-        return 0
-    if common.rank() == 0:
-        print(f"error: the loss became non-finite at epoch {epoch + 1}, step {int(bad.item())}; "
-              f"stopping, the last good checkpoint stays in {run_dir}.", flush=True)
-    return 1
-
-
-def progress(args, epoch, step, steps, loss, lr, seen, t0):
-    """A progress line from rank 0 (loss.item() waits for the device); returns when the next is due by time."""
-    el = time.time() - t0
-    left = el / (step + 1) * ((args.epochs - epoch) * steps - step - 1)
-    print(f"epoch {epoch + 1}/{args.epochs}  step {step + 1}/{steps}  loss {loss.item():.4f}  lr {lr:.4g}  "
-          f"{seen / el:.1f} img/s  {duration(left)} left", flush=True)
-    return time.time() + args.log_seconds
-
-
-def epoch_line(m, epochs):
-    """For a person, rounded: loss terms | online kNN | Q-Score | collapse monitor | speed (metrics.jsonl: all)."""
-    terms = " ".join(f"{k[5:].replace('qscore', 'qscore-reg')} {v:.3f}" for k, v in m.items() if k.startswith("loss_"))
-    knn = f"  online-knn {m['knn_top1']:.3f}" if "knn_top1" in m else ""
-    mem = f"  {m['peak_mem_gb']:.1f} GB" if m["peak_mem_gb"] else ""
-    return (f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.3f} ({terms}){knn}  qscore {m['qscore']:.3f} "
-            f"|L| {m['qscore_active']:.1f} under-alpha {m['qscore_under_alpha']:.0%}  "
-            f"collapse-std {m['collapse_std']:.3f}  {m['images_per_s']:.1f} img/s{mem}  {duration(m['seconds'])}")
-
-
-def duration(s):
-    return f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.1f} h"
-
-
-def tensorboard_writer(run_dir):
-    """Each epoch's metrics as TensorBoard events in the run folder (`tensorboard --logdir runs`, as in cleanRL)
-    when the optional tensorboard package is installed; else a function that does nothing, silently."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return lambda metrics: None
-    writer = SummaryWriter(run_dir)
-
-    def write(metrics):
-        for k, v in metrics.items():
-            if k != "epoch":
-                writer.add_scalar(k, v, metrics["epoch"])  # step: the epoch
-        writer.flush()
-    return write
+            used = torch.full((), float(use_queue), device=run.device)  # a fill, not a host copy
+            collapse = out["z"][: 2 * b].detach().float().std(0).mean()  # solo-learn's monitor
+            terms.update(loss=loss, queue_used=used, collapse_std=collapse, **qstats)
+            if (code := run.step_done(loss, terms, b)) is not None:
+                return code
+        if (code := run.end_epoch(model.backbone)) is not None:
+            return code
+    return run.finish()
 
 
 if __name__ == "__main__":
-    common.catch_stop_signals()  # in the training loop SIGTERM, SIGUSR1 checkpoint after the step: common.EXIT_STOPPED
-    try:
-        raise SystemExit(main(parse_args()))
-    except common.UserError as e:
-        common.fail(str(e))
-    except OSError as e:  # a full disk: one sentence and common.EXIT_WRITE
-        common.fail_write(e)
+    common.main_of(main, parse_args)

@@ -14,20 +14,25 @@ simclr (simclr.py against lightly's SimCLR):
               CleanSSL's projector (ends in a Linear with bias); its weights are copied where the
               shapes match, so only the last layer's bias and BatchNorm are new
 
-swav (swav.py against lightly's SwAV; no queue: the learning study's budgets end before --queue-start):
-  1 loss      lightly.loss.SwaVLoss (its Sinkhorn and swapped prediction) instead of assign_codes and
+swav (swav.py against lightly's SwAV; no queue: the learning study's budgets end before \
+--queue-start):
+  1 loss      lightly.loss.SwaVLoss (its Sinkhorn and swapped prediction) instead of \
+assign_codes and
               swav_loss on the same scores                                (expected: identical)
   2 views     each crop through the network on its own (lightly's examples and the learning study's
               lightly half); swav.py passes the crops of one size as one batch, so BatchNorm sees 2b
   3 optimizer lightly.utils.lars.LARS instead of CleanSSL's LARS in the script's --lars-mode
-  4 head      lightly's SwaVProjectionHead and SwaVPrototypes: the weights are copied (the head's first
+  4 head      lightly's SwaVProjectionHead and SwaVPrototypes: the weights are copied (the head's \
+first
               Linear has no bias in lightly, which the BatchNorm after it cancels), but lightly's
               prototypes are a Linear with a bias, kept at its initialization, and are held by
               lightly's own step counter (n_steps_frozen_prototypes) instead of a dropped gradient
   Prototypes are held for --freeze-steps steps on every rung (default 0, so that they move).
 
-byol (byol.py against lightly's BYOL; the target's tau follows a schedule of --schedule-steps steps):
-  1 loss      lightly.loss.NegativeCosineSimilarity as 4 + 4 x 0.5 (ncs(p1, z2) + ncs(p2, z1)), which
+byol (byol.py against lightly's BYOL; the target's tau follows a schedule of --schedule-steps \
+steps):
+  1 loss      lightly.loss.NegativeCosineSimilarity as 4 + 4 x 0.5 (ncs(p1, z2) + ncs(p2, z1)), \
+which
               is BYOL's summed 2 - 2 cos                                  (expected: identical)
   2 scale     lightly's 0.5 (ncs(p1, z2) + ncs(p2, z1)) as it is: a quarter of BYOL's gradient, so
               weight decay weighs 4x more against it in the trust ratio and the biases and norms
@@ -54,6 +59,7 @@ Data: the shared CIFAR-10 copy (../shared/data/cifar10), or --dataset digits; th
 common.TrainLoader with the script's own views (so both sides see the same augmented pixels;
 lightly's transforms are not part of the parity).
 """
+
 import argparse
 import copy
 import json
@@ -64,23 +70,42 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import byol  # noqa: E402
 import common  # noqa: E402
 import simclr  # noqa: E402
 import swav  # noqa: E402
-import byol  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("method", nargs="?", default="simclr", choices=list(METHODS), help="the script to compare")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "method", nargs="?", default="simclr", choices=list(METHODS), help="the script to compare"
+    )
     p.add_argument("--steps", type=int, default=10, help="steps of every rung")
-    p.add_argument("--freeze-steps", type=int, default=0, help="swav: prototypes held for the first N steps of every rung")
-    p.add_argument("--schedule-steps", type=int, default=1000,
-                   help="byol: length of the target's tau schedule (default: the learning study's 64k-image budget at batch 64)")
+    p.add_argument(
+        "--freeze-steps",
+        type=int,
+        default=0,
+        help="swav: prototypes held for the first N steps of every rung",
+    )
+    p.add_argument(
+        "--schedule-steps",
+        type=int,
+        default=1000,
+        help="byol: length of the target's tau schedule (default: the learning study's 64k-image "
+        "budget at batch 64)",
+    )
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--dataset", default="folder", choices=["folder", "digits"], help="digits: plumbing only")
-    p.add_argument("--data-dir", default=os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10"),
-                   help="ImageFolder root with train/ (--dataset folder)")
+    p.add_argument(
+        "--dataset", default="folder", choices=["folder", "digits"], help="digits: plumbing only"
+    )
+    p.add_argument(
+        "--data-dir",
+        default=os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10"),
+        help="ImageFolder root with train/ (--dataset folder)",
+    )
     p.add_argument("--extra", default="", help="the script's flags, e.g. '--lars-mode official'")
     p.add_argument("--out", default="", help="JSON of the result")
     return p.parse_args(argv)
@@ -102,7 +127,9 @@ def build_simclr(rung, init, a, b):
     model = copy.deepcopy(init)
     if rung >= 4:  # lightly's head, with CleanSSL's weights where the layers agree
         head = SimCLRProjectionHead(model.backbone.dim, a.proj_hidden, a.proj_dim)
-        ours = [m for m in model.projector if isinstance(m, (torch.nn.Linear, torch.nn.BatchNorm1d))]
+        ours = [
+            m for m in model.projector if isinstance(m, (torch.nn.Linear, torch.nn.BatchNorm1d))
+        ]
         theirs = [m for m in head.layers if isinstance(m, (torch.nn.Linear, torch.nn.BatchNorm1d))]
         for o, t in zip(ours, theirs):  # Linear, BN, Linear: the last Linear's weight, not its bias
             t.weight.data.copy_(o.weight.data)
@@ -117,13 +144,24 @@ def build_simclr(rung, init, a, b):
             z1, z2 = (m.projector(m.backbone(x)[1]) for x in (x1, x2))
         else:
             z = m([x1, x2])["z"]
-            z1, z2 = z[: len(x1)], z[len(x1):]
+            z1, z2 = z[: len(x1)], z[len(x1) :]
         return ntxent(z1, z2) if rung >= 1 else simclr.nt_xent_loss(z1, z2, a.temperature)
 
     if rung >= 3:
-        opt = LightlyLARS(lightly_groups([model], a.weight_decay), lr=0.0, momentum=0.9, trust_coefficient=a.lars_eta)
+        opt = LightlyLARS(
+            lightly_groups([model], a.weight_decay),
+            lr=0.0,
+            momentum=0.9,
+            trust_coefficient=a.lars_eta,
+        )
     else:
-        opt = simclr.LARS(simclr.param_groups(model), lr=0.0, weight_decay=a.weight_decay, eta=a.lars_eta, mode=a.lars_mode)
+        opt = common.LARS(
+            common.param_groups(model),
+            lr=0.0,
+            weight_decay=a.weight_decay,
+            eta=a.lars_eta,
+            mode=a.lars_mode,
+        )
     return model, loss, opt, lambda m, step: None, lambda m, step: None
 
 
@@ -137,7 +175,9 @@ def build_swav(rung, init, a, b):
     model = copy.deepcopy(init)
     if rung >= 4:  # lightly's head and prototypes, with CleanSSL's weights
         head = SwaVProjectionHead(model.backbone.dim, a.proj_hidden, a.proj_dim)
-        ours = [m for m in model.projector if isinstance(m, (torch.nn.Linear, torch.nn.BatchNorm1d))]
+        ours = [
+            m for m in model.projector if isinstance(m, (torch.nn.Linear, torch.nn.BatchNorm1d))
+        ]
         theirs = [m for m in head.layers if isinstance(m, (torch.nn.Linear, torch.nn.BatchNorm1d))]
         for o, t in zip(ours, theirs):  # Linear (no bias in lightly), BN, Linear with bias
             t.weight.data.copy_(o.weight.data)
@@ -146,7 +186,11 @@ def build_swav(rung, init, a, b):
         protos = SwaVPrototypes(a.proj_dim, a.prototypes, n_steps_frozen_prototypes=b.freeze_steps)
         protos.heads[0].weight.data.copy_(model.prototypes.weight.data)  # its bias stays lightly's
         model.projector, model.prototypes = head, protos
-    criterion = SwaVLoss(temperature=a.temperature, sinkhorn_iterations=a.sinkhorn_iters, sinkhorn_epsilon=a.sinkhorn_epsilon)
+    criterion = SwaVLoss(
+        temperature=a.temperature,
+        sinkhorn_iterations=a.sinkhorn_iters,
+        sinkhorn_epsilon=a.sinkhorn_epsilon,
+    )
 
     def loss(m, crops, step):
         if rung >= 4:
@@ -162,7 +206,9 @@ def build_swav(rung, init, a, b):
         if rung >= 1:
             return criterion(scores[:2], scores[2:])
         s = torch.stack(scores)  # (V, b, K)
-        codes = swav.assign_codes(s.detach(), None, m.prototypes.weight.detach(), a.sinkhorn_epsilon, a.sinkhorn_iters)
+        codes = swav.assign_codes(
+            s.detach(), None, m.prototypes.weight.detach(), a.sinkhorn_epsilon, a.sinkhorn_iters
+        )
         return swav.swav_loss(s, codes, a.temperature)
 
     def hold(m, step):  # swav.py drops the held prototypes' gradient; lightly's never computes it
@@ -170,10 +216,20 @@ def build_swav(rung, init, a, b):
             m.prototypes.weight.grad = None
 
     if rung >= 3:
-        opt = LightlyLARS(lightly_groups([model], a.weight_decay), lr=0.0, momentum=0.9, trust_coefficient=a.lars_eta)
+        opt = LightlyLARS(
+            lightly_groups([model], a.weight_decay),
+            lr=0.0,
+            momentum=0.9,
+            trust_coefficient=a.lars_eta,
+        )
     else:
-        opt = swav.LARS(swav.param_groups(model, a.exclude_bias_norm), lr=0.0, weight_decay=a.weight_decay,
-                        eta=a.lars_eta, mode=a.lars_mode)
+        opt = common.LARS(
+            common.param_groups(model, a.exclude_bias_norm),
+            lr=0.0,
+            weight_decay=a.weight_decay,
+            eta=a.lars_eta,
+            mode=a.lars_mode,
+        )
     return model, loss, opt, hold, lambda m, step: None
 
 
@@ -187,9 +243,12 @@ def build_byol(rung, init, a, b):
     from lightly.utils.scheduler import cosine_schedule
 
     model = copy.deepcopy(init)
-    if rung >= 4:  # lightly's heads with byol.py's weights (the same layers), and targets as lightly copies them
-        heads = (BYOLProjectionHead(model.backbone.dim, a.proj_hidden, a.proj_dim),
-                 BYOLPredictionHead(a.proj_dim, a.pred_hidden, a.proj_dim))
+    # lightly's heads with byol.py's weights (the same layers), and targets as lightly copies them
+    if rung >= 4:
+        heads = (
+            BYOLProjectionHead(model.backbone.dim, a.proj_hidden, a.proj_dim),
+            BYOLPredictionHead(a.proj_dim, a.pred_hidden, a.proj_dim),
+        )
         for ours, head in zip((model.projector, model.predictor), heads):
             head.layers.load_state_dict(ours.state_dict())
         model.projector, model.predictor = heads
@@ -223,9 +282,20 @@ def build_byol(rung, init, a, b):
 
     online = [model.backbone, model.projector, model.predictor]
     if rung >= 3:
-        opt = LightlyLARS(lightly_groups(online, a.weight_decay), lr=0.0, momentum=0.9, trust_coefficient=a.lars_eta)
+        opt = LightlyLARS(
+            lightly_groups(online, a.weight_decay),
+            lr=0.0,
+            momentum=0.9,
+            trust_coefficient=a.lars_eta,
+        )
     else:
-        opt = byol.LARS(byol.param_groups(model), lr=0.0, weight_decay=a.weight_decay, eta=a.lars_eta, mode=a.lars_mode)
+        opt = common.LARS(
+            common.param_groups(model),
+            lr=0.0,
+            weight_decay=a.weight_decay,
+            eta=a.lars_eta,
+            mode=a.lars_mode,
+        )
     return model, loss, opt, lambda m, step: None, after
 
 
@@ -248,36 +318,75 @@ def step_sizes(model, opt, lr):
             w, gr, wd = p.norm().item(), p.grad.norm().item(), g["weight_decay"]
             ratio = w / (gr + wd * w)
             if "mode" in g:  # CleanSSL's LARS
-                f = min(g["eta"] * ratio, lr) if g["mode"] == "clip" else lr * g["eta"] * w / (p.grad + wd * p).norm().item()
+                f = (
+                    min(g["eta"] * ratio, lr)
+                    if g["mode"] == "clip"
+                    else lr * g["eta"] * w / (p.grad + wd * p).norm().item()
+                )
             else:
                 f = lr * g["trust_coefficient"] * ratio
             out[names[id(p)]] = f
     return out
 
 
-# per method: the script, its model, its training views at 32 px, the ladder's builder and rung names
+# per method: the script, its model, its training views at 32 px, the ladder's builder and
+# rung names
 METHODS = {
-    "simclr": (simclr, simclr.SimCLR, lambda a: common.simclr_views(32, a.crop_min_scale, a.jitter_strength, a.blur_prob),
-               build_simclr, ["0 CleanSSL", "1 + lightly NTXentLoss", "2 + views one at a time", "3 + lightly LARS",
-                              "4 + lightly head"]),
-    "swav": (swav, swav.SwAV, lambda a: swav.swav_views(32, a),
-             build_swav, ["0 CleanSSL", "1 + lightly SwaVLoss", "2 + crops one at a time", "3 + lightly LARS",
-                          "4 + lightly head, prototypes"]),
-    "byol": (byol, byol.BYOL, lambda a: byol.train_views(a, 32),
-             build_byol, ["0 CleanSSL", "1 + lightly loss, x4", "2 + lightly's loss scale", "3 + lightly LARS",
-                          "4 + lightly heads, target update"]),
+    "simclr": (
+        simclr,
+        simclr.SimCLR,
+        lambda a: common.simclr_views(32, a.crop_min_scale, a.jitter_strength, a.blur_prob),
+        build_simclr,
+        [
+            "0 CleanSSL",
+            "1 + lightly NTXentLoss",
+            "2 + views one at a time",
+            "3 + lightly LARS",
+            "4 + lightly head",
+        ],
+    ),
+    "swav": (
+        swav,
+        swav.SwAV,
+        lambda a: swav.swav_views(32, a),
+        build_swav,
+        [
+            "0 CleanSSL",
+            "1 + lightly SwaVLoss",
+            "2 + crops one at a time",
+            "3 + lightly LARS",
+            "4 + lightly head, prototypes",
+        ],
+    ),
+    "byol": (
+        byol,
+        byol.BYOL,
+        lambda a: byol.train_views(a, 32),
+        build_byol,
+        [
+            "0 CleanSSL",
+            "1 + lightly loss, x4",
+            "2 + lightly's loss scale",
+            "3 + lightly LARS",
+            "4 + lightly heads, target update",
+        ],
+    ),
 }
 
 
 def main(b):
     torch.use_deterministic_algorithms(True)
     script, model_class, train_views, build, names = METHODS[b.method]
-    a = script.parse_args(["--image-size", "32", "--batch-size", str(b.batch_size)] + b.extra.split())
+    a = script.parse_args(
+        ["--image-size", "32", "--batch-size", str(b.batch_size)] + b.extra.split()
+    )
     dataset, data_dir = b.dataset, b.data_dir if b.dataset == "folder" else ""
     common.check_dataset(dataset, data_dir)
     train = common.make_dataset(dataset, data_dir, train=True)
     stats = common.STATS[dataset]
-    loader = common.TrainLoader(train, train_views(a), b.batch_size, stats, torch.device("cpu"), seed=0, workers=0)
+    loader = common.TrainLoader(
+        train, train_views(a), b.batch_size, stats, torch.device("cpu"), seed=0, workers=0
+    )
     batches = []
     for crops, _, _ in loader:
         batches.append(crops)
@@ -310,8 +419,12 @@ def main(b):
             losses.append(loss.item())
         w = flat([p.detach() for p in model.backbone.parameters()])
         ref_backbone = w if ref_backbone is None else ref_backbone
-        row = {"rung": name, "loss_step1": losses[0], "losses": losses,
-               "backbone_vs_rung0_after_all_steps": rel(w, ref_backbone)}
+        row = {
+            "rung": name,
+            "loss_step1": losses[0],
+            "losses": losses,
+            "backbone_vs_rung0_after_all_steps": rel(w, ref_backbone),
+        }
         if prev is not None:
             row["grad_vs_previous_step1"] = rel(first["grad"], prev["grad"])
             row["weights_vs_previous_step1"] = rel(first["weights"], prev["weights"])
@@ -320,14 +433,27 @@ def main(b):
         row["step_size_min_max"] = [min(sizes.values()), max(sizes.values())]
         rungs.append(row)
         prev = first
-        print(f"{name:26s} loss@1 {losses[0]:.6f}  loss@{len(losses)} {losses[-1]:.4f}  "
-              f"grad@1 vs prev {row.get('grad_vs_previous_step1', 0):.2e}  "
-              f"weights@1 vs prev {row.get('weights_vs_previous_step1', 0):.2e}  "
-              f"backbone@{len(losses)} vs rung 0 {row['backbone_vs_rung0_after_all_steps']:.2e}  "
-              f"lr x trust median {row['step_size_median']:.3g} [{row['step_size_min_max'][0]:.3g}, "
-              f"{row['step_size_min_max'][1]:.3g}]", flush=True)
-    result = {"method": b.method, "dataset": dataset, "batch_size": b.batch_size, "steps": b.steps, "lr": lr, "flags": b.extra,
-              "lars_mode": a.lars_mode, "lars_eta": a.lars_eta, "rungs": rungs, "torch": torch.__version__}
+        print(
+            f"{name:26s} loss@1 {losses[0]:.6f}  loss@{len(losses)} {losses[-1]:.4f}  "
+            f"grad@1 vs prev {row.get('grad_vs_previous_step1', 0):.2e}  "
+            f"weights@1 vs prev {row.get('weights_vs_previous_step1', 0):.2e}  "
+            f"backbone@{len(losses)} vs rung 0 {row['backbone_vs_rung0_after_all_steps']:.2e}  "
+            f"lr x trust median {row['step_size_median']:.3g} [{row['step_size_min_max'][0]:.3g}, "
+            f"{row['step_size_min_max'][1]:.3g}]",
+            flush=True,
+        )
+    result = {
+        "method": b.method,
+        "dataset": dataset,
+        "batch_size": b.batch_size,
+        "steps": b.steps,
+        "lr": lr,
+        "flags": b.extra,
+        "lars_mode": a.lars_mode,
+        "lars_eta": a.lars_eta,
+        "rungs": rungs,
+        "torch": torch.__version__,
+    }
     if b.out:
         with open(b.out + ".tmp", "w") as fh:
             json.dump(result, fh, indent=1)
@@ -341,8 +467,10 @@ if __name__ == "__main__":
     try:
         import lightly  # noqa: F401
     except ImportError:
-        common.fail("parity.py needs lightly, which this Python does not have: run it with ../lightly-venv/bin/python "
-                    "(see benchmarks/learning.py).")
+        common.fail(
+            "parity.py needs lightly, which this Python does not have: run it with "
+            "../lightly-venv/bin/python (see benchmarks/learning.py)."
+        )
     try:
         raise SystemExit(main(args))
     except common.UserError as e:

@@ -1,5 +1,6 @@
 """Shared test helpers: run a script as a user would (subprocess, torchrun), and run a
 function in 2 gloo processes to compare distributed code with one process."""
+
 import os
 import pathlib
 import pickle
@@ -20,8 +21,24 @@ sys.path.insert(0, REPO)
 # A tiny but real training job: digits at 16 px, 3 steps an epoch, a small kNN bank, on the
 # ResNet-18 with 1/8 of its channels (the plumbing is the same; 64x fewer multiply-adds).
 BACKBONE = "resnet18-eighth"
-TINY = ["--dataset", "digits", "--image-size", "16", "--batch-size", "32", "--steps-per-epoch", "3",
-        "--workers", "0", "--knn-limit", "256", "--log-every", "1", "--backbone", BACKBONE]
+TINY = [
+    "--dataset",
+    "digits",
+    "--image-size",
+    "16",
+    "--batch-size",
+    "32",
+    "--steps-per-epoch",
+    "3",
+    "--workers",
+    "0",
+    "--knn-limit",
+    "256",
+    "--log-every",
+    "1",
+    "--backbone",
+    BACKBONE,
+]
 
 
 # Disk: every tiny run still writes full ResNet-18 checkpoints (80-210 MB each), and pytest keeps
@@ -64,21 +81,44 @@ def run(args, timeout=300, env=None, check=True):
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         if env is None or k not in env:
             e.pop(k, None)
-    p = subprocess.run([sys.executable] + list(args), cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable] + list(args),
+        cwd=REPO,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and p.returncode != 0:
-        pytest.fail(f"python {' '.join(args)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        pytest.fail(
+            f"python {' '.join(args)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        )
     return p
 
 
 def torchrun(script, args, nproc=2, timeout=400):
     """`torchrun --nproc_per_node=N script args` on CPU (gloo)."""
-    return run(["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-                f"--master_port={free_port()}", script, "--device", "cpu"] + list(args),
-               timeout=timeout, env={"OMP_NUM_THREADS": "1"})
+    return run(
+        [
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            script,
+            "--device",
+            "cpu",
+        ]
+        + list(args),
+        timeout=timeout,
+        env={"OMP_NUM_THREADS": "1"},
+    )
 
 
 def _worker(rank, world, port, fn, args, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -93,7 +133,13 @@ def spawn(fn, *args, world=2):
     """Run fn(rank, world, *args) in `world` gloo processes; return the list of results.
     fn must be a module-level function of the test file (it is pickled)."""
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(_worker, args=(world, free_port(), fn, args, out), nprocs=world, join=True, start_method="fork")
+        mp.start_processes(
+            _worker,
+            args=(world, free_port(), fn, args, out),
+            nprocs=world,
+            join=True,
+            start_method="fork",
+        )
         results = []
         for r in range(world):
             with open(os.path.join(out, f"{r}.pkl"), "rb") as fh:
@@ -103,6 +149,7 @@ def spawn(fn, *args, world=2):
 
 def read_metrics(run_dir):
     import json
+
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         return [json.loads(line) for line in fh]
 
@@ -112,10 +159,44 @@ def kill_after_first_checkpoint(args, run_dir, deadline=600):
     2 (a user's killed job; common.RunControl's test hook, so at that step whatever the machine's
     speed), and return its checkpoint, which must be epoch 1's."""
     env = {**os.environ, "OMP_NUM_THREADS": "2", "CLEANSSL_TEST_SIGNAL": "SIGKILL@2:1"}
-    p = subprocess.run([sys.executable] + list(args) + ["--run-dir", str(run_dir)], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=deadline, check=False)
+    p = subprocess.run(
+        [sys.executable] + list(args) + ["--run-dir", str(run_dir)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=deadline,
+        check=False,
+    )
     out = p.stdout[-3000:] + p.stderr[-3000:]
     assert p.returncode == -signal.SIGKILL, f"exit {p.returncode}, not the SIGKILL\n{out}"
     first = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
     assert first["epoch"] == 1 and not first.get("at"), "the checkpoint is not epoch 1's end"
     return first
+
+
+def online_knn_of(run_dir):
+    """The online kNN top-1 of a run's last epoch recomputed in this one process from its
+    backbone.pt, with the run's own protocol (bank, test split, eval transform): what a torchrun
+    run's sharded kNN pass must have logged."""
+    import json
+
+    import common
+
+    with open(os.path.join(run_dir, "args.json")) as fh:
+        a = json.load(fh)
+    size, native = (
+        a["image_size"] or common.IMAGE_SIZE[a["dataset"]],
+        common.IMAGE_SIZE[a["dataset"]],
+    )
+    net = common.build_backbone(a["backbone"], size <= 64, os.path.join(run_dir, "backbone.pt"))
+    train = common.make_dataset(a["dataset"], a["data_dir"], train=True)
+    bank = common.knn_bank(a["dataset"], a["data_dir"], train, a["knn_limit"])
+    test = common.make_dataset(a["dataset"], a["data_dir"], train=False)
+    feats = [
+        common.extract_features(
+            net, d, size, common.STATS[a["dataset"]], native, torch.device("cpu"), workers=0
+        )
+        for d in (bank, test)
+    ]
+    return common.knn_top1(*feats[0], *feats[1], len(test.classes)), len(test)

@@ -1,4 +1,5 @@
 """common.py: data, views, loader, backbones, memory bank (k-means, kNN), Grad-CAM."""
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +12,10 @@ from conftest import spawn
 
 
 def test_digits_is_deterministic_split_with_labels():
-    train, test = common.make_dataset("digits", "unused", True), common.make_dataset("digits", "unused", False)
+    train, test = (
+        common.make_dataset("digits", "unused", True),
+        common.make_dataset("digits", "unused", False),
+    )
     assert (len(train), len(test)) == (1437, 360)
     img, y = train[0]
     assert img.size == (32, 32) and img.mode == "RGB" and 0 <= y < 10
@@ -30,8 +34,15 @@ def test_bad_datasets_raise_one_sentence(tmp_path):
 
 
 def test_views_follow_the_papers():
-    v1, v2 = common.simclr_views(32)  # SimCLR App. A = solo-learn's symmetric.yaml, blur included at 32 px
-    assert v1 == v2 and v1.scale == (0.08, 1.0) and v1.jitter == (0.8, 0.8, 0.8, 0.2) and v1.blur_p == 0.5
+    v1, v2 = common.simclr_views(
+        32
+    )  # SimCLR App. A = solo-learn's symmetric.yaml, blur included at 32 px
+    assert (
+        v1 == v2
+        and v1.scale == (0.08, 1.0)
+        and v1.jitter == (0.8, 0.8, 0.8, 0.2)
+        and v1.blur_p == 0.5
+    )
     m = common.simclr_views(32, crop_min=0.2, strength=0.5, blur_p=0.0)[0]  # MoCo v2's jitter
     assert m.scale == (0.2, 1.0) and m.jitter == (0.4, 0.4, 0.4, 0.1) and m.blur_p == 0.0
     b1, b2 = common.byol_views(224)
@@ -60,7 +71,9 @@ def test_zero_init_residual_starts_each_block_as_identity():
 
 def test_train_loader_splits_the_global_batch_and_brings_positives():
     ds = common.make_dataset("digits", "x")
-    one = common.TrainLoader(ds, common.simclr_views(16), 64, common.STATS["digits"], torch.device("cpu"), workers=0)
+    one = common.TrainLoader(
+        ds, common.simclr_views(16), 64, common.STATS["digits"], torch.device("cpu"), workers=0
+    )
     assert len(one) == len(ds) // 64
     crops, idx, pos = next(iter(one))
     assert [c.shape for c in crops] == [(64, 3, 16, 16)] * 2 and idx.shape == (64,) and pos is None
@@ -70,25 +83,34 @@ def test_train_loader_splits_the_global_batch_and_brings_positives():
     assert pos.shape == (64 * 3, 3, 16, 16)
     # the positives' indices come from the anchors' clusters
     keys = next(iter(one._batches()))
-    anchors, positives = [k for k, kind, _ in keys if kind == 0], [k for k, kind, _ in keys if kind == 1]
+    anchors, positives = (
+        [k for k, kind, _ in keys if kind == 0],
+        [k for k, kind, _ in keys if kind == 1],
+    )
     assert np.array_equal(labels[np.repeat(anchors, 3)], labels[positives])
     with pytest.raises(common.UserError, match="larger than"):
-        common.TrainLoader(ds, common.simclr_views(16), 4096, common.STATS["digits"], torch.device("cpu"))
+        common.TrainLoader(
+            ds, common.simclr_views(16), 4096, common.STATS["digits"], torch.device("cpu")
+        )
 
 
 def _loader_indices(rank, world):
     ds = common.make_dataset("digits", "x")
-    loader = common.TrainLoader(ds, common.simclr_views(16), 64, common.STATS["digits"], torch.device("cpu"), workers=0)
+    loader = common.TrainLoader(
+        ds, common.simclr_views(16), 64, common.STATS["digits"], torch.device("cpu"), workers=0
+    )
     return [k for batch in loader._batches() for k, _, _ in batch][:640]
 
 
 def test_two_processes_see_together_the_single_process_batches():
     ds = common.make_dataset("digits", "x")
-    single = common.TrainLoader(ds, common.simclr_views(16), 64, common.STATS["digits"], torch.device("cpu"), workers=0)
+    single = common.TrainLoader(
+        ds, common.simclr_views(16), 64, common.STATS["digits"], torch.device("cpu"), workers=0
+    )
     batches = [[k for k, _, _ in b] for b in single._batches()]
     r0, r1 = spawn(_loader_indices)
     for s in range(10):
-        assert r0[s * 32:(s + 1) * 32] + r1[s * 32:(s + 1) * 32] == batches[s]
+        assert r0[s * 32 : (s + 1) * 32] + r1[s * 32 : (s + 1) * 32] == batches[s]
 
 
 @pytest.mark.parametrize("name,dim", [("resnet18", 512), ("resnet50", 2048)])
@@ -100,23 +122,32 @@ def test_backbone_shapes(name, dim):
     assert big(torch.randn(1, 3, 224, 224))[0].shape == (1, 512, 7, 7)
 
 
-@pytest.mark.parametrize("name,dim", [("resnet18-half", 256), ("resnet18-quarter", 128), ("resnet18-eighth", 64)])
+@pytest.mark.parametrize(
+    "name,dim", [("resnet18-half", 256), ("resnet18-quarter", 128), ("resnet18-eighth", 64)]
+)
 def test_narrow_resnet18_is_resnet18_with_fewer_channels(name, dim):
     """Same layers and tensor names as ResNet-18, every stage's channels divided; both stems;
     zero_init_residual as in the full one; a full ResNet-18's weights do not load into it."""
     net, full = common.build_backbone(name), common.build_backbone("resnet18")
     assert list(net.state_dict()) == list(full.state_dict())
     div = 512 // dim
-    assert all(a.shape[0] * div == b.shape[0] for a, b in zip(net.state_dict().values(), full.state_dict().values())
-               if a.dim() > 0)
+    assert all(
+        a.shape[0] * div == b.shape[0]
+        for a, b in zip(net.state_dict().values(), full.state_dict().values())
+        if a.dim() > 0
+    )
     f, h = net(torch.randn(2, 3, 16, 16))
     assert f.shape == (2, dim, 2, 2) and h.shape == (2, dim) and net.dim == dim
     big = common.build_backbone(name, small_images=False)
     assert big(torch.randn(1, 3, 64, 64))[0].shape == (1, dim, 2, 2)
     zero = common.build_backbone(name, zero_init_residual=True)
-    assert all(blk.bn2.weight.abs().sum() == 0 for layer in (zero.layer1, zero.layer4) for blk in layer)
+    assert all(
+        blk.bn2.weight.abs().sum() == 0 for layer in (zero.layer1, zero.layer4) for blk in layer
+    )
     assert all(blk.bn2.weight.abs().sum() > 0 for blk in net.layer1)
-    conv = net.layer2[0].conv1.weight  # Kaiming fan-out init, as torchvision's: std sqrt(2 / (C_out * 9))
+    conv = net.layer2[
+        0
+    ].conv1.weight  # Kaiming fan-out init, as torchvision's: std sqrt(2 / (C_out * 9))
     assert abs(conv.std().item() / (2 / (conv.shape[0] * 9)) ** 0.5 - 1) < 0.15
 
 
@@ -124,7 +155,9 @@ def test_narrow_backbone_weights_round_trip(tmp_path):
     net = common.build_backbone("resnet18-eighth")
     torch.save(net.state_dict(), tmp_path / "b.pt")
     again = common.build_backbone("resnet18-eighth", weights=str(tmp_path / "b.pt"))
-    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values())
+    )
     with pytest.raises(common.UserError, match="does not hold resnet18 weights"):
         common.build_backbone("resnet18", weights=str(tmp_path / "b.pt"))
     with pytest.raises(common.UserError, match="unknown backbone 'resnet18-tenth'"):
@@ -135,7 +168,9 @@ def test_backbone_weights_round_trip_and_mismatch(tmp_path):
     net = common.build_backbone("resnet18")
     torch.save(net.state_dict(), tmp_path / "b.pt")
     again = common.build_backbone("resnet18", weights=str(tmp_path / "b.pt"))
-    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values())
+    )
     with pytest.raises(common.UserError, match="does not hold resnet50"):
         common.build_backbone("resnet50", weights=str(tmp_path / "b.pt"))
 
@@ -180,7 +215,8 @@ def test_knn_predict_on_separable_data():
 
 
 class ToyNet(nn.Module):
-    """f = the image itself through an identity 1x1 convolution (channels are features), h = its mean."""
+    """f = the image itself through an identity 1x1 convolution (channels are features),
+    h = its mean."""
 
     def __init__(self):
         super().__init__()
@@ -216,7 +252,9 @@ def test_extract_features_uses_eval_mode():
     net = common.build_backbone("resnet18")
     net.train()
     before = net.stem[1].running_mean.clone()
-    h, y = common.extract_features(net, ds, 16, common.STATS["digits"], 32, torch.device("cpu"), batch_size=16, workers=0)
+    h, y = common.extract_features(
+        net, ds, 16, common.STATS["digits"], 32, torch.device("cpu"), batch_size=16, workers=0
+    )
     assert h.shape == (40, 512) and y.shape == (40,)
     assert torch.equal(net.stem[1].running_mean, before)  # BatchNorm statistics untouched
     assert net.training  # mode restored

@@ -1,6 +1,7 @@
 """More CUDA-only paths covered on the CPU (issue 14): SyncBatchNorm conversion at world size 1 of
 the momentum copies (EMA pairing, checkpoint round trip), the auto data-path budget rule with a
 stand-in GPU, and the compiled multi-crop tensor loader's graph count."""
+
 import importlib
 import types
 
@@ -14,7 +15,8 @@ import common
 def _build(script, sync_bn, seed=0):
     """(online, momentum copy, EMA call, checkpoint parts) built as the script's main() does, with
     the SyncBatchNorm conversion of `--sync-bn` under CUDA + DDP when sync_bn. Each EMA pair is
-    (momentum module, online module, prefix map: momentum parameter name -> online parameter name)."""
+    (momentum module, online module, prefix map: momentum parameter name -> online parameter
+    name)."""
     mod = importlib.import_module(script)
     args = mod.parse_args(["--moco-version", "3"] if script == "moco" else [])
     torch.manual_seed(seed)
@@ -24,8 +26,10 @@ def _build(script, sync_bn, seed=0):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if script == "byol":  # the target lives inside the model, converted with it
         copy = model
-        ema = lambda tau: (mod.ema_update(model.target_backbone, model.backbone, tau),
-                           mod.ema_update(model.target_projector, model.projector, tau))
+        ema = lambda tau: (
+            mod.ema_update(model.target_backbone, model.backbone, tau),
+            mod.ema_update(model.target_projector, model.projector, tau),
+        )
         pairs = {"target_backbone.": "backbone.", "target_projector.": "projector."}
         parts = {"model": model}
     elif script == "dino":  # built after the conversion, as in main()
@@ -43,7 +47,7 @@ def _build(script, sync_bn, seed=0):
 
 def _online_name(name, pairs):
     k = max((k for k in pairs if name.startswith(k)), key=len)
-    return pairs[k] + name[len(k):]
+    return pairs[k] + name[len(k) :]
 
 
 @pytest.mark.parametrize("script", ["byol", "dino", "moco"])
@@ -55,7 +59,9 @@ def test_sync_bn_conversion_keeps_ema_pairs_and_checkpoints(script):
     tensors equal: a multi-GPU SyncBN checkpoint resumes in one process, and the other way round."""
     plain, plain_copy, _, pairs, plain_parts = _build(script, sync_bn=False)
     model, copy, ema, _, parts = _build(script, sync_bn=True)
-    assert any(isinstance(m, nn.SyncBatchNorm) for m in copy.modules()), "the momentum copy was not converted"
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in copy.modules()), (
+        "the momentum copy was not converted"
+    )
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in plain_copy.modules())
 
     # (a) parameter order and shapes unchanged by the conversion, online and momentum copy alike
@@ -70,13 +76,17 @@ def test_sync_bn_conversion_keeps_ema_pairs_and_checkpoints(script):
         for p in online.values():
             p.add_(torch.randn(p.shape, generator=g))
     tau = 0.9
-    expected = {n: tau * p.detach().clone() + (1 - tau) * online[_online_name(n, pairs)].detach()
-                for n, p in momentum}
+    expected = {
+        n: tau * p.detach().clone() + (1 - tau) * online[_online_name(n, pairs)].detach()
+        for n, p in momentum
+    }
     for n, p in momentum:
         assert p.shape == online[_online_name(n, pairs)].shape, n
     ema(tau)
     for n, p in momentum:
-        torch.testing.assert_close(p, expected[n], rtol=0, atol=1e-6, msg=f"EMA of {n} paired with another parameter")
+        torch.testing.assert_close(
+            p, expected[n], rtol=0, atol=1e-6, msg=f"EMA of {n} paired with another parameter"
+        )
 
     # (b) state_dict round trip between the converted and the unconverted model
     for key, net in parts.items():
@@ -99,7 +109,11 @@ def test_auto_data_path_budget(monkeypatch):
     size = {"bytes": 0}
     monkeypatch.setattr(common, "estimate_bytes", lambda ds: size["bytes"])
     gpu = {"memory": 80 * 2**30}  # a quarter: 20 GiB, above the 8 GiB limit
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=gpu["memory"]))
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda d: types.SimpleNamespace(total_memory=gpu["memory"]),
+    )
     cuda, cpu, limit = torch.device("cuda", 0), torch.device("cpu"), common.TENSOR_MAX_BYTES
 
     def auto(n, device=cuda):
@@ -118,8 +132,13 @@ def test_auto_data_path_budget(monkeypatch):
     assert common.resolve_data_path("cpu", object(), cuda) == "cpu"
     monkeypatch.undo()
 
-    # the real estimate of a real data set (digits, 1437 images of 3 x 32 x 32 bytes) against a lowered limit
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=80 * 2**30))
+    # the real estimate of a real data set (digits, 1437 images of 3 x 32 x 32 bytes) against a
+    # lowered limit
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda d: types.SimpleNamespace(total_memory=80 * 2**30),
+    )
     train = common.make_dataset("digits", "", train=True)
     need = common.estimate_bytes(train)
     assert need == len(train) * 3 * 32 * 32
@@ -147,8 +166,16 @@ def test_compiled_multicrop_tensor_loader_stays_within_few_graphs(monkeypatch):
     views = common.multicrop_views(16, 2)
     assert len({v.size for v in views}) == 2
     train = torch.utils.data.Subset(common.make_dataset("digits", "", train=True), range(64))
-    loader = common.TrainLoader(train, views, 8, common.STATS["digits"], torch.device("cpu"), workers=0,
-                                data_path="tensor", compile=True)
+    loader = common.TrainLoader(
+        train,
+        views,
+        8,
+        common.STATS["digits"],
+        torch.device("cpu"),
+        workers=0,
+        data_path="tensor",
+        compile=True,
+    )
     assert loader.apply is not common.apply_view
     per_batch = []
     try:

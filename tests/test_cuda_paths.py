@@ -4,6 +4,7 @@ in float32 under bf16 autocast, one step of every model in the CUDA configuratio
 only bite under CUDA and several processes, the sharded kNN, and the momentum updates' multi-
 tensor kernels and MoCo's one all-reduce of BN statistics. That no step waits for the host (no
 device constant built per batch, no .item()) is tests/test_host_sync.py's."""
+
 import importlib
 import os
 
@@ -13,8 +14,26 @@ import torch
 import common
 
 SCRIPTS = ["simclr", "moco", "byol", "simsiam", "swav", "dino"]
-STEP = ["--dataset", "digits", "--image-size", "16", "--batch-size", "4", "--epochs", "1", "--workers", "0",
-        "--warmup-epochs", "0", "--knn-every", "0", "--data-path", "tensor"]
+STEP = [
+    "--dataset",
+    "digits",
+    "--image-size",
+    "16",
+    "--batch-size",
+    "4",
+    "--epochs",
+    "1",
+    "--workers",
+    "0",
+    "--warmup-epochs",
+    "0",
+    "--knn-every",
+    "0",
+    "--data-path",
+    "tensor",
+    "--backbone",
+    "resnet18-eighth",
+]
 
 
 def _leaf(*shape, seed=0):
@@ -36,43 +55,87 @@ def _losses():
     codes = swav.sinkhorn(torch.randn(2 * b, k)).view(2, b, k)
     queue = torch.nn.functional.normalize(torch.randn(64, d), dim=1)
     head = dino.DINOHead(d, 32, d, k)
-    head.mlp = torch.nn.Identity()  # the MLP is the model's, in bf16 on purpose: only the last layer here
+    head.mlp = (
+        torch.nn.Identity()
+    )  # the MLP is the model's, in bf16 on purpose: only the last layer here
     labels = torch.arange(b) % 5
 
     class Pooled(torch.nn.Module):  # SwAV's backbone, stood in for: the crops are already h (n, d)
         def forward(self, x):
             return x[:, :, None, None], x
 
-    sw = swav.SwAV(swav.parse_args(["--backbone", "resnet18-eighth", "--prototypes", str(k),
-                                    "--proj-dim", str(d)]), small_images=True)
+    sw = swav.SwAV(
+        swav.parse_args(
+            ["--backbone", "resnet18-eighth", "--prototypes", str(k), "--proj-dim", str(d)]
+        ),
+        small_images=True,
+    )
     sw.backbone, sw.projector = Pooled(), torch.nn.Identity()  # the prototypes' product alone
     prototypes = torch.nn.functional.normalize(torch.randn(k, d), dim=1)
     past = torch.nn.functional.normalize(torch.randn(2, 3 * b, d), dim=2)  # SwAV's queue (2, L, d)
-    yield "nt_xent", [_leaf(b, d), _leaf(b, d, seed=1)], lambda z1, z2: simclr.nt_xent_loss(z1, z2, 0.2)
-    yield "infonce_queue", [_leaf(b, d), _leaf(b, d, seed=1)], lambda q, kk: moco.infonce_loss(q, kk, queue, 0.2)
-    yield "moco_v3", [_leaf(2 * b, d), _leaf(2 * b, d, seed=1)], lambda q, kk: moco.moco_loss(q, kk, None, 0.2)
+    yield (
+        "nt_xent",
+        [_leaf(b, d), _leaf(b, d, seed=1)],
+        lambda z1, z2: simclr.nt_xent_loss(z1, z2, 0.2),
+    )
+    yield (
+        "infonce_queue",
+        [_leaf(b, d), _leaf(b, d, seed=1)],
+        lambda q, kk: moco.infonce_loss(q, kk, queue, 0.2),
+    )
+    yield (
+        "moco_v3",
+        [_leaf(2 * b, d), _leaf(2 * b, d, seed=1)],
+        lambda q, kk: moco.moco_loss(q, kk, None, 0.2),
+    )
     yield "byol", [_leaf(b, d, seed=s) for s in range(4)], byol.regression_loss
     yield "simsiam", [_leaf(b, d, seed=s) for s in range(4)], simsiam.negative_cosine_loss
     yield "swav", [_leaf(4, b, k)], lambda s: swav.swav_loss(s, codes, 0.1)
-    yield "swav.scores", [_leaf(2 * b, d)], lambda h: swav.swav_loss(
-        sw(list(h.split(b)))["scores"].unflatten(0, (2, b)), codes, 0.1)
-    yield "swav.queue_codes", [_leaf(2, b, k)], lambda s: swav.swav_loss(
-        s, swav.assign_codes(s.detach(), past, prototypes, 0.05, 3), 0.1)
-    yield "dino", [_leaf(4 * b, k), _leaf(2 * b, k, seed=1)], lambda s, t: dino.dino_loss(s, t, torch.zeros(1, k), 0.1, 0.04)
-    yield "dino_head", [_leaf(4 * b, d)], lambda h: dino.dino_loss(head(h)[1], head(h[: 2 * b])[1].detach(),
-                                                                  torch.zeros(1, k), 0.1, 0.04)
+    yield (
+        "swav.scores",
+        [_leaf(2 * b, d)],
+        lambda h: swav.swav_loss(sw(list(h.split(b)))["scores"].unflatten(0, (2, b)), codes, 0.1),
+    )
+    yield (
+        "swav.queue_codes",
+        [_leaf(2, b, k)],
+        lambda s: swav.swav_loss(s, swav.assign_codes(s.detach(), past, prototypes, 0.05, 3), 0.1),
+    )
+    yield (
+        "dino",
+        [_leaf(4 * b, k), _leaf(2 * b, k, seed=1)],
+        lambda s, t: dino.dino_loss(s, t, torch.zeros(1, k), 0.1, 0.04),
+    )
+    yield (
+        "dino_head",
+        [_leaf(4 * b, d)],
+        lambda h: dino.dino_loss(
+            head(h)[1], head(h[: 2 * b])[1].detach(), torch.zeros(1, k), 0.1, 0.04
+        ),
+    )
     for name in SCRIPTS:
         mod = importlib.import_module(name)
-        yield f"{name}.correlation_mask", [_leaf(b, d, 4, 4)], lambda f, m=mod: (
-            m.correlation_mask(f, f.detach().roll(1, 0)[:, None]).pow(2).sum() + f.sum())
+        yield (
+            f"{name}.correlation_mask",
+            [_leaf(b, d, 4, 4)],
+            lambda f, m=mod: (
+                m.correlation_mask(f, f.detach().roll(1, 0)[:, None]).pow(2).sum() + f.sum()
+            ),
+        )
     for name in SCRIPTS:
         xhead = importlib.import_module(name).CrossAttentionHead(d, 5)
         torch.nn.init.zeros_(xhead.attn.weight)  # beta = 0.5 in any precision: the classifier alone
         torch.nn.init.zeros_(xhead.attn.bias)
-        yield f"{name}.xattn_classifier", [_leaf(2 * b, d, 4, 4)], (
-            lambda f, x=xhead: x(f)[1].logsumexp(1).mean())
-    yield "xattn_losses", [_leaf(2 * b, d, 4, 4), _leaf(2 * b, 1, 4, 4, seed=1), _leaf(2 * b, 5, seed=2)], (
-        lambda f, beta, logits: sum(simclr.xattn_losses(f, beta.sigmoid(), logits, labels, 1)))
+        yield (
+            f"{name}.xattn_classifier",
+            [_leaf(2 * b, d, 4, 4)],
+            (lambda f, x=xhead: x(f)[1].logsumexp(1).mean()),
+        )
+    yield (
+        "xattn_losses",
+        [_leaf(2 * b, d, 4, 4), _leaf(2 * b, 1, 4, 4, seed=1), _leaf(2 * b, 5, seed=2)],
+        (lambda f, beta, logits: sum(simclr.xattn_losses(f, beta.sigmoid(), logits, labels, 1))),
+    )
 
 
 @pytest.mark.parametrize("name", [n for n, _, _ in _losses()])
@@ -94,8 +157,15 @@ def test_each_loss_is_float32_under_bf16_autocast(name):
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
 
-CONFIGS = [["simclr"], ["moco", "--moco-version", "2"], ["moco", "--moco-version", "3"], ["byol"], ["simsiam"],
-           ["swav"], ["dino"]]
+CONFIGS = [
+    ["simclr"],
+    ["moco", "--moco-version", "2"],
+    ["moco", "--moco-version", "3"],
+    ["byol"],
+    ["simsiam"],
+    ["swav"],
+    ["dino"],
+]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=" ".join)
@@ -110,8 +180,13 @@ def test_one_step_in_the_cuda_configuration(monkeypatch, tmp_path, config):
     seen, real_forward = [], common.Backbone.forward
 
     def recording(self, x):
-        seen.append((torch.is_autocast_enabled("cpu"), x.is_contiguous(memory_format=torch.channels_last),
-                     self.stem[0].weight.is_contiguous(memory_format=torch.channels_last)))
+        seen.append(
+            (
+                torch.is_autocast_enabled("cpu"),
+                x.is_contiguous(memory_format=torch.channels_last),
+                self.stem[0].weight.is_contiguous(memory_format=torch.channels_last),
+            )
+        )
         return real_forward(self, x)
 
     monkeypatch.setattr(common.Backbone, "forward", recording)
@@ -122,16 +197,40 @@ def test_one_step_in_the_cuda_configuration(monkeypatch, tmp_path, config):
         return real_decode(dataset, device)
 
     monkeypatch.setattr(common, "decode_uint8", decode)
-    args = mod.parse_args(config[1:] + STEP + ["--steps-per-epoch", "1", "--precision", "bf16", "--qscore-lambda", "0.1",
-                                               "--xattn", "--xattn-clusters", "4", "--knn-every", "1", "--knn-limit", "16",
-                                               "--run-dir", str(tmp_path)])
+    args = mod.parse_args(
+        config[1:]
+        + STEP
+        + [
+            "--steps-per-epoch",
+            "1",
+            "--precision",
+            "bf16",
+            "--qscore-lambda",
+            "0.1",
+            "--xattn",
+            "--xattn-clusters",
+            "4",
+            "--knn-every",
+            "1",
+            "--knn-limit",
+            "16",
+            "--run-dir",
+            str(tmp_path),
+        ]
+    )
     assert mod.main(args) == 0
     assert (True, True, True) in seen
     # the training split (the loader, the k-means bank, the kNN bank's 16 images) and the test split
-    assert len({id(d) for d in decoded}) == 2, "the kNN bank decoded its own copy of the training split"
+    assert len({id(d) for d in decoded}) == 2, (
+        "the kNN bank decoded its own copy of the training split"
+    )
     with open(tmp_path / "metrics.jsonl") as fh:
         metrics = json.loads(fh.readline())
-    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["loss_mask"]) and math.isfinite(metrics["loss_cls"])
+    assert (
+        math.isfinite(metrics["loss"])
+        and math.isfinite(metrics["loss_mask"])
+        and math.isfinite(metrics["loss_cls"])
+    )
     assert 0 <= metrics["knn_top1"] <= 1
 
 
@@ -144,7 +243,9 @@ def test_eval_dataset_is_the_training_split_itself():
     bank = torch.utils.data.Subset(train, [5, 3, 200])
     net = common.build_backbone("resnet18", small_images=True).eval()
     args = (32, common.STATS["digits"], 32, torch.device("cpu"))
-    h, y = common.extract_features(net, bank, *args, workers=0, data_path="tensor", precision="fp32")
+    h, y = common.extract_features(
+        net, bank, *args, workers=0, data_path="tensor", precision="fp32"
+    )
     assert bank not in common._DECODED and common.decode_uint8(train) is images
     assert y.tolist() == [train.targets[i] for i in (5, 3, 200)]
     ref, _ = common.extract_features(net, bank, *args, workers=0, data_path="cpu", precision="fp32")
@@ -152,11 +253,24 @@ def test_eval_dataset_is_the_training_split_itself():
 
 
 def test_extract_features_precision():
-    """bf16 runs the backbone under autocast; the features come back float32 either way and agree."""
+    """bf16 runs the backbone under autocast; the features come back float32 either way and
+    agree."""
     net = common.build_backbone("resnet18", small_images=True).eval()
     ds = torch.utils.data.Subset(common.make_dataset("digits", "", train=True), range(8))
-    out = {p: common.extract_features(net, ds, 16, common.STATS["digits"], 32, torch.device("cpu"), workers=0,
-                                      data_path="tensor", precision=p)[0] for p in ("fp32", "bf16")}
+    out = {
+        p: common.extract_features(
+            net,
+            ds,
+            16,
+            common.STATS["digits"],
+            32,
+            torch.device("cpu"),
+            workers=0,
+            data_path="tensor",
+            precision=p,
+        )[0]
+        for p in ("fp32", "bf16")
+    }
     assert out["fp32"].dtype == out["bf16"].dtype == torch.float32
     assert not torch.equal(out["fp32"], out["bf16"])
     torch.testing.assert_close(out["bf16"], out["fp32"], rtol=0.1, atol=0.1)
@@ -195,18 +309,19 @@ def test_compile_with_sync_bn_under_ddp_is_refused(monkeypatch, config):
     before any work; wherever SyncBatchNorm would not apply (CPU, one process, --no-sync-bn,
     MoCo v2's shuffled BN), --compile is allowed."""
     mod = importlib.import_module(config[0])
+    check = lambda a: common.check_run(a, mod.METHOD, getattr(mod, "check_args", None))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("WORLD_SIZE", "2")
     args = mod.parse_args(config[1:] + ["--compile"])
     if args.sync_bn:
         with pytest.raises(common.UserError, match="--compile with SyncBatchNorm under DDP"):
-            mod.check_args(args)
+            check(args)
     else:
-        assert mod.check_args(args) == (None, None)  # MoCo v2: shuffled BN, no SyncBatchNorm
+        assert check(args) == (None, None)  # MoCo v2: shuffled BN, no SyncBatchNorm
     for ok in (["--no-sync-bn"], ["--device", "cpu"]):
-        assert mod.check_args(mod.parse_args(config[1:] + ["--compile"] + ok)) == (None, None)
+        assert check(mod.parse_args(config[1:] + ["--compile"] + ok)) == (None, None)
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert mod.check_args(mod.parse_args(config[1:] + ["--compile"])) == (None, None)
+    assert check(mod.parse_args(config[1:] + ["--compile"])) == (None, None)
 
 
 def _sharded_knn(rank, world, bank, bank_y, query, query_y, k):
@@ -226,7 +341,10 @@ def test_sharded_knn_matches_one_process(n, k):
 
     g = torch.Generator().manual_seed(0)
     bank, query = torch.randn(n, 8, generator=g), torch.randn(20, 8, generator=g)
-    bank_y, query_y = torch.randint(0, 5, (n,), generator=g), torch.randint(0, 5, (20,), generator=g)
+    bank_y, query_y = (
+        torch.randint(0, 5, (n,), generator=g),
+        torch.randint(0, 5, (20,), generator=g),
+    )
     ref = common.MemoryBank.knn_predict(query, bank, bank_y, 5, k=k)
     ref_top1 = common.knn_top1(bank, bank_y, query, query_y, 5, k=k)
     results = spawn(_sharded_knn, bank, bank_y, query, query_y, k)
@@ -240,12 +358,23 @@ def test_sharded_knn_matches_one_process(n, k):
 def _shares(rank, world):
     net = common.build_backbone("resnet18", small_images=True).eval()
     ds = torch.utils.data.Subset(common.make_dataset("digits", "", train=True), range(7))
-    return common.extract_features(net, ds, 16, common.STATS["digits"], 32, torch.device("cpu"), batch_size=4,
-                                   workers=0, data_path="tensor", gather=False)
+    return common.extract_features(
+        net,
+        ds,
+        16,
+        common.STATS["digits"],
+        32,
+        torch.device("cpu"),
+        batch_size=4,
+        workers=0,
+        data_path="tensor",
+        gather=False,
+    )
 
 
 def test_extract_features_shares_without_padding():
-    """gather=False: each process's contiguous share, the padding dropped; together the whole split."""
+    """gather=False: each process's contiguous share, the padding dropped; together the whole
+    split."""
     from conftest import spawn
 
     (h0, y0), (h1, y1) = spawn(_shares)
@@ -260,7 +389,11 @@ def test_knn_bank_defaults():
     assert common.knn_bank("digits", "", train) is train
     assert common.knn_bank("digits", "", train, 0) is train
     sub = common.knn_bank("digits", "", train, 100)
-    assert sub.dataset is train and len(sub) == 100 and sub.indices == common.knn_bank("digits", "", train, 100).indices
+    assert (
+        sub.dataset is train
+        and len(sub) == 100
+        and sub.indices == common.knn_bank("digits", "", train, 100).indices
+    )
     assert common.KNN_LIMIT_FOLDER == 50000
 
 
@@ -286,8 +419,9 @@ def _ema_pairs(script):
     import copy
 
     mod = importlib.import_module(script)
-    args = mod.parse_args(["--backbone", "resnet18-eighth", "--proj-hidden", "64",
-                           "--proj-dim", "32"])
+    args = mod.parse_args(
+        ["--backbone", "resnet18-eighth", "--proj-hidden", "64", "--proj-dim", "32"]
+    )
     torch.manual_seed(0)
     if script == "moco":
         model = mod.MoCo(args, small_images=True)
@@ -298,8 +432,10 @@ def _ema_pairs(script):
         model = mod.BYOL(args, small_images=True)
         moving = torch.nn.ModuleList([model.target_backbone, model.target_projector])
         online = list(model.backbone.parameters()) + list(model.projector.parameters())
-        update = lambda tau: (mod.ema_update(model.target_backbone, model.backbone, tau),
-                              mod.ema_update(model.target_projector, model.projector, tau))
+        update = lambda tau: (
+            mod.ema_update(model.target_backbone, model.backbone, tau),
+            mod.ema_update(model.target_projector, model.projector, tau),
+        )
     else:
         model = mod.DINO(args, small_images=True)
         moving = mod.Teacher(model)
@@ -335,14 +471,18 @@ def _buffer_average(rank, world, sync_bn):
 
     import moco
 
-    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 6),
-                        nn.BatchNorm1d(6))
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 6), nn.BatchNorm1d(6)
+    )
     if sync_bn:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     g = torch.Generator().manual_seed(rank)  # each process's own statistics
     for name, b in net.named_buffers():
-        b.copy_(torch.full_like(b, rank + 1) if name.endswith("num_batches_tracked") else
-                torch.rand(b.shape, generator=g) * 3)
+        b.copy_(
+            torch.full_like(b, rank + 1)
+            if name.endswith("num_batches_tracked")
+            else torch.rand(b.shape, generator=g) * 3
+        )
     before, per_buffer = {k: b.clone() for k, b in net.named_buffers()}, copy.deepcopy(net)
     for b in per_buffer.buffers():  # the loop it replaces: one all-reduce per floating buffer
         if b.is_floating_point():
@@ -396,8 +536,9 @@ def test_a_data_set_on_the_device_keeps_no_host_copy():
     meta = torch.device("meta")
     train = common.make_dataset("digits", "", train=True)
     views = common.simclr_views(16)
-    loader = common.TrainLoader(train, views, 8, common.STATS["digits"], meta, workers=0,
-                                data_path="tensor")
+    loader = common.TrainLoader(
+        train, views, 8, common.STATS["digits"], meta, workers=0, data_path="tensor"
+    )
     assert loader.images.device == meta and loader.images.shape == (1437, 3, 32, 32)
     assert set(common._DECODED[train]) == {"meta"}
     assert common.decode_uint8(train, meta) is loader.images

@@ -10,6 +10,7 @@ tests show that the tracer sees each kind of call inside a step. The three syncs
 found (SwAV's list index, DINO's boolean mask, SimCLR's scalar assignment) are gone; their
 replacements compute bit for bit what the old expressions did.
 """
+
 import importlib
 import itertools
 import os
@@ -39,14 +40,20 @@ SYNC_OPS = {
     "aten.unique_consecutive": "unique: its output size depends on the data",
     "aten.bincount": "bincount: its output size depends on the data",
     "aten.lift_fresh": "a tensor made from host data (torch.tensor, torch.as_tensor, "
-                       "torch.from_numpy, a Python scalar assigned into a tensor): on CUDA a "
-                       "host->device copy",
+    "torch.from_numpy, a Python scalar assigned into a tensor): on CUDA a "
+    "host->device copy",
     "aten.lift_fresh_copy": "a tensor made from host data: on CUDA a host->device copy",
 }
 # Indexing with a boolean (or uint8) mask runs nonzero inside the kernel on CUDA, forward and
 # backward: on the CPU the mask reaches these ops undecomposed, so their index dtypes tell.
-INDEX_OPS = {"aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_",
-             "aten._unsafe_index", "aten._unsafe_index_put"}
+INDEX_OPS = {
+    "aten.index",
+    "aten.index_put",
+    "aten.index_put_",
+    "aten._index_put_impl_",
+    "aten._unsafe_index",
+    "aten._unsafe_index_put",
+}
 # Python-level calls with no aten op of their own on the CPU.
 HOST_CALLS = {
     torch.Tensor.cpu: ".cpu(): a device->host copy",
@@ -68,7 +75,8 @@ ALLOWED = {
     "poll",
     # The progress line, rank 0's loss.item(), every --log-every steps and --log-seconds seconds;
     # an epoch's first comes after at most 10 s, so on a slow machine it can fall in any step.
-    "progress", "_progress",
+    "progress",
+    "_progress",
 }
 # Not allow-listed: the finite check (an all-reduce and bad.item()) runs every --log-every steps
 # and at an epoch's last step; the runs below set --log-every far away and end before the
@@ -96,12 +104,17 @@ class SyncTracer:
             self.modes.pop().__exit__(None, None, None)
 
     def flag(self, why):
-        frames = [f for f in traceback.extract_stack() if f.filename.startswith(REPO)
-                  and not (f.filename == __file__ and f.name in TRACER_FRAMES)]
+        frames = [
+            f
+            for f in traceback.extract_stack()
+            if f.filename.startswith(REPO)
+            and not (f.filename == __file__ and f.name in TRACER_FRAMES)
+        ]
         if any(f.name in ALLOWED and "/tests/" not in f.filename for f in frames):
             return
-        where = " < ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}"
-                           for f in reversed(frames[-4:]))
+        where = " < ".join(
+            f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(frames[-4:])
+        )
         self.found.append(f"{why}, at {where}")
 
 
@@ -119,10 +132,14 @@ class _Dispatch(TorchDispatchMode):
         if name in SYNC_OPS:
             self.tracer.flag(f"{func}: {SYNC_OPS[name]}")
         elif name in INDEX_OPS and any(
-                torch.is_tensor(i) and i.dtype in (torch.bool, torch.uint8) for i in args[1] or ()):
+            torch.is_tensor(i) and i.dtype in (torch.bool, torch.uint8) for i in args[1] or ()
+        ):
             self.tracer.flag(f"{func} with a boolean mask: nonzero, a host sync")
-        elif name == "aten.repeat_interleave" and func._overloadname == "Tensor" and (
-                kwargs or {}).get("output_size") is None:
+        elif (
+            name == "aten.repeat_interleave"
+            and func._overloadname == "Tensor"
+            and (kwargs or {}).get("output_size") is None
+        ):
             self.tracer.flag(f"{func} without output_size: its size is read on the host")
         return func(*args, **(kwargs or {}))
 
@@ -145,27 +162,93 @@ class _Functions(TorchFunctionMode):
 # Every method script and variant; heads narrowed, SwAV's queue in use from the traced step on.
 CONFIGS = {
     "simclr": ["simclr", "--proj-hidden", "64", "--proj-dim", "32"],
-    "moco-v2": ["moco", "--moco-version", "2", "--proj-hidden", "64", "--proj-dim", "32",
-                "--queue-size", "64"],
-    "moco-v3": ["moco", "--moco-version", "3", "--proj-hidden", "64", "--proj-dim", "32",
-                "--pred-hidden", "64"],
+    "moco-v2": [
+        "moco",
+        "--moco-version",
+        "2",
+        "--proj-hidden",
+        "64",
+        "--proj-dim",
+        "32",
+        "--queue-size",
+        "64",
+    ],
+    "moco-v3": [
+        "moco",
+        "--moco-version",
+        "3",
+        "--proj-hidden",
+        "64",
+        "--proj-dim",
+        "32",
+        "--pred-hidden",
+        "64",
+    ],
     "byol": ["byol", "--proj-hidden", "64", "--proj-dim", "32", "--pred-hidden", "64"],
     "simsiam": ["simsiam", "--proj-hidden", "64", "--proj-dim", "32", "--pred-hidden", "16"],
-    "swav": ["swav", "--local-crops", "2", "--prototypes", "32", "--proj-hidden", "64",
-             "--proj-dim", "32", "--queue-size", "4", "--queue-start", "0"],
-    "dino": ["dino", "--local-crops", "2", "--prototypes", "32", "--proj-hidden", "64",
-             "--proj-dim", "32"],
+    "swav": [
+        "swav",
+        "--local-crops",
+        "2",
+        "--prototypes",
+        "32",
+        "--proj-hidden",
+        "64",
+        "--proj-dim",
+        "32",
+        "--queue-size",
+        "4",
+        "--queue-start",
+        "0",
+    ],
+    "dino": [
+        "dino",
+        "--local-crops",
+        "2",
+        "--prototypes",
+        "32",
+        "--proj-hidden",
+        "64",
+        "--proj-dim",
+        "32",
+    ],
 }
-STEP = ["--dataset", "digits", "--image-size", "16", "--batch-size", "4", "--epochs", "1",
-        "--steps-per-epoch", "4", "--warmup-epochs", "0", "--workers", "0", "--knn-every", "0",
-        "--backbone", "resnet18-eighth"] + QUIET
+STEP = [
+    "--dataset",
+    "digits",
+    "--image-size",
+    "16",
+    "--batch-size",
+    "4",
+    "--epochs",
+    "1",
+    "--steps-per-epoch",
+    "4",
+    "--warmup-epochs",
+    "0",
+    "--workers",
+    "0",
+    "--knn-every",
+    "0",
+    "--backbone",
+    "resnet18-eighth",
+] + QUIET
 # Each script twice: without add-ons, in float32, on the cpu data path; and in the CUDA
 # configuration (bf16 autocast, channels_last) with both add-ons on the tensor data path, whose
 # next batch (views and positives, augmented on the device) is part of the traced step.
 VARIANTS = {
     "plain-fp32-cpu": ["--precision", "fp32", "--data-path", "cpu"],
-    "addons-bf16-tensor": ["--precision", "bf16", "--data-path", "tensor", "--qscore-lambda", "0.1",
-                           "--xattn", "--xattn-clusters", "4"],
+    "addons-bf16-tensor": [
+        "--precision",
+        "bf16",
+        "--data-path",
+        "tensor",
+        "--qscore-lambda",
+        "0.1",
+        "--xattn",
+        "--xattn-clusters",
+        "4",
+    ],
 }
 # The second step: the first makes what a run makes once (device constants, optimizer state).
 TRACED = 1
@@ -240,8 +323,10 @@ MUTATIONS = {
     "item": (lambda f: f.sum().item(), "_local_scalar_dense"),
     "as_tensor": (lambda f: torch.as_tensor([0.5], device=f.device), "torch.as_tensor"),
     "bool_mask": (lambda f: f[f > 0].sum(), "boolean mask"),  # DINO's ce[pairs], as it was
-    "bool_mask_put": (lambda f: f.detach().clone().index_put_((f.detach() > 0,), torch.zeros(())),
-                      "boolean mask"),
+    "bool_mask_put": (
+        lambda f: f.detach().clone().index_put_((f.detach() > 0,), torch.zeros(())),
+        "boolean mask",
+    ),
     "nonzero": (lambda f: (f > 0).nonzero(), "nonzero"),
     "list_index": (lambda f: f[[0, 1]], "lift_fresh"),  # SwAV's logp[others], as it was
     "scalar_assign": (lambda f: f.detach().clone().__setitem__(0, 0.0), "lift_fresh"),  # SimCLR's

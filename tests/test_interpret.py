@@ -1,6 +1,7 @@
 """interpret.py: Q-Score against simclr.qscore, AUROC/AUPRC against scikit-learn, A_j and the
 percentile band, soft IoU, AD/AI on a toy model, the whole pipeline end to end, the page a person
 reads (captions, readable names), --compare on two runs, bad input."""
+
 import html.parser
 import json
 import os
@@ -21,15 +22,21 @@ from conftest import REPO, TINY, read_metrics, run
 
 def test_qscore_agrees_with_simclr():
     g = torch.Generator().manual_seed(0)
-    h = torch.cat([torch.randn(64, 128, generator=g).relu() ** 3,  # sparse, like pooled ReLU features
-                   torch.randn(32, 128, generator=g),
-                   torch.rand(8, 128, generator=g) * 0.01 + 1.0])  # near-flat rows: L_i empty at eps 3
+    h = torch.cat(
+        [
+            torch.randn(64, 128, generator=g).relu() ** 3,  # sparse, like pooled ReLU features
+            torch.randn(32, 128, generator=g),
+            torch.rand(8, 128, generator=g) * 0.01 + 1.0,
+        ]
+    )  # near-flat rows: L_i empty at eps 3
     for eps in (3.0, 1.0):
         q_ref, m_ref = simclr.qscore(h, eps)
         q, m = interpret.qscore(h.numpy(), eps)
         assert np.array_equal(m, m_ref.numpy())
         assert np.allclose(q, q_ref.numpy(), atol=1e-6)
-    assert (interpret.qscore(h.numpy())[1][-8:].sum(1) == 0).all()  # an empty L_i stays empty: |L_i| = 0
+    assert (
+        interpret.qscore(h.numpy())[1][-8:].sum(1) == 0
+    ).all()  # an empty L_i stays empty: |L_i| = 0
 
 
 def test_auroc_auprc_match_sklearn_in_both_directions():
@@ -43,7 +50,9 @@ def test_auroc_auprc_match_sklearn_in_both_directions():
         assert c["auroc"] > 0.65  # the planted signal is found in both directions
     assert interpret.binary_curves(np.arange(6.0), np.arange(6) >= 3)["auroc"] == 1.0
     assert interpret.binary_curves(np.arange(6.0), np.arange(6) < 3)["auroc"] == 0.0
-    assert interpret.binary_curves(np.arange(4.0), np.ones(4, bool))["auroc"] is None  # one kind only
+    assert (
+        interpret.binary_curves(np.arange(4.0), np.ones(4, bool))["auroc"] is None
+    )  # one kind only
 
 
 def test_activation_share_and_percentile_band_on_hand_made_sets():
@@ -102,7 +111,8 @@ def test_explanation_scores_on_a_toy_model_are_eq8_and_grad_campp():
         head.bias.copy_(torch.tensor([0.1, -0.2]))
     mean, std = torch.tensor([0.1, -0.1, 0.0]), torch.tensor([0.5, 2.0, 1.0])
     y, o, cam, explained = interpret.explanation_scores(Toy(), head, mean, std, x, labels, stats)
-    # Eq. 8 by hand: CAM = ReLU(sum_j alpha_j^c f_j), alpha^c = W_c / std (the head sees standardized h)
+    # Eq. 8 by hand: CAM = ReLU(sum_j alpha_j^c f_j), alpha^c = W_c / std
+    # (the head sees standardized h)
     alpha = (head.weight / std)[labels]  # (4, 3)
     want = torch.relu((alpha[:, :, None, None] * x).sum(1))
     want = want / want.flatten(1).max(1).values[:, None, None]
@@ -150,7 +160,9 @@ def test_end_to_end_every_file_and_an_html_page_of_existing_files(trained, tmp_p
     masks.mkdir()
     write_digit_masks(str(masks))
     out = tmp_path / "interp"
-    p = run(["interpret.py", trained, "--out", str(out), "--masks", str(masks), "--max-images", "32"])
+    p = run(
+        ["interpret.py", trained, "--out", str(out), "--masks", str(masks), "--max-images", "32"]
+    )
     report = json.loads((out / "interpret.json").read_text())
     for name in interpret.SECTIONS:
         assert name in report and f"== {name}" in p.stdout
@@ -159,10 +171,16 @@ def test_end_to_end_every_file_and_an_html_page_of_existing_files(trained, tmp_p
     assert len(report["miou"]["figures"]) == 1 and report["miou"]["n_images"] == 24
     page = (out / "index.html").read_text()
     refs = re.findall(r"src='([^']+)'", page)
-    assert len(refs) == 9 and all((out / r).is_file() for r in refs) and refs[0] == "training.png"  # curves on top
+    assert (
+        len(refs) == 9 and all((out / r).is_file() for r in refs) and refs[0] == "training.png"
+    )  # curves on top
     assert_readable_page(page, keys_of(report) | set(read_metrics(trained)[0]))
-    assert 0 <= report["qscore"]["auroc_correct_positive"] <= 1 and "offline_linear_top1" in report["run"]
-    # |L_i| from Eq. 2's own sets: the share of empty ones is reported, and they count 0 in the means
+    assert (
+        0 <= report["qscore"]["auroc_correct_positive"] <= 1
+        and "offline_linear_top1" in report["run"]
+    )
+    # |L_i| from Eq. 2's own sets: the share of empty ones is reported, and they count 0 in the
+    # means
     q = report["qscore"]
     assert 0 <= q["share_empty_L"] <= 1 and "images with an empty L<sub>i</sub>" in page
     share = q["share_correct"]
@@ -174,16 +192,21 @@ def test_end_to_end_every_file_and_an_html_page_of_existing_files(trained, tmp_p
     assert 0 <= report["adai"]["average_drop"] <= 100 and report["adai"]["n_images"] == 32
     # a section run alone rewrites its own numbers and keeps the others'
     (out / "adai.png").unlink()
-    interpret.main(interpret.parse_args([trained, "--out", str(out), "--only", "qscore", "--eps", "2"]))
+    interpret.main(
+        interpret.parse_args([trained, "--out", str(out), "--only", "qscore", "--eps", "2"])
+    )
     again = json.loads((out / "interpret.json").read_text())
     assert again["run"]["eps"] == 2 and again["adai"] == report["adai"]
-    assert again["qscore"]["mean_L_correct"] > report["qscore"]["mean_L_correct"]  # a lower eps admits more features
+    assert (
+        again["qscore"]["mean_L_correct"] > report["qscore"]["mean_L_correct"]
+    )  # a lower eps admits more features
     assert "adai.png" not in (out / "index.html").read_text()  # only files that exist
 
 
 # --- the page as a person reads it ---------------------------------------------------------
 class Page(html.parser.HTMLParser):
-    """The visible text of a page, and each image with the tags around it and its figure's caption."""
+    """The visible text of a page, and each image with the tags around it and its figure's
+    caption."""
 
     def __init__(self, text):
         super().__init__()
@@ -203,7 +226,7 @@ class Page(html.parser.HTMLParser):
             self.captions.append(" ".join(self.caption))
             self.caption = None
         if tag in self.open:
-            del self.open[len(self.open) - 1 - self.open[::-1].index(tag):]
+            del self.open[len(self.open) - 1 - self.open[::-1].index(tag) :]
 
     def handle_data(self, data):
         if "style" not in self.open:
@@ -229,9 +252,13 @@ def assert_readable_page(text, keys):
     for src, around in page.images:
         assert "figure" in around, f"{src} is not inside a <figure>"
     for caption in page.captions:
-        assert len(caption.split()) >= 30 and caption.count(". ") >= 2 and caption.endswith("."), caption
+        assert len(caption.split()) >= 30 and caption.count(". ") >= 2 and caption.endswith("."), (
+            caption
+        )
     visible = " ".join(page.text)
-    shown = [k for k in keys if "_" in k and re.search(rf"(?<![\w/-]){re.escape(k)}(?![\w-])", visible)]
+    shown = [
+        k for k in keys if "_" in k and re.search(rf"(?<![\w/-]){re.escape(k)}(?![\w-])", visible)
+    ]
     assert not shown, f"raw keys on the page: {shown}"
 
 
@@ -240,7 +267,11 @@ def regularized(tmp_path_factory):
     """A second TINY SimCLR run, 2 epochs with the Q-Score regularizer and one online kNN, whose
     metrics.jsonl then gains a key no label knows and a line cut short (a killed write)."""
     run_dir = str(tmp_path_factory.mktemp("run") / "simclr_qscore")
-    run(["simclr.py"] + TINY + ["--epochs", "2", "--knn-every", "2", "--qscore-lambda", "0.1", "--run-dir", run_dir])
+    run(
+        ["simclr.py"]
+        + TINY
+        + ["--epochs", "2", "--knn-every", "2", "--qscore-lambda", "0.1", "--run-dir", run_dir]
+    )
     rows = read_metrics(run_dir)
     with open(os.path.join(run_dir, "metrics.jsonl"), "w") as fh:
         for r in rows:
@@ -263,7 +294,10 @@ def whole_lines(run_dir):
 
 def test_compare_two_runs_one_page_with_both_curves(trained, regularized, tmp_path):
     out = tmp_path / "cmp"
-    assert interpret.main(interpret.parse_args(["--compare", trained, regularized, "--out", str(out)])) == 0
+    assert (
+        interpret.main(interpret.parse_args(["--compare", trained, regularized, "--out", str(out)]))
+        == 0
+    )
     page = (out / "index.html").read_text()
     data = json.loads((out / "compare.json").read_text())
     names = [r["label"] for r in data["runs"]]
@@ -271,21 +305,31 @@ def test_compare_two_runs_one_page_with_both_curves(trained, regularized, tmp_pa
     # what the figure drew, read back from its lines: in the loss panel one line per run, each
     # with its own epochs and the values of its metrics.jsonl
     loss = data["curves"]["loss"]
-    assert {n: [x for x, _ in pts] for n, pts in loss.items()} == {"simclr": [1.0], "simclr_qscore": [1.0, 2.0]}
+    assert {n: [x for x, _ in pts] for n, pts in loss.items()} == {
+        "simclr": [1.0],
+        "simclr_qscore": [1.0, 2.0],
+    }
     for n, d in zip(names, (trained, regularized)):
         assert [y for _, y in loss[n]] == pytest.approx([r["loss"] for r in whole_lines(d)])
     assert sorted(data["curves"]["collapse_std"]) == names
     assert list(data["curves"]["loss_qscore"]) == ["simclr_qscore"]  # a term only one run has
-    knn = whole_lines(regularized)[1]["knn_top1"]  # measured at the last epoch only, drawn in percent
+    knn = whole_lines(regularized)[1][
+        "knn_top1"
+    ]  # measured at the last epoch only, drawn in percent
     assert data["curves"]["knn_top1"] == {"simclr_qscore": [[2.0, pytest.approx(100 * knn)]]}
-    assert data["curves"]["teacher_spread_x"]["simclr_qscore"] == [[1.0, 0.5], [2.0, 1.0]]  # an unknown key, drawn
+    assert data["curves"]["teacher_spread_x"]["simclr_qscore"] == [
+        [1.0, 0.5],
+        [2.0, 1.0],
+    ]  # an unknown key, drawn
     assert "teacher spread x" in page  # ... and named in words
     # the final numbers: the linear probe of the run that has one, a dash for the other
     lin = json.loads(open(os.path.join(trained, "linear.json")).read())
     top1 = next(r for r in data["final"] if r["label"] == "offline linear probe, top-1")
     assert top1["values"] == {"simclr": lin["offline_linear_top1"], "simclr_qscore": None}
     assert f"{100 * lin['offline_linear_top1']:.1f} %" in page and "--qscore-lambda 0.1" in page
-    assert_readable_page(page, set(whole_lines(regularized)[0]) | {"run_dir", "offline_linear_top1"})
+    assert_readable_page(
+        page, set(whole_lines(regularized)[0]) | {"run_dir", "offline_linear_top1"}
+    )
 
 
 def test_bad_input_one_sentence_exit_2(trained, tmp_path):
@@ -294,19 +338,36 @@ def test_bad_input_one_sentence_exit_2(trained, tmp_path):
     for name in ("args.json", "predictions.npz", "linear.json"):
         (empty / name).write_bytes(open(os.path.join(trained, name), "rb").read())
     p = run(["interpret.py", str(empty)], check=False)
-    assert p.returncode == 2 and "no backbone" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert (
+        p.returncode == 2 and "no backbone" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    )
     # no predictions yet
     (empty / "predictions.npz").unlink()
     (empty / "backbone.pt").write_bytes(open(os.path.join(trained, "backbone.pt"), "rb").read())
     with pytest.raises(common.UserError, match="run eval_linear.py"):
         interpret.main(interpret.parse_args([str(empty)]))
     # a data set the backbone cannot take: 96 px images need the 7x7 stem, this one has the 3x3
-    with pytest.raises(common.UserError, match="does not hold resnet18 weights"):
-        interpret.main(interpret.parse_args([trained, "--image-size", "96", "--out", str(tmp_path / "o")]))
+    with pytest.raises(common.UserError, match="does not hold resnet18-eighth weights"):
+        interpret.main(
+            interpret.parse_args([trained, "--image-size", "96", "--out", str(tmp_path / "o")])
+        )
     # predictions of another data set
     with pytest.raises(common.UserError, match="does not describe"):
-        interpret.main(interpret.parse_args([trained, "--dataset", "folder", "--data-dir", str(make_folder(tmp_path)),
-                                             "--image-size", "16", "--out", str(tmp_path / "o")]))
+        interpret.main(
+            interpret.parse_args(
+                [
+                    trained,
+                    "--dataset",
+                    "folder",
+                    "--data-dir",
+                    str(make_folder(tmp_path)),
+                    "--image-size",
+                    "16",
+                    "--out",
+                    str(tmp_path / "o"),
+                ]
+            )
+        )
     # masks whose size matches neither the image (32 px) nor what the model sees (16 px)
     masks = tmp_path / "masks"
     (masks / "3" / "feature_1").mkdir(parents=True)
@@ -315,14 +376,20 @@ def test_bad_input_one_sentence_exit_2(trained, tmp_path):
     i = ds.targets.index(3)
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(masks / "3" / "feature_1" / f"{i}.png")
     with pytest.raises(common.UserError, match="20x20 px, but its image is 32x32"):
-        interpret.main(interpret.parse_args([trained, "--only", "miou", "--masks", str(masks), "--out", str(tmp_path / "o")]))
+        interpret.main(
+            interpret.parse_args(
+                [trained, "--only", "miou", "--masks", str(masks), "--out", str(tmp_path / "o")]
+            )
+        )
     with pytest.raises(common.UserError, match="choose among"):
         interpret.main(interpret.parse_args([trained, "--only", "qscore,saliency"]))
     # --compare: a folder that is not there, and one that is not a run; no run at all
     with pytest.raises(common.UserError, match="'.*nowhere' does not exist"):
         interpret.main(interpret.parse_args(["--compare", trained, str(tmp_path / "nowhere")]))
     with pytest.raises(common.UserError, match="neither metrics.jsonl nor linear.json"):
-        interpret.main(interpret.parse_args(["--compare", trained, str(masks), "--out", str(tmp_path / "c")]))
+        interpret.main(
+            interpret.parse_args(["--compare", trained, str(masks), "--out", str(tmp_path / "c")])
+        )
     with pytest.raises(common.UserError, match="name a run folder"):
         interpret.main(interpret.parse_args([]))
 
@@ -334,5 +401,7 @@ def make_folder(tmp_path):
         for c in ("a", "b"):
             (root / split / c).mkdir(parents=True)
             for k in range(3):
-                Image.fromarray(np.full((16, 16, 3), 40 * k, np.uint8)).save(root / split / c / f"{k}.png")
+                Image.fromarray(np.full((16, 16, 3), 40 * k, np.uint8)).save(
+                    root / split / c / f"{k}.png"
+                )
     return root

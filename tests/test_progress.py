@@ -1,6 +1,7 @@
 """What a run prints, in all six scripts: progress lines by time as well as by steps, the grouped
 end-of-epoch line, TensorBoard events only when the optional package is there, and lines by time
 that cannot put the processes of a DDP run out of step."""
+
 import importlib
 import importlib.util
 import inspect
@@ -14,29 +15,45 @@ import pytest
 from conftest import REPO, TINY, free_port, read_metrics, run
 
 # narrow heads, so that each tiny run spends its time on the loop, not on a 2048-wide MLP
-SMALL = {"simclr.py": ["--proj-hidden", "64", "--proj-dim", "32"],
-         "moco.py": ["--proj-hidden", "64", "--pred-hidden", "64", "--proj-dim", "32", "--queue-size", "64"],
-         "byol.py": ["--proj-hidden", "64", "--pred-hidden", "64", "--proj-dim", "32"],
-         "simsiam.py": ["--proj-hidden", "64", "--pred-hidden", "16", "--proj-dim", "32"],
-         "swav.py": ["--prototypes", "30", "--proj-hidden", "64", "--proj-dim", "32"],
-         "dino.py": ["--prototypes", "128", "--proj-hidden", "64", "--proj-dim", "32"]}
-BY_TIME = ["--log-every", "1000", "--log-seconds", "0.001"]  # steps alone would print only each epoch's last step
-PROGRESS = re.compile(r"epoch \d+/\d+  step (\d+)/\d+  loss -?\d+\.\d{4}  lr \S+  \d+\.\d img/s  \d+(\.\d)? (s|min|h) left$")
-EPOCH = re.compile(r"epoch 1/1  loss -?\d+\.\d{3} \(ssl -?\d+\.\d{3}\)  online-knn [01]\.\d{3}  "
-                   r"qscore -?\d\.\d{3} \|L\| \d+\.\d under-alpha \d+%  collapse-std \d\.\d{3}  \d+\.\d img/s  \d+(\.\d)? (s|min|h)$")
-# the logging lines of the training loop, written out the same in every script
-LOOP = """\
-            log = (step + 1) % args.log_every == 0 or step + 1 == steps  # by steps: the same on every process
-            if log and check_finite(bad, epoch, run_dir):  # an all-reduce, so never on a time-based line
-                return 1
-            if rank == 0 and (log or time.time() >= next_line):  # by time: rank 0 alone, no collective
-                next_line = progress(args, epoch, step, steps, loss, lr, seen, t0)
-"""
+SMALL = {
+    "simclr.py": ["--proj-hidden", "64", "--proj-dim", "32"],
+    "moco.py": [
+        "--proj-hidden",
+        "64",
+        "--pred-hidden",
+        "64",
+        "--proj-dim",
+        "32",
+        "--queue-size",
+        "64",
+    ],
+    "byol.py": ["--proj-hidden", "64", "--pred-hidden", "64", "--proj-dim", "32"],
+    "simsiam.py": ["--proj-hidden", "64", "--pred-hidden", "16", "--proj-dim", "32"],
+    "swav.py": ["--prototypes", "30", "--proj-hidden", "64", "--proj-dim", "32"],
+    "dino.py": ["--prototypes", "128", "--proj-hidden", "64", "--proj-dim", "32"],
+}
+BY_TIME = [
+    "--log-every",
+    "1000",
+    "--log-seconds",
+    "0.001",
+]  # steps alone would print only each epoch's last step
+PROGRESS = re.compile(
+    r"epoch \d+/\d+  step (\d+)/\d+  loss -?\d+\.\d{4}  lr \S+  "
+    r"\d+\.\d img/s  \d+(\.\d)? (s|min|h) left$"
+)
+EPOCH = re.compile(
+    r"epoch 1/1  loss -?\d+\.\d{3} \(ssl -?\d+\.\d{3}\)  online-knn [01]\.\d{3}  "
+    r"qscore -?\d\.\d{3} \|L\| \d+\.\d under-alpha \d+%  collapse-std \d\.\d{3}  "
+    r"\d+\.\d img/s  \d+(\.\d)? (s|min|h)$"
+)
 
 
 @pytest.mark.parametrize("script", list(SMALL))
 def test_first_line_by_time_comes_before_the_epoch_line(script, tmp_path):
-    p = run([script] + TINY + SMALL[script] + BY_TIME + ["--epochs", "1", "--run-dir", str(tmp_path)])
+    p = run(
+        [script] + TINY + SMALL[script] + BY_TIME + ["--epochs", "1", "--run-dir", str(tmp_path)]
+    )
     lines = p.stdout.splitlines()
     steps = [int(m.group(1)) for m in map(PROGRESS.match, lines) if m]
     assert steps == [1, 2, 3], p.stdout  # steps 1 and 2 by the clock, step 3 as the epoch's last
@@ -45,7 +62,9 @@ def test_first_line_by_time_comes_before_the_epoch_line(script, tmp_path):
     assert len(ends) == 1 and first < ends[0], p.stdout
     assert list(read_metrics(tmp_path)[0])[:2] == ["epoch", "lr"]  # metrics.jsonl keeps its form
     events = [f for f in os.listdir(tmp_path) if f.startswith("events.out.tfevents")]
-    if importlib.util.find_spec("tensorboard") is None:  # not a requirement: then not a word about it
+    if (
+        importlib.util.find_spec("tensorboard") is None
+    ):  # not a requirement: then not a word about it
         assert "tensorboard" not in (p.stdout + p.stderr).lower() and not events
     else:
         assert events
@@ -55,16 +74,23 @@ def test_tensorboard_is_optional():
     assert "tensorboard" not in open(os.path.join(REPO, "requirements.txt")).read()
 
 
-def test_logging_is_the_same_text_in_every_script():
-    for name in ("progress", "epoch_line", "duration", "tensorboard_writer", "check_finite"):
-        texts = {inspect.getsource(getattr(importlib.import_module(s[:-3]), name)) for s in SMALL}
-        assert len(texts) == 1, f"{name} differs between the scripts"
+def test_logging_lives_once_in_the_harness():
+    """Progress lines, the epoch line, TensorBoard and the finite check are common.Run's, written
+    once: no script keeps a copy of its own to drift, and every script's loop reports each step to
+    the harness (run.step_done) and each epoch (run.end_epoch)."""
     for s in SMALL:
-        assert LOOP in open(os.path.join(REPO, s)).read(), f"{s}: the loop's logging lines differ"
+        mod = importlib.import_module(s[:-3])
+        for name in ("progress", "epoch_line", "duration", "tensorboard_writer", "check_finite"):
+            assert not hasattr(mod, name), f"{s} has a {name} of its own"
+        text = inspect.getsource(mod.main)
+        assert "run.step_done(" in text and "run.end_epoch(" in text, (
+            f"{s}: the loop bypasses the harness"
+        )
 
 
 class FakeWriter:
     """Stands in for torch.utils.tensorboard.SummaryWriter, which needs the tensorboard package."""
+
     made, scalars = [], []
 
     def __init__(self, log_dir):
@@ -78,13 +104,30 @@ class FakeWriter:
 
 
 def test_tensorboard_gets_the_metrics_of_every_epoch(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    monkeypatch.setitem(
+        sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter)
+    )
     import simclr
-    args = simclr.parse_args(TINY + SMALL["simclr.py"] + ["--epochs", "2", "--steps-per-epoch", "2", "--knn-every", "0",
-                                                         "--run-dir", str(tmp_path)])
+
+    args = simclr.parse_args(
+        TINY
+        + SMALL["simclr.py"]
+        + [
+            "--epochs",
+            "2",
+            "--steps-per-epoch",
+            "2",
+            "--knn-every",
+            "0",
+            "--run-dir",
+            str(tmp_path),
+        ]
+    )
     assert simclr.main(args) == 0
     assert FakeWriter.made == [str(tmp_path)]
-    assert FakeWriter.scalars == [(k, v, m["epoch"]) for m in read_metrics(tmp_path) for k, v in m.items() if k != "epoch"]
+    assert FakeWriter.scalars == [
+        (k, v, m["epoch"]) for m in read_metrics(tmp_path) for k, v in m.items() if k != "epoch"
+    ]
 
 
 # Rank 1's clock runs a thousand times slower than rank 0's: rank 0 is due for a line by time
@@ -100,10 +143,35 @@ raise SystemExit(simclr.main(simclr.parse_args(sys.argv[1:])))
 
 
 def test_torchrun_with_lines_by_time_on_one_rank_only(tmp_path):
-    p = run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-             f"--master_port={free_port()}", "--no-python", sys.executable, "-c", SKEWED_CLOCK, "--device", "cpu"]
-            + TINY + SMALL["simclr.py"] + ["--log-every", "1000", "--log-seconds", "0.05", "--epochs", "1",
-                                           "--run-dir", str(tmp_path)], timeout=300, env={"OMP_NUM_THREADS": "1"})
+    p = run(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            "--no-python",
+            sys.executable,
+            "-c",
+            SKEWED_CLOCK,
+            "--device",
+            "cpu",
+        ]
+        + TINY
+        + SMALL["simclr.py"]
+        + [
+            "--log-every",
+            "1000",
+            "--log-seconds",
+            "0.05",
+            "--epochs",
+            "1",
+            "--run-dir",
+            str(tmp_path),
+        ],
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert "2 process(es)" in p.stdout
     steps = [int(m.group(1)) for m in map(PROGRESS.match, p.stdout.splitlines()) if m]
     assert steps == [1, 2, 3], p.stdout  # rank 0's lines alone, steps 1 and 2 by its clock

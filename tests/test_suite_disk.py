@@ -1,5 +1,6 @@
 """The suite's own disk use: weight files of a finished test are gone before the next test
 starts (conftest), so the whole run fits on a CI machine with a few GB free."""
+
 import torch
 
 MADE = {}
