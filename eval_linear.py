@@ -34,9 +34,11 @@ or named before any work with --check-data (exit 2). Mid-epoch checkpoints and a
 method scripts' only.
 
     python eval_linear.py runs/simclr_digits_s0_1700000000
-    python eval_linear.py --weights backbone.pt --backbone resnet18 --dataset cifar10 --data-dir data
+    python eval_linear.py --weights backbone.pt --backbone resnet18 --dataset cifar10 \
+        --data-dir data
     torchrun --nproc_per_node=4 eval_linear.py runs/my_run --augment --epochs 100
 """
+
 import argparse
 import json
 import math
@@ -54,32 +56,98 @@ import common
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", nargs="?", default="", help="run folder of a method script (backbone.pt, args.json)")
-    p.add_argument("--weights", default="", help="a backbone.pt to evaluate instead of RUN_DIR/backbone.pt")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "run_dir",
+        nargs="?",
+        default="",
+        help="run folder of a method script (backbone.pt, args.json)",
+    )
+    p.add_argument(
+        "--weights", default="", help="a backbone.pt to evaluate instead of RUN_DIR/backbone.pt"
+    )
     # None: take the value from RUN_DIR/args.json (flags override it), else the default in the help
-    p.add_argument("--backbone", default=None, choices=list(common.BACKBONES),
-                   help="the backbone of the weights (default: args.json, else resnet18)")
-    p.add_argument("--dataset", default=None, choices=common.DATASETS, help="data set (default: args.json; needed with --weights)")
+    p.add_argument(
+        "--backbone",
+        default=None,
+        choices=list(common.BACKBONES),
+        help="the backbone of the weights (default: args.json, else resnet18)",
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        choices=common.DATASETS,
+        help="data set (default: args.json; needed with --weights)",
+    )
     p.add_argument("--data-dir", default=None, help="data folder (default: args.json, else 'data')")
-    p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: args.json); 0: native")
-    p.add_argument("--out", default="", help="output folder (default: RUN_DIR, or the folder of --weights)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="image side in pixels (default: args.json); 0: native",
+    )
+    p.add_argument(
+        "--out", default="", help="output folder (default: RUN_DIR, or the folder of --weights)"
+    )
     p.add_argument("--epochs", type=int, default=100, help="epochs of the linear probe")
-    p.add_argument("--batch-size", type=int, default=256, help="batch of the probe, and per process of feature extraction")
-    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate per 256 images, cosine decay to 0")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay of the linear layer")
-    p.add_argument("--augment", action="store_true",
-                   help="classic recipe: random resized crop + flip, features recomputed every epoch")
-    p.add_argument("--seed", type=int, default=0, help="seed of the probe's batches and of the augmentations")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="data-loader processes per process (default: 4, or fewer CPU cores)")
-    p.add_argument("--precision", default="auto", choices=common.PRECISIONS,
-                   help="the backbone's forward pass: bf16 autocast or fp32; auto: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--train-limit", type=int, default=0, help="train on this many training images (fixed subset); 0: all")
-    p.add_argument("--test-limit", type=int, default=0, help="evaluate on this many images (fixed subset); 0: all")
-    p.add_argument("--check-data", action="store_true", help="decode every file of a --dataset folder first and stop "
-                   "(exit 2) naming unreadable ones; without it each is replaced by the next readable image and counted")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=256,
+        help="batch of the probe, and per process of feature extraction",
+    )
+    p.add_argument(
+        "--lr", type=float, default=0.1, help="SGD learning rate per 256 images, cosine decay to 0"
+    )
+    p.add_argument(
+        "--weight-decay", type=float, default=0.0, help="weight decay of the linear layer"
+    )
+    p.add_argument(
+        "--augment",
+        action="store_true",
+        help="classic recipe: random resized crop + flip, features recomputed every epoch",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the probe's batches and of the augmentations"
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="auto: cuda when there is one",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="data-loader processes per process (default: 4, or fewer CPU cores)",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=common.PRECISIONS,
+        help="the backbone's forward pass: bf16 autocast or fp32; auto: bf16 on CUDA, fp32 on CPU",
+    )
+    p.add_argument(
+        "--train-limit",
+        type=int,
+        default=0,
+        help="train on this many training images (fixed subset); 0: all",
+    )
+    p.add_argument(
+        "--test-limit",
+        type=int,
+        default=0,
+        help="evaluate on this many images (fixed subset); 0: all",
+    )
+    p.add_argument(
+        "--check-data",
+        action="store_true",
+        help="decode every file of a --dataset folder first and stop (exit 2) naming unreadable "
+        "ones; without it each is replaced by the next readable image and counted",
+    )
     return p.parse_args(argv)
 
 
@@ -87,7 +155,9 @@ def resolve(args):
     """Fill dataset, data_dir, backbone, image_size, weights and out from the flags, then
     RUN_DIR/args.json, then defaults; bad input raises UserError before any work."""
     if not args.run_dir and not args.weights:
-        raise common.UserError("name a run folder (python eval_linear.py RUN_DIR) or a backbone with --weights PATH.")
+        raise common.UserError(
+            "name a run folder (python eval_linear.py RUN_DIR) or a backbone with --weights PATH."
+        )
     saved = {}
     if args.run_dir:
         if not os.path.isdir(args.run_dir):
@@ -98,8 +168,15 @@ def resolve(args):
                 saved = json.load(fh)
     weights = args.weights or os.path.join(args.run_dir, "backbone.pt")
     if not os.path.isfile(weights):
-        raise common.UserError(f"no backbone weights at '{weights}': train a method script first, or pass --weights.")
-    for key, default in (("backbone", "resnet18"), ("dataset", None), ("data_dir", "data"), ("image_size", 0)):
+        raise common.UserError(
+            f"no backbone weights at '{weights}': train a method script first, or pass --weights."
+        )
+    for key, default in (
+        ("backbone", "resnet18"),
+        ("dataset", None),
+        ("data_dir", "data"),
+        ("image_size", 0),
+    ):
         if getattr(args, key) is None:
             setattr(args, key, saved.get(key, default))
     if args.dataset is None:
@@ -113,17 +190,23 @@ def resolve(args):
 
 
 def load_backbone(args, size):
-    """build_backbone, with one clear sentence when the weights' stem does not fit the image size."""
+    """build_backbone, with a clear sentence when the weights' stem does not fit the image size."""
     small = size <= 64
     try:
         state = torch.load(args.weights, map_location="cpu", weights_only=True)
-        k = state["stem.0.weight"].shape[-1] if isinstance(state, dict) and "stem.0.weight" in state else None
+        k = (
+            state["stem.0.weight"].shape[-1]
+            if isinstance(state, dict) and "stem.0.weight" in state
+            else None
+        )
     except (OSError, RuntimeError):
         k = None  # build_backbone says what is wrong with the file
     if k is not None and (k == 3) != small:
         kind = "images of 64 px or less (3x3 stem)" if k == 3 else "images above 64 px (7x7 stem)"
-        raise common.UserError(f"'{args.weights}' is a backbone for {kind}, but --dataset {args.dataset} "
-                               f"is evaluated at {size} px; pass a matching --image-size or dataset.")
+        raise common.UserError(
+            f"'{args.weights}' is a backbone for {kind}, but --dataset {args.dataset} "
+            f"is evaluated at {size} px; pass a matching --image-size or dataset."
+        )
     return common.build_backbone(args.backbone, small_images=small, weights=args.weights)
 
 
@@ -144,10 +227,18 @@ class RandomCrops(torch.utils.data.Dataset):
     the centre 224/256 of the crop, as a centre crop does at test time)."""
 
     def __init__(self, base, size):
-        side = size if size <= 64 else int(round(size * 256 / 224))  # common.eval_transform's resize
+        side = (
+            size if size <= 64 else int(round(size * 256 / 224))
+        )  # common.eval_transform's resize
         self.base = base
-        self.tf = T.Compose([T.RandomResizedCrop(side, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-                             T.RandomHorizontalFlip()])
+        self.tf = T.Compose(
+            [
+                T.RandomResizedCrop(
+                    side, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC
+                ),
+                T.RandomHorizontalFlip(),
+            ]
+        )
 
     def __len__(self):
         return len(self.base)
@@ -157,8 +248,20 @@ class RandomCrops(torch.utils.data.Dataset):
         return self.tf(img.convert("RGB")), y
 
 
-def train_linear(x, y, num_classes, epochs=100, batch_size=256, lr=0.1, weight_decay=0.0, seed=0, features_at=None,
-                 stop=None, progress="", every=30.0):
+def train_linear(
+    x,
+    y,
+    num_classes,
+    epochs=100,
+    batch_size=256,
+    lr=0.1,
+    weight_decay=0.0,
+    seed=0,
+    features_at=None,
+    stop=None,
+    progress="",
+    every=30.0,
+):
     """Multinomial logistic regression on standardized features, SGD with nesterov momentum
     and a per-step cosine schedule. x (N, D) standardized, y (N,). With `features_at(epoch)`,
     each epoch trains on the features it returns (the --augment recipe) instead of x.
@@ -172,18 +275,24 @@ def train_linear(x, y, num_classes, epochs=100, batch_size=256, lr=0.1, weight_d
     nn.init.zeros_(head.weight)  # zero start: a feature constant on the training set keeps weight 0
     nn.init.zeros_(head.bias)
     base_lr = lr * batch_size / 256
-    opt = torch.optim.SGD(head.parameters(), lr=base_lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    opt = torch.optim.SGD(
+        head.parameters(), lr=base_lr, momentum=0.9, nesterov=True, weight_decay=weight_decay
+    )
     steps = math.ceil(n / batch_size)
     g = torch.Generator().manual_seed(seed)
     start = shown = time.time()
     for epoch in range(epochs):
         xe = features_at(epoch) if features_at is not None else x
         perm = torch.randperm(n, generator=g).to(x.device)
-        total = torch.zeros((), device=x.device)  # the epoch's summed loss, read only when a line is printed
+        total = torch.zeros(
+            (), device=x.device
+        )  # the epoch's summed loss, read only when a line is printed
         for s in range(steps):
             for group in opt.param_groups:  # cosine decay to 0 over every step of the run
-                group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * (epoch * steps + s) / (epochs * steps)))
-            i = perm[s * batch_size:(s + 1) * batch_size]
+                group["lr"] = (
+                    base_lr * 0.5 * (1 + math.cos(math.pi * (epoch * steps + s) / (epochs * steps)))
+                )
+            i = perm[s * batch_size : (s + 1) * batch_size]
             loss = F.cross_entropy(head(xe[i]), y[i])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -195,8 +304,15 @@ def train_linear(x, y, num_classes, epochs=100, batch_size=256, lr=0.1, weight_d
         if progress and common.rank() == 0 and (now - shown >= every or epoch + 1 == epochs):
             shown = now
             left = (now - start) / (epoch + 1) * (epochs - epoch - 1)
-            when = f"{common.duration(left)} left" if left > 0 else f"done in {common.duration(now - start)}"
-            print(f"{progress}: epoch {epoch + 1}/{epochs}  loss {total.item() / steps:.4f}  {when}", flush=True)
+            when = (
+                f"{common.duration(left)} left"
+                if left > 0
+                else f"done in {common.duration(now - start)}"
+            )
+            print(
+                f"{progress}: epoch {epoch + 1}/{epochs}  loss {total.item() / steps:.4f}  {when}",
+                flush=True,
+            )
     return head
 
 
@@ -233,18 +349,24 @@ def main(args):
         dist.init_process_group("nccl" if use_cuda else "gloo")
     rank = common.rank()
     torch.manual_seed(args.seed)
-    control = common.RunControl(0)  # a stop signal, agreed by every process at the same step; no checkpoint
+    control = common.RunControl(
+        0
+    )  # a stop signal, agreed by every process at the same step; no checkpoint
     t0 = time.time()
 
     native = common.IMAGE_SIZE[args.dataset]
     size = args.image_size or native
     stats = common.STATS[args.dataset]
-    backbone = load_backbone(args, size).to(device).eval()  # before the data: a mismatch fails at once
+    backbone = (
+        load_backbone(args, size).to(device).eval()
+    )  # before the data: a mismatch fails at once
     for p in backbone.parameters():
         p.requires_grad_(False)
 
     # data: the probe trains on the split kNN uses, and is scored on the test (or val) split
-    train_set, train_index = fixed_subset(common.eval_dataset(args.dataset, args.data_dir), args.train_limit)
+    train_set, train_index = fixed_subset(
+        common.eval_dataset(args.dataset, args.data_dir), args.train_limit
+    )
     test_full = common.make_dataset(args.dataset, args.data_dir, train=False)
     test_set, test_index = fixed_subset(test_full, args.test_limit)
     if args.check_data:  # every file decoded now: a bad one is named before any work
@@ -252,36 +374,70 @@ def main(args):
     classes = list(test_full.classes)
     num_classes = len(classes)
     if rank == 0:
-        print(f"eval_linear: {args.weights} ({args.backbone}) on {args.dataset} at {size}px, {len(train_set)} train / "
-              f"{len(test_set)} test images, {common.world_size()} process(es) on {device.type} -> {args.out}", flush=True)
+        print(
+            f"eval_linear: {args.weights} ({args.backbone}) on {args.dataset} at {size}px, "
+            f"{len(train_set)} train / {len(test_set)} test images, {common.world_size()} "
+            f"process(es) on {device.type} -> {args.out}",
+            flush=True,
+        )
 
     faults = []  # unreadable images replaced, per extraction (common.load_image)
 
-    def features(dataset, label=""):  # (N, D) float32 h, not normalized, and labels (N,), identical on every process
-        return common.extract_features(backbone, dataset, size, stats, native, device, args.batch_size, args.workers,
-                                       precision=args.precision, faults=faults, progress=label)
+    def features(
+        dataset, label=""
+    ):  # (N, D) float32 h, not normalized, and labels (N,), identical on every process
+        return common.extract_features(
+            backbone,
+            dataset,
+            size,
+            stats,
+            native,
+            device,
+            args.batch_size,
+            args.workers,
+            precision=args.precision,
+            faults=faults,
+            progress=label,
+        )
 
-    htr, ytr = features(train_set, "train features")  # progress lines every 30 s: minutes on a large split
+    htr, ytr = features(
+        train_set, "train features"
+    )  # progress lines every 30 s: minutes on a large split
     hte, yte = features(test_set, "test features")
 
     # kNN on the raw h (knn_predict normalizes it), the same bank the probe trains on
-    knn = {f"knn_top1_k{k}": common.knn_top1(htr, ytr, hte, yte, num_classes, k=k, t=0.1) for k in (20, 200)}
+    knn = {
+        f"knn_top1_k{k}": common.knn_top1(htr, ytr, hte, yte, num_classes, k=k, t=0.1)
+        for k in (20, 200)
+    }
 
     # linear probe on standardized features
     mean = htr.mean(0)
-    std = (htr.var(0, unbiased=False) + 1e-6).sqrt()  # eps: a dead feature is divided by 1e-3, not 0
+    std = (
+        htr.var(0, unbiased=False) + 1e-6
+    ).sqrt()  # eps: a dead feature is divided by 1e-3, not 0
     features_at = None
     if args.augment:
         augmented = RandomCrops(train_set, size)
 
         def features_at(epoch):
-            # a different draw on each process and epoch; all_gather inside extract_features joins them
+            # a different draw per process and epoch; all_gather inside extract_features joins them
             torch.manual_seed(args.seed * 100003 + epoch * 1009 + rank)
             return (features(augmented)[0] - mean) / std
 
-    head = train_linear((htr - mean) / std, ytr, num_classes, args.epochs, args.batch_size, args.lr,
-                        args.weight_decay, args.seed, features_at, stop=lambda: control.poll()[0] is not None,
-                        progress="linear probe")
+    head = train_linear(
+        (htr - mean) / std,
+        ytr,
+        num_classes,
+        args.epochs,
+        args.batch_size,
+        args.lr,
+        args.weight_decay,
+        args.seed,
+        features_at,
+        stop=lambda: control.poll()[0] is not None,
+        progress="linear probe",
+    )
     if head is None:
         return control.stop("during the linear probe")
     with torch.no_grad():
@@ -295,35 +451,79 @@ def main(args):
         "standardize": "(h - train mean) / sqrt(train var + 1e-6)",
         "classifier": "nn.Linear(D, C), zero init",
         "optimizer": "SGD momentum 0.9 nesterov, cosine decay to 0 per step",
-        "epochs": args.epochs, "batch_size": args.batch_size, "lr_per_256": args.lr,
-        "weight_decay": args.weight_decay, "seed": args.seed,
-        "augment": "random resized crop (0.08, 1) + flip, features recomputed each epoch" if args.augment else "none",
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr_per_256": args.lr,
+        "weight_decay": args.weight_decay,
+        "seed": args.seed,
+        "augment": "random resized crop (0.08, 1) + flip, features recomputed each epoch"
+        if args.augment
+        else "none",
         "knn": "cosine, exp(sim / 0.1) weighted votes, k = 20 and 200 (Wu et al. 2018)",
         "train_split": "STL-10 train" if args.dataset == "stl10" else "train",
-        "train_limit": args.train_limit, "test_limit": args.test_limit,
+        "train_limit": args.train_limit,
+        "test_limit": args.test_limit,
     }
     result = {
-        "offline_linear_top1": top1, "offline_linear_top5": top5, **knn, "recipe": recipe,
-        "dataset": args.dataset, "data_dir": args.data_dir, "image_size": size, "backbone": args.backbone,
-        "weights": os.path.abspath(args.weights), "n_train": len(train_set), "n_test": len(test_set),
-        "classes": classes, "bad_images": sum(faults), "seconds": time.time() - t0,
+        "offline_linear_top1": top1,
+        "offline_linear_top5": top5,
+        **knn,
+        "recipe": recipe,
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "image_size": size,
+        "backbone": args.backbone,
+        "weights": os.path.abspath(args.weights),
+        "n_train": len(train_set),
+        "n_test": len(test_set),
+        "classes": classes,
+        "bad_images": sum(faults),
+        "seconds": time.time() - t0,
     }
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        # each file to a temporary name, then renamed: a kill or a full disk never leaves half a file;
-        # linear.json last, so that it is there only when the others are
-        write_atomic(os.path.join(args.out, "predictions.npz"), lambda fh: np.savez(
-            fh, index=test_index.astype(np.int64), label=yte.cpu().numpy().astype(np.int64),
-            prediction=prediction.cpu().numpy().astype(np.int64), confidence=confidence.cpu().numpy(),
-            correct=(prediction == yte).cpu().numpy(), logits=logits.cpu().numpy(), h=hte.cpu().numpy().astype(np.float32)))
-        write_atomic(os.path.join(args.out, "linear_head.pt"), lambda fh: torch.save(
-            {"state_dict": {k: v.cpu() for k, v in head.state_dict().items()}, "mean": mean.cpu(), "std": std.cpu()}, fh))
-        write_atomic(os.path.join(args.out, "linear.json"), lambda fh: fh.write(json.dumps(result, indent=2).encode()))
+        # each file to a temporary name, then renamed: a kill or a full disk never leaves half a
+        # file; linear.json last, so that it is there only when the others are
+        write_atomic(
+            os.path.join(args.out, "predictions.npz"),
+            lambda fh: np.savez(
+                fh,
+                index=test_index.astype(np.int64),
+                label=yte.cpu().numpy().astype(np.int64),
+                prediction=prediction.cpu().numpy().astype(np.int64),
+                confidence=confidence.cpu().numpy(),
+                correct=(prediction == yte).cpu().numpy(),
+                logits=logits.cpu().numpy(),
+                h=hte.cpu().numpy().astype(np.float32),
+            ),
+        )
+        write_atomic(
+            os.path.join(args.out, "linear_head.pt"),
+            lambda fh: torch.save(
+                {
+                    "state_dict": {k: v.cpu() for k, v in head.state_dict().items()},
+                    "mean": mean.cpu(),
+                    "std": std.cpu(),
+                },
+                fh,
+            ),
+        )
+        write_atomic(
+            os.path.join(args.out, "linear.json"),
+            lambda fh: fh.write(json.dumps(result, indent=2).encode()),
+        )
         if result["bad_images"]:
-            print(f"note: {result['bad_images']} unreadable images were replaced by the next readable one "
-                  f"(--check-data names them).", flush=True)
-        print(f"offline linear top-1 {top1:.4f} top-5 {top5:.4f} | kNN top-1 k=20 {knn['knn_top1_k20']:.4f} "
-              f"k=200 {knn['knn_top1_k200']:.4f} | {result['seconds']:.0f} s", flush=True)
+            print(
+                f"note: {result['bad_images']} unreadable images were replaced by the next "
+                "readable one (--check-data names them).",
+                flush=True,
+            )
+        print(
+            f"offline linear top-1 {top1:.4f} top-5 {top5:.4f} | "
+            f"kNN top-1 k=20 {knn['knn_top1_k20']:.4f} k=200 {knn['knn_top1_k200']:.4f} | "
+            f"{result['seconds']:.0f} s",
+            flush=True,
+        )
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
@@ -331,7 +531,8 @@ def main(args):
 
 
 if __name__ == "__main__":
-    common.catch_stop_signals()  # in the probe SIGTERM, SIGUSR1 stop after the step: common.EXIT_STOPPED
+    # in the probe SIGTERM, SIGUSR1 stop after the step: common.EXIT_STOPPED
+    common.catch_stop_signals()
     try:
         raise SystemExit(main(parse_args()))
     except common.UserError as e:

@@ -33,8 +33,10 @@ metrics.jsonl, one colour per run) and tabulates their final numbers, from metri
 linear.json and interpret/interpret.json where these exist; compare.json holds the same.
 
 Masks (--masks DIR) follow the Salient ImageNet layout (Singla & Feizi 2022):
-    DIR/features.csv                                  header `class,feature,kind`, kind: core | spurious
-    DIR/<class>/feature_<k>/<image>.<JPEG|jpg|png>    grayscale, 0-255, one mask per (class, feature)
+    DIR/features.csv
+        header `class,feature,kind`, kind: core | spurious
+    DIR/<class>/feature_<k>/<image>.<JPEG|jpg|png>
+        grayscale, 0-255, one mask per (class, feature)
 <class> is the class's name in the data set (the folder name for ImageFolder, e.g. an ImageNet
 wnid); <image> is the image's file name without extension for ImageFolder data sets and its
 index in the evaluation split otherwise. An image's core (spurious) mask is the pixel-wise max
@@ -43,6 +45,7 @@ of its core (spurious) feature masks, kept where > 0.5. A mask has the size the 
 image is). Salient ImageNet's discover_spurious_features.csv maps to features.csv by writing,
 for each annotated (class_index, feature_index), the class's wnid, the feature and its verdict.
 """
+
 import argparse
 import csv
 import html
@@ -63,22 +66,75 @@ SECTIONS = ("qscore", "features", "discriminative", "gradcam", "miou", "adai")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", nargs="?", default="", help="run folder of a method script (backbone.pt, args.json)")
-    p.add_argument("--compare", nargs="+", default=[], metavar="RUN",
-                   help="instead: draw these runs' training curves on shared axes with a table of their final numbers")
-    p.add_argument("--predictions", default="", help="folder of eval_linear.py's outputs (default: RUN_DIR)")
-    p.add_argument("--out", default="", help="output folder (default: RUN_DIR/interpret; with --compare, "
-                   "runs/compare_<time>)")
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {','.join(SECTIONS)}")
-    p.add_argument("--masks", default="", help="core/spurious masks in the Salient ImageNet layout (see above); miou needs it")
-    p.add_argument("--max-images", type=int, default=256, help="images that gradcam, miou and adai run the backbone on")
-    p.add_argument("--features", default="", help="features to show in gradcam, e.g. 12,301; default: 4 picked from the band")
-    p.add_argument("--eps", type=float, default=3.0, help="highly activating: h_ij > mu_i + eps sigma_i (Eq. 2; paper: 3)")
-    p.add_argument("--dataset", default=None, choices=common.DATASETS, help="default: linear.json, else args.json")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "run_dir",
+        nargs="?",
+        default="",
+        help="run folder of a method script (backbone.pt, args.json)",
+    )
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        default=[],
+        metavar="RUN",
+        help="instead: draw these runs' training curves on shared axes "
+        "with a table of their final numbers",
+    )
+    p.add_argument(
+        "--predictions", default="", help="folder of eval_linear.py's outputs (default: RUN_DIR)"
+    )
+    p.add_argument(
+        "--out",
+        default="",
+        help="output folder (default: RUN_DIR/interpret; with --compare, runs/compare_<time>)",
+    )
+    p.add_argument(
+        "--only", default=",".join(SECTIONS), help=f"comma-separated sections: {','.join(SECTIONS)}"
+    )
+    p.add_argument(
+        "--masks",
+        default="",
+        help="core/spurious masks in the Salient ImageNet layout (see above); miou needs it",
+    )
+    p.add_argument(
+        "--max-images",
+        type=int,
+        default=256,
+        help="images that gradcam, miou and adai run the backbone on",
+    )
+    p.add_argument(
+        "--features",
+        default="",
+        help="features to show in gradcam, e.g. 12,301; default: 4 picked from the band",
+    )
+    p.add_argument(
+        "--eps",
+        type=float,
+        default=3.0,
+        help="highly activating: h_ij > mu_i + eps sigma_i (Eq. 2; paper: 3)",
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        choices=common.DATASETS,
+        help="default: linear.json, else args.json",
+    )
     p.add_argument("--data-dir", default=None, help="default: linear.json, else args.json")
-    p.add_argument("--image-size", type=int, default=None, help="default: linear.json, else args.json; 0: native")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="default: linear.json, else args.json; 0: native",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="auto: cuda when there is one",
+    )
     return p.parse_args(argv)
 
 
@@ -118,7 +174,14 @@ def binary_curves(score, positive):
     precision, recall = tp / (tp + fp), tp / n_pos
     auroc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
     auprc = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-    return {"auroc": auroc, "auprc": auprc, "fpr": fpr, "tpr": tpr, "precision": precision, "recall": recall}
+    return {
+        "auroc": auroc,
+        "auprc": auprc,
+        "fpr": fpr,
+        "tpr": tpr,
+        "precision": precision,
+        "recall": recall,
+    }
 
 
 def activation_share(mask):
@@ -146,7 +209,7 @@ def discriminative_subset(a, k, lo=30.0, hi=85.0):
     rank[order] = np.arange(len(a))
     centre = rank[discriminative_band(a, lo, hi)].mean()
     start = int(np.clip(round(centre - (k - 1) / 2), 0, len(a) - k))
-    return order[start:start + k]
+    return order[start : start + k]
 
 
 def soft_iou(heat, mask):
@@ -202,11 +265,16 @@ def load_inputs(args):
         raise common.UserError(f"--only {args.only}: choose among {','.join(SECTIONS)}.")
     weights = os.path.join(args.run_dir, "backbone.pt")
     if not os.path.isfile(weights):
-        raise common.UserError(f"no backbone at '{weights}': '{args.run_dir}' is not a finished run of a method script.")
+        raise common.UserError(
+            f"no backbone at '{weights}': "
+            f"'{args.run_dir}' is not a finished run of a method script."
+        )
     pred_dir = args.predictions or args.run_dir
     path = os.path.join(pred_dir, "predictions.npz")
     if not os.path.isfile(path):
-        raise common.UserError(f"no predictions at '{path}': run eval_linear.py {args.run_dir} first.")
+        raise common.UserError(
+            f"no predictions at '{path}': run eval_linear.py {args.run_dir} first."
+        )
     linear = {}
     if os.path.isfile(os.path.join(pred_dir, "linear.json")):
         with open(os.path.join(pred_dir, "linear.json")) as fh:
@@ -219,9 +287,13 @@ def load_inputs(args):
         if getattr(args, key) is None:
             setattr(args, key, linear.get(key, saved.get(key, default)))
     if args.dataset is None:
-        raise common.UserError("neither linear.json nor args.json names the data set: pass --dataset.")
+        raise common.UserError(
+            "neither linear.json nor args.json names the data set: pass --dataset."
+        )
     if args.masks and not os.path.isfile(os.path.join(args.masks, "features.csv")):
-        raise common.UserError(f"--masks '{args.masks}' has no features.csv (the layout is in interpret.py --help).")
+        raise common.UserError(
+            f"--masks '{args.masks}' has no features.csv (the layout is in interpret.py --help)."
+        )
     if args.device == "cuda" and not torch.cuda.is_available():
         raise common.UserError("--device cuda was asked for, but no GPU is visible.")
 
@@ -229,25 +301,36 @@ def load_inputs(args):
     native = common.IMAGE_SIZE[args.dataset]
     size = args.image_size or native
     name = linear.get("backbone", saved.get("backbone", "resnet18"))
-    backbone = common.build_backbone(name, size <= 64, weights)  # a stem that does not fit the size fails here
+    backbone = common.build_backbone(
+        name, size <= 64, weights
+    )  # a stem that does not fit the size fails here
     if p["h"].shape[1] != backbone.dim:
-        raise common.UserError(f"'{path}' holds {p['h'].shape[1]}-wide representations, but the {name} gives "
-                               f"{backbone.dim}: run eval_linear.py {args.run_dir} again.")
+        raise common.UserError(
+            f"'{path}' holds {p['h'].shape[1]}-wide representations, but the {name} gives "
+            f"{backbone.dim}: run eval_linear.py {args.run_dir} again."
+        )
     dataset = common.make_dataset(args.dataset, args.data_dir, train=False, download=False)
     targets = np.asarray(dataset.targets)
     if p["index"].max() >= len(dataset) or not np.array_equal(targets[p["index"]], p["label"]):
-        raise common.UserError(f"'{path}' does not describe the evaluation split of {args.dataset} at "
-                               f"'{args.data_dir}' ({len(dataset)} images): run eval_linear.py on it first.")
+        raise common.UserError(
+            f"'{path}' does not describe the evaluation split of {args.dataset} at "
+            f"'{args.data_dir}' ({len(dataset)} images): run eval_linear.py on it first."
+        )
     head_path = os.path.join(pred_dir, "linear_head.pt")
     head, head_mean, head_std, d = None, None, None, backbone.dim
     if "adai" in only:
         if not os.path.isfile(head_path):
-            raise common.UserError(f"adai needs the linear head at '{head_path}': run eval_linear.py first.")
+            raise common.UserError(
+                f"adai needs the linear head at '{head_path}': run eval_linear.py first."
+            )
         saved_head = torch.load(head_path, map_location="cpu", weights_only=True)
         w = saved_head["state_dict"]["weight"]
         if w.shape != (len(dataset.classes), backbone.dim):
-            raise common.UserError(f"'{head_path}' maps {w.shape[1]} features to {w.shape[0]} classes, but the backbone "
-                                   f"gives {backbone.dim} and {args.dataset} has {len(dataset.classes)} classes.")
+            raise common.UserError(
+                f"'{head_path}' maps {w.shape[1]} features to {w.shape[0]} classes, but the "
+                f"backbone gives {backbone.dim} and {args.dataset} has {len(dataset.classes)} "
+                "classes."
+            )
         head = nn.Linear(w.shape[1], w.shape[0])
         head.load_state_dict(saved_head["state_dict"])
         head_mean = torch.zeros(d) if saved_head.get("mean") is None else saved_head["mean"].float()
@@ -255,17 +338,35 @@ def load_inputs(args):
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     q, mask = qscore(p["h"], args.eps)
-    return dict(only=only, eps=args.eps, p=p, q=q, mask=mask, a=activation_share(mask), linear=linear,
-                backbone=backbone.to(device).eval(), head=head, head_mean=head_mean, head_std=head_std, dataset=dataset,
-                classes=[str(c) for c in dataset.classes], size=size, native=native, stats=common.STATS[args.dataset],
-                device=device, out=args.out or os.path.join(args.run_dir, "interpret"))
+    return dict(
+        only=only,
+        eps=args.eps,
+        p=p,
+        q=q,
+        mask=mask,
+        a=activation_share(mask),
+        linear=linear,
+        backbone=backbone.to(device).eval(),
+        head=head,
+        head_mean=head_mean,
+        head_std=head_std,
+        dataset=dataset,
+        classes=[str(c) for c in dataset.classes],
+        size=size,
+        native=native,
+        stats=common.STATS[args.dataset],
+        device=device,
+        out=args.out or os.path.join(args.run_dir, "interpret"),
+    )
 
 
 def load_images(ctx, rows):
     """The eval-transformed images of prediction rows `rows`: (B, 3, s, s) on the device."""
     tf = common.eval_transform(ctx["size"], ctx["stats"], ctx["native"])
     idx = ctx["p"]["index"][rows]
-    return torch.stack([tf(ctx["dataset"][int(i)][0].convert("RGB")) for i in idx]).to(ctx["device"])
+    return torch.stack([tf(ctx["dataset"][int(i)][0].convert("RGB")) for i in idx]).to(
+        ctx["device"]
+    )
 
 
 def sample_rows(ctx, max_images):
@@ -279,7 +380,7 @@ def heatmaps_of_l(ctx, rows, batch=64):
     h on these very images), (B, s, s) numpy; all 0 for an image whose L_i is empty."""
     out = []
     for s in range(0, len(rows), batch):
-        x = load_images(ctx, rows[s:s + batch])
+        x = load_images(ctx, rows[s : s + batch])
         with torch.no_grad():
             h = ctx["backbone"](x)[1]
         l_mask = torch.as_tensor(qscore(h.cpu().numpy(), ctx["eps"])[1], device=x.device)
@@ -295,8 +396,10 @@ def to_rgb(ctx, x):
 # --- the sections: each returns (numbers, figure files) ---------------------------------
 def plt_figure(*a, **k):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt, plt.figure(*a, **k)
 
 
@@ -311,53 +414,114 @@ def save(plt, fig, ctx, name):
 # (header, rows of (label, keys, kind, how to read)) and a caption per figure.
 PAGE_QSCORE = {
     "title": "Q-Score: does a label-free score flag the probe's mistakes?",
-    "intro": "Q-Score (Kalibhat et al., Eq. 3) scores one image from its pooled representation h alone, without "
-             "labels: how far its few highly activating features L_i (Eq. 2) stand above the mean of h. The paper's "
-             "claim (Sec. 4, Fig. 4) is that images of low Q-Score are the ones a linear classifier gets wrong. Here "
-             "the classifier is eval_linear.py's offline linear probe and the images are the evaluation split.",
+    "intro": "Q-Score (Kalibhat et al., Eq. 3) scores one image from its pooled representation "
+    "h alone, without labels: how far its few highly activating features L_i (Eq. 2) stand above "
+    "the mean of h. The paper's claim (Sec. 4, Fig. 4) is that images of low Q-Score are the ones "
+    "a linear classifier gets wrong. Here the classifier is eval_linear.py's offline linear probe "
+    "and the images are the evaluation split.",
     "tables": [
-        (None, [("images evaluated", ["n"], "int", ""),
-                ("share classified correctly", ["share_correct"], "pct", "the offline probe's top-1 on these images"),
-                ("share of images with an empty L_i", ["share_empty_L"], "pct",
-                 "no feature above μ_i + ε σ_i: |L_i| counts 0 there, and Q_i falls back to the largest feature")]),
-        (["Q-Score as a predictor", "correct as positive (high Q first)", "mistakes as positive (low Q first)"], [
-            ("AUROC", ["auroc_correct_positive", "auroc_misclassified_positive"], "pct",
-             "chance 50 %, higher is better (the paper's best: 73 % on ImageNet-100, 65 % on ImageNet-1K); the "
-             "columns agree by construction"),
-            ("AUPRC", ["auprc_correct_positive", "auprc_misclassified_positive"], "pct",
-             "chance is the share of positives (the correct share, or the mistakes' share); higher is better")]),
-        (["mean over the images", "correct", "mis-classified"], [
-            ("highly activating features |L_i|", ["mean_L_correct", "mean_L_misclassified"], "f2",
-             "Sec. 3 of the paper finds more in correct images; an empty L_i counts 0"),
-            ("images with an empty L_i", ["share_empty_L_correct", "share_empty_L_misclassified"], "pct", ""),
-            ("confidence of the probe (max softmax)", ["mean_confidence_correct", "mean_confidence_misclassified"],
-             "pct", "usually higher for correct images"),
-            ("Q-Score", ["mean_q_correct", "mean_q_misclassified"], "g3",
-             "a useful Q-Score is higher for correct images")]),
+        (
+            None,
+            [
+                ("images evaluated", ["n"], "int", ""),
+                (
+                    "share classified correctly",
+                    ["share_correct"],
+                    "pct",
+                    "the offline probe's top-1 on these images",
+                ),
+                (
+                    "share of images with an empty L_i",
+                    ["share_empty_L"],
+                    "pct",
+                    "no feature above μ_i + ε σ_i: |L_i| counts 0 there, "
+                    "and Q_i falls back to the largest feature",
+                ),
+            ],
+        ),
+        (
+            [
+                "Q-Score as a predictor",
+                "correct as positive (high Q first)",
+                "mistakes as positive (low Q first)",
+            ],
+            [
+                (
+                    "AUROC",
+                    ["auroc_correct_positive", "auroc_misclassified_positive"],
+                    "pct",
+                    "chance 50 %, higher is better (the paper's best: 73 % on "
+                    "ImageNet-100, 65 % on ImageNet-1K); the columns agree by construction",
+                ),
+                (
+                    "AUPRC",
+                    ["auprc_correct_positive", "auprc_misclassified_positive"],
+                    "pct",
+                    "chance is the share of positives (the correct share, or the mistakes' "
+                    "share); higher is better",
+                ),
+            ],
+        ),
+        (
+            ["mean over the images", "correct", "mis-classified"],
+            [
+                (
+                    "highly activating features |L_i|",
+                    ["mean_L_correct", "mean_L_misclassified"],
+                    "f2",
+                    "Sec. 3 of the paper finds more in correct images; an empty L_i counts 0",
+                ),
+                (
+                    "images with an empty L_i",
+                    ["share_empty_L_correct", "share_empty_L_misclassified"],
+                    "pct",
+                    "",
+                ),
+                (
+                    "confidence of the probe (max softmax)",
+                    ["mean_confidence_correct", "mean_confidence_misclassified"],
+                    "pct",
+                    "usually higher for correct images",
+                ),
+                (
+                    "Q-Score",
+                    ["mean_q_correct", "mean_q_misclassified"],
+                    "g3",
+                    "a useful Q-Score is higher for correct images",
+                ),
+            ],
+        ),
     ],
-    "qscore_curves.png":
-        "ROC (left) and precision-recall (right) curves of Q-Score as a predictor of the probe's outcome, as in Fig. 4 "
-        "of Kalibhat et al. Blue takes the correctly classified images as positives and ranks images from high to low "
-        "Q; orange takes the mistakes as positives and ranks from low to high Q. On the ROC the dotted diagonal is "
-        "chance (AUROC 50 %), and the two curves are one curve turned half a turn about the centre, so their areas "
-        "are equal. On the precision-recall plot each curve's chance is the dotted line of its colour, at the share "
-        "of its positives: read a curve against its own line.",
-    "qscore_bars.png":
-        "Left and middle: the mean number of highly activating features |L_i| and the probe's mean confidence, for "
-        "correctly and wrongly classified images. These are the two measures of Kalibhat et al. Fig. 5, which "
-        "compares them before and after Q-Score regularization (for that, train a second run with --qscore-lambda "
-        "and put both side by side with interpret.py --compare); here they are split by outcome, and Sec. 3 of the "
-        "paper expects the correct bars to be the higher. Right: the distribution of Q_i in both groups, each "
-        "scaled to area 1; the further right the correct group lies, the better Q-Score separates the two, and "
-        "histograms on top of each other mean it does not.",
+    "qscore_curves.png": "ROC (left) and precision-recall (right) curves of Q-Score as a predictor "
+    "of the probe's outcome, as in Fig. 4 of Kalibhat et al. Blue takes the correctly classified "
+    "images as positives and ranks images from high to low Q; orange takes the mistakes as "
+    "positives and ranks from low to high Q. On the ROC the dotted diagonal is chance "
+    "(AUROC 50 %), and the two curves are one curve turned half a turn about the centre, so their "
+    "areas are equal. On the precision-recall plot each curve's chance is the dotted line of its "
+    "colour, at the share of its positives: read a curve against its own line.",
+    "qscore_bars.png": "Left and middle: the mean number of highly activating features |L_i| and "
+    "the probe's mean confidence, for correctly and wrongly classified images. These are the two "
+    "measures of Kalibhat et al. Fig. 5, which compares them before and after Q-Score "
+    "regularization (for that, train a second run with --qscore-lambda and put both side by side "
+    "with interpret.py --compare); here they are split by outcome, and Sec. 3 of the paper expects "
+    "the correct bars to be the higher. Right: the distribution of Q_i in both groups, each scaled "
+    "to area 1; the further right the correct group lies, the better Q-Score separates the two, "
+    "and histograms on top of each other mean it does not.",
 }
 
 
 def section_qscore(ctx):
     p, q, correct = ctx["p"], ctx["q"], ctx["p"]["correct"].astype(bool)
-    cur = {"correct": binary_curves(q, correct), "misclassified": binary_curves(-q, ~correct)}  # low Q predicts errors
+    cur = {
+        "correct": binary_curves(q, correct),
+        "misclassified": binary_curves(-q, ~correct),
+    }  # low Q predicts errors
     size = ctx["mask"].sum(1)
-    num = {"n": len(q), "share_correct": float(correct.mean()), "share_empty_L": float((size == 0).mean())}
+    num = {
+        "n": len(q),
+        "share_correct": float(correct.mean()),
+        "share_empty_L": float((size == 0).mean()),
+    }
     for name, c in cur.items():
         num[f"auroc_{name}_positive"], num[f"auprc_{name}_positive"] = c["auroc"], c["auprc"]
     for name, sel in (("correct", correct), ("misclassified", ~correct)):
@@ -370,20 +534,34 @@ def section_qscore(ctx):
     for name, c in cur.items():
         if c["auroc"] is not None:
             who = "correct" if name == "correct" else "mistakes"
-            ax1.plot(c["fpr"], c["tpr"], label=f"{who} as positive (AUROC {100 * c['auroc']:.1f} %)")
-            ax2.plot(c["recall"], c["precision"], label=f"{who} as positive (AUPRC {100 * c['auprc']:.1f} %)")
+            ax1.plot(
+                c["fpr"], c["tpr"], label=f"{who} as positive (AUROC {100 * c['auroc']:.1f} %)"
+            )
+            ax2.plot(
+                c["recall"],
+                c["precision"],
+                label=f"{who} as positive (AUPRC {100 * c['auprc']:.1f} %)",
+            )
     ax1.plot([0, 1], [0, 1], "k:", lw=1)
     ax1.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC of Q-Score")
     ax2.axhline(correct.mean(), color="C0", ls=":", lw=1)
     ax2.axhline(1 - correct.mean(), color="C1", ls=":", lw=1)
-    ax2.set(xlabel="recall", ylabel="precision", title="precision-recall of Q-Score (dotted: chance)")
+    ax2.set(
+        xlabel="recall", ylabel="precision", title="precision-recall of Q-Score (dotted: chance)"
+    )
     ax1.legend(fontsize=8)
     ax2.legend(fontsize=8)
     files = [save(plt, fig, ctx, "qscore_curves.png")]
     plt, fig = plt_figure(figsize=(11, 3.5))
-    for i, (key, label) in enumerate((("mean_L", "mean $|L_i|$"), ("mean_confidence", "mean confidence"))):
+    for i, (key, label) in enumerate(
+        (("mean_L", "mean $|L_i|$"), ("mean_confidence", "mean confidence"))
+    ):
         ax = fig.add_subplot(1, 3, i + 1)
-        ax.bar(["correct", "mis-classified"], [num[f"{key}_correct"] or 0, num[f"{key}_misclassified"] or 0], color=["C0", "C1"])
+        ax.bar(
+            ["correct", "mis-classified"],
+            [num[f"{key}_correct"] or 0, num[f"{key}_misclassified"] or 0],
+            color=["C0", "C1"],
+        )
         ax.set_title(label)
     ax = fig.add_subplot(133)
     bins = np.linspace(q.min(), q.max(), 40)
@@ -397,20 +575,31 @@ def section_qscore(ctx):
 
 PAGE_FEATURES = {
     "title": "Mean representations of correct and mis-classified images",
-    "intro": "Kalibhat et al. (Sec. 3, Fig. 3) observe that self-supervised representations are nearly sparse: a "
-             "few features stand out in each image, and correctly classified images have more of them than the "
-             "mis-classified images of the same class. This section draws that picture for the evaluation split, "
-             "with the offline probe deciding what is correct.",
-    "tables": [(None, [("classes shown", ["n_classes_shown"], "int", "at most 20"),
-                       ("feature columns shown", ["n_features_shown"], "int",
-                        "for each class, the 4 largest features of its correct images")])],
-    "features_heatmap.png":
-        "Rows are classes and columns a selection of features of h, the same in both panels: for each class, the "
-        "four features with the largest mean over its correct images. A cell is the mean L2-normalized value of the "
-        "feature over the class's correct (left) or mis-classified (right) images, darker for larger, as in Fig. 3 "
-        "of Kalibhat et al. Read it row by row: a row dark on its class's own columns on the left and pale on the "
-        "right says the mistakes lack the highly activating features of correct images; a blank row has no image "
-        "of that kind.",
+    "intro": "Kalibhat et al. (Sec. 3, Fig. 3) observe that self-supervised representations are "
+    "nearly sparse: a few features stand out in each image, and correctly classified images have "
+    "more of them than the mis-classified images of the same class. This section draws that "
+    "picture for the evaluation split, with the offline probe deciding what is correct.",
+    "tables": [
+        (
+            None,
+            [
+                ("classes shown", ["n_classes_shown"], "int", "at most 20"),
+                (
+                    "feature columns shown",
+                    ["n_features_shown"],
+                    "int",
+                    "for each class, the 4 largest features of its correct images",
+                ),
+            ],
+        )
+    ],
+    "features_heatmap.png": "Rows are classes and columns a selection of features of h, the same "
+    "in both panels: for each class, the four features with the largest mean over its correct "
+    "images. A cell is the mean L2-normalized value of the feature over the class's correct (left) "
+    "or mis-classified (right) images, darker for larger, as in Fig. 3 of Kalibhat et al. Read it "
+    "row by row: a row dark on its class's own columns on the left and pale on the right says the "
+    "mistakes lack the highly activating features of correct images; a blank row has no image of "
+    "that kind.",
 }
 
 
@@ -426,11 +615,18 @@ def section_features(ctx, per_class=4, max_classes=20):
         sel = (label == c) & correct if ((label == c) & correct).any() else label == c
         cols += [j for j in np.argsort(-hn[sel].mean(0))[:per_class] if j not in cols]
     grids = {k: np.full((len(shown), len(cols)), np.nan) for k in ("correct", "misclassified")}
-    num = {"n_classes_shown": len(shown), "n_features_shown": len(cols), "features_shown": [int(j) for j in cols],
-           "classes": {}}
+    num = {
+        "n_classes_shown": len(shown),
+        "n_features_shown": len(cols),
+        "features_shown": [int(j) for j in cols],
+        "classes": {},
+    }
     for r, c in enumerate(shown):
         row = {}
-        for k, sel in (("correct", (label == c) & correct), ("misclassified", (label == c) & ~correct)):
+        for k, sel in (
+            ("correct", (label == c) & correct),
+            ("misclassified", (label == c) & ~correct),
+        ):
             row[f"n_{k}"] = int(sel.sum())
             row[f"mean_L_{k}"] = float(size[sel].mean()) if sel.any() else None
             if sel.any():
@@ -443,8 +639,11 @@ def section_features(ctx, per_class=4, max_classes=20):
         im = ax.imshow(g, aspect="auto", cmap="Blues", vmin=0, vmax=top)
         ax.set_yticks(range(len(shown)), [classes[c][:12] for c in shown], fontsize=7)
         ax.set_xticks(range(len(cols)), cols, fontsize=5, rotation=90)
-        ax.set_title(f"{'correct' if k == 'correct' else 'mis-classified'}: mean of normalized h (blank: no image)",
-                     fontsize=9)
+        ax.set_title(
+            f"{'correct' if k == 'correct' else 'mis-classified'}: "
+            "mean of normalized h (blank: no image)",
+            fontsize=9,
+        )
     fig.colorbar(im, ax=fig.axes)
     fig.savefig(os.path.join(ctx["out"], "features_heatmap.png"), dpi=90, bbox_inches="tight")
     plt.close(fig)
@@ -456,8 +655,10 @@ def probe_accuracy(x, y, train, test):
     The recipe is a fixed 300 iterations for every subset, so that subsets compare at equal
     cost; lbfgs's warning that it had not converged by then is expected and not printed."""
     import warnings
+
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
+
     m, s = x[train].mean(0), x[train].std(0) + 1e-6
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -467,25 +668,46 @@ def probe_accuracy(x, y, train, test):
 
 PAGE_DISCRIMINATIVE = {
     "title": "Discriminative features: the class-related part of h",
-    "intro": "A_j (Kalibhat et al., Eq. 5) is the share of images for which feature j is highly activating. "
-             "Features active for very few images are specific to those images, and features active for most images "
-             "are generic; the paper keeps the middle, between the 30th and 85th percentile of A over the features "
-             "active at least once, and calls them discriminative (App. A.1, Fig. A.1). Its Fig. A.3 checks that a "
-             "linear classifier on these few features nearly matches one on all features and beats one on as many "
-             "random features.",
-    "tables": [(None, [("features highly activating for at least one image", ["n_active_features"], "int", ""),
-                       ("discriminative features (the band)", ["band_size"], "int", "found without any label"),
-                       ("A_j of the band's features", ["band_A_range"], "range100",
-                        "the share of images for which each is highly activating"),
-                       ("probe", ["probe"], "text", "")])],
-    "discriminative.png":
-        "Left: A_j of every feature that is highly activating for at least one image, in ascending order, with the "
-        "discriminative band shaded (Fig. A.1 of Kalibhat et al.). Right: top-1 of a logistic-regression probe "
-        "trained on one half of the evaluation split and scored on the other half, on k features: the band or a "
-        "subset of k features centred on it, k random features, or the first k PCA components (Fig. A.3); the "
-        "dotted line marks the band's size. Discriminative above random means the band holds the class "
-        "information; close to PCA means single features do as well as the best linear directions (App. A.2). "
-        "This probe sees far fewer images than the offline probe, so compare the lines, not their level.",
+    "intro": "A_j (Kalibhat et al., Eq. 5) is the share of images for which feature j is highly "
+    "activating. Features active for very few images are specific to those images, and features "
+    "active for most images are generic; the paper keeps the middle, between the 30th and 85th "
+    "percentile of A over the features active at least once, and calls them discriminative "
+    "(App. A.1, Fig. A.1). Its Fig. A.3 checks that a linear classifier on these few features "
+    "nearly matches one on all features and beats one on as many random features.",
+    "tables": [
+        (
+            None,
+            [
+                (
+                    "features highly activating for at least one image",
+                    ["n_active_features"],
+                    "int",
+                    "",
+                ),
+                (
+                    "discriminative features (the band)",
+                    ["band_size"],
+                    "int",
+                    "found without any label",
+                ),
+                (
+                    "A_j of the band's features",
+                    ["band_A_range"],
+                    "range100",
+                    "the share of images for which each is highly activating",
+                ),
+                ("probe", ["probe"], "text", ""),
+            ],
+        )
+    ],
+    "discriminative.png": "Left: A_j of every feature that is highly activating for at least one "
+    "image, in ascending order, with the discriminative band shaded (Fig. A.1 of Kalibhat et al.). "
+    "Right: top-1 of a logistic-regression probe trained on one half of the evaluation split and "
+    "scored on the other half, on k features: the band or a subset of k features centred on it, "
+    "k random features, or the first k PCA components (Fig. A.3); the dotted line marks the band's "
+    "size. Discriminative above random means the band holds the class information; close to PCA "
+    "means single features do as well as the best linear directions (App. A.2). This probe sees "
+    "far fewer images than the offline probe, so compare the lines, not their level.",
 }
 
 
@@ -493,36 +715,68 @@ def section_discriminative(ctx):
     """Fig. A.1 and A.3. The probe trains on a fixed half of the evaluation split and is scored
     on the other half: the comparison between subsets is what counts, not the absolute top-1."""
     from sklearn.decomposition import PCA
+
     a, h, y = ctx["a"], ctx["p"]["h"].astype(np.float64), ctx["p"]["label"]
     d, band = len(a), discriminative_band(a)
     perm = np.random.RandomState(0).permutation(len(y))
-    train, test = perm[: len(y) // 2], perm[len(y) // 2:]
-    sizes = sorted({len(band), *[k for k in (d // 32, d // 16, d // 8, d // 4, d // 2) if k >= 2], d})
+    train, test = perm[: len(y) // 2], perm[len(y) // 2 :]
+    sizes = sorted(
+        {len(band), *[k for k in (d // 32, d // 16, d // 8, d // 4, d // 2) if k >= 2], d}
+    )
     rng = np.random.RandomState(1)
     rows = []
     for k in sizes:
-        # k components of k or more training samples are partly noise that standardizing blows up: none
+        # k components of k or more training samples are partly noise that standardizing
+        # blows up: none
         pca = PCA(k, random_state=0).fit(h[train]) if k < len(train) else None
-        rows.append({"k": int(k), "discriminative": probe_accuracy(h[:, discriminative_subset(a, k)], y, train, test),
-                     "random": probe_accuracy(h[:, np.sort(rng.choice(d, k, replace=False))], y, train, test),
-                     "pca": probe_accuracy(pca.transform(h), y, train, test) if pca is not None else None})
+        rows.append(
+            {
+                "k": int(k),
+                "discriminative": probe_accuracy(h[:, discriminative_subset(a, k)], y, train, test),
+                "random": probe_accuracy(
+                    h[:, np.sort(rng.choice(d, k, replace=False))], y, train, test
+                ),
+                "pca": probe_accuracy(pca.transform(h), y, train, test)
+                if pca is not None
+                else None,
+            }
+        )
     active = np.sort(a[a > 0])
-    num = {"n_active_features": int((a > 0).sum()), "band_size": int(len(band)),
-           "band_A_range": [float(a[band].min()), float(a[band].max())], "band": [int(j) for j in band],
-           "probe": "logistic regression, half of the eval split -> the other half", "accuracy": rows}
+    num = {
+        "n_active_features": int((a > 0).sum()),
+        "band_size": int(len(band)),
+        "band_A_range": [float(a[band].min()), float(a[band].max())],
+        "band": [int(j) for j in band],
+        "probe": "logistic regression, half of the eval split -> the other half",
+        "accuracy": rows,
+    }
     plt, fig = plt_figure(figsize=(11, 4))
     ax = fig.add_subplot(121)
     ax.plot(active, lw=1.5)
     lo, hi = np.searchsorted(active, [a[band].min(), a[band].max()], side="left")
     ax.axvspan(lo, hi, color="C2", alpha=0.2, label=f"30th-85th percentile: {len(band)} features")
-    ax.set(xlabel="highly activating features, ascending $A_j$", ylabel="$A_j$ (% of images)", title="$A_j$ (Eq. 5)")
+    ax.set(
+        xlabel="highly activating features, ascending $A_j$",
+        ylabel="$A_j$ (% of images)",
+        title="$A_j$ (Eq. 5)",
+    )
     ax.legend(fontsize=8)
     ax = fig.add_subplot(122)
     for key in ("discriminative", "random", "pca"):
         have = [r for r in rows if r[key] is not None]
-        ax.plot([r["k"] for r in have], [100 * r[key] for r in have], "o-", label={"pca": "PCA"}.get(key, key))
+        ax.plot(
+            [r["k"] for r in have],
+            [100 * r[key] for r in have],
+            "o-",
+            label={"pca": "PCA"}.get(key, key),
+        )
     ax.axvline(len(band), color="C2", ls=":", lw=1, label=f"the band ({len(band)})")
-    ax.set(xscale="log", xlabel="features kept", ylabel="top-1 (%)", title="linear probe on feature subsets")
+    ax.set(
+        xscale="log",
+        xlabel="features kept",
+        ylabel="top-1 (%)",
+        title="linear probe on feature subsets",
+    )
     ticks = [r["k"] for r in rows if r["k"] != len(band)]
     ax.set_xticks(ticks, [str(k) for k in ticks], fontsize=7)
     ax.minorticks_off()
@@ -539,24 +793,37 @@ def overlay(ax, rgb, heat, title):
 
 PAGE_GRADCAM = {
     "title": "Where the highly activating features look (Grad-CAM)",
-    "intro": "Grad-CAM (Selvaraju et al. 2017) turns the gradient of a score with respect to the backbone's last "
-             "feature map into a heatmap over the image. Kalibhat et al. apply it to highly activating features: "
-             "per image, to the sum of the features in L_i (Fig. 6), and per feature, to the images that activate "
-             "that feature most (Fig. 2).",
-    "tables": [(None, [("features shown in the second figure", ["features_chosen"], "text",
-                        "by default 4 of the discriminative band, those most tied to one class; --features chooses")])],
-    "gradcam_samples.png":
-        "Grad-CAM of the sum of each image's highly activating features, for correctly (top row) and wrongly "
-        "(bottom row) classified images, as Kalibhat et al. Fig. 6 shows for mis-classified ImageNet images. A "
-        "title gives the true class, the predicted class, |L_i| and Q_i; red is where the features respond. One "
-        "hopes for heatmaps on the object rather than on the background: the paper finds that the mistakes' "
-        "heatmaps also cover irrelevant parts, and that they become more compact with Q-Score regularization.",
-    "gradcam_features.png":
-        "One row per feature, as in Kalibhat et al. Fig. 2. Left: for each class, the percentage of its images for "
-        "which the feature is highly activating. Right: the images with the largest value of the feature (h: its "
-        "normalized value), with the Grad-CAM of that one feature. A feature that fires for much of one class and "
-        "little of the others, with heatmaps on the same part of the object, encodes a class-related attribute (the "
-        "paper's example is a zebra's stripes); one that fires across many classes is generic (Fig. A.2).",
+    "intro": "Grad-CAM (Selvaraju et al. 2017) turns the gradient of a score with respect to the "
+    "backbone's last feature map into a heatmap over the image. Kalibhat et al. apply it to highly "
+    "activating features: per image, to the sum of the features in L_i (Fig. 6), and per feature, "
+    "to the images that activate that feature most (Fig. 2).",
+    "tables": [
+        (
+            None,
+            [
+                (
+                    "features shown in the second figure",
+                    ["features_chosen"],
+                    "text",
+                    "by default 4 of the discriminative band, those most tied to one "
+                    "class; --features chooses",
+                )
+            ],
+        )
+    ],
+    "gradcam_samples.png": "Grad-CAM of the sum of each image's highly activating features, for "
+    "correctly (top row) and wrongly (bottom row) classified images, as "
+    "Kalibhat et al. Fig. 6 shows for mis-classified ImageNet images. A title gives the true "
+    "class, the predicted class, |L_i| and Q_i; red is where the features respond. One hopes for "
+    "heatmaps on the object rather than on the background: the paper finds that the mistakes' "
+    "heatmaps also cover irrelevant parts, and that they become more compact with Q-Score "
+    "regularization.",
+    "gradcam_features.png": "One row per feature, as in Kalibhat et al. Fig. 2. Left: for each "
+    "class, the percentage of its images for which the feature is highly activating. Right: the "
+    "images with the largest value of the feature (h: its normalized value), with the Grad-CAM of "
+    "that one feature. A feature that fires for much of one class and little of the others, with "
+    "heatmaps on the same part of the object, encodes a class-related attribute (the paper's "
+    "example is a zebra's stripes); one that fires across many classes is generic (Fig. A.2).",
 }
 
 
@@ -571,29 +838,49 @@ def section_gradcam(ctx, args, per_kind=8, top_images=6):
         kind = "correct" if correct[r] else "wrong"
         col = i if correct[r] else i - (correct[rows]).sum()
         ax = fig.add_subplot(2, per_kind, (0 if correct[r] else per_kind) + col + 1)
-        overlay(ax, to_rgb(ctx, x[i]), heat[i], f"{kind}: {classes[p['label'][r]][:8]}->{classes[p['prediction'][r]][:8]}\n"
-                f"$|L_i|$={mask[r].sum()} $Q_i$={q[r]:.3f}")
+        overlay(
+            ax,
+            to_rgb(ctx, x[i]),
+            heat[i],
+            f"{kind}: {classes[p['label'][r]][:8]}->{classes[p['prediction'][r]][:8]}\n"
+            f"$|L_i|$={mask[r].sum()} $Q_i$={q[r]:.3f}",
+        )
     files = [save(plt, fig, ctx, "gradcam_samples.png")]
 
     # Fig. 2: per-class share of samples for which a feature is highly activating
     label, n_cls = p["label"], len(classes)
-    hist = np.stack([mask[label == c].mean(0) * 100 if (label == c).any() else np.zeros(mask.shape[1])
-                     for c in range(n_cls)])  # (C, D)
+    hist = np.stack(
+        [
+            mask[label == c].mean(0) * 100 if (label == c).any() else np.zeros(mask.shape[1])
+            for c in range(n_cls)
+        ]
+    )  # (C, D)
     if args.features:
         try:
             chosen = [int(j) for j in args.features.split(",")]
         except ValueError:
-            raise common.UserError(f"--features {args.features}: give feature indices like 12,301.") from None
+            raise common.UserError(
+                f"--features {args.features}: give feature indices like 12,301."
+            ) from None
         if max(chosen) >= mask.shape[1] or min(chosen) < 0:
-            raise common.UserError(f"--features {args.features}: the representation has {mask.shape[1]} features.")
+            raise common.UserError(
+                f"--features {args.features}: the representation has {mask.shape[1]} features."
+            )
     else:  # the band's features most tied to one class
         band = discriminative_band(a)
         chosen = [int(j) for j in band[np.argsort(-hist[:, band].max(0), kind="stable")][:4]]
     hn = p["h"] / np.maximum(np.linalg.norm(p["h"], axis=1, keepdims=True), 1e-12)
     plt, fig = plt_figure(figsize=(2 * (top_images + 2), 2.2 * len(chosen)))
     grid = fig.add_gridspec(len(chosen), top_images + 2)
-    samples = [{"index": int(p["index"][r]), "correct": bool(correct[r]), "L": int(mask[r].sum()), "q": float(q[r])}
-               for r in rows]
+    samples = [
+        {
+            "index": int(p["index"][r]),
+            "correct": bool(correct[r]),
+            "L": int(mask[r].sum()),
+            "q": float(q[r]),
+        }
+        for r in rows
+    ]
     num = {"features_chosen": ",".join(map(str, chosen)), "samples": samples, "features": {}}
     for f_i, j in enumerate(chosen):
         top = np.argsort(-hn[:, j])[:top_images]
@@ -604,33 +891,53 @@ def section_gradcam(ctx, args, per_kind=8, top_images=6):
         ax.bar(range(n_cls), hist[:, j], color="C0")
         ax.set_title(f"feature {j}: $A_j$ = {a[j]:.1f} %", fontsize=8)
         ax.set_ylabel("% of class highly activated", fontsize=7)
-        ax.set_xticks(range(n_cls), [c[:8] for c in classes] if n_cls <= 20 else [], fontsize=7, rotation=90)
+        ax.set_xticks(
+            range(n_cls), [c[:8] for c in classes] if n_cls <= 20 else [], fontsize=7, rotation=90
+        )
         for t, r in enumerate(top):
             ax = fig.add_subplot(grid[f_i, 2 + t])
             overlay(ax, to_rgb(ctx, xj[t]), hj[t], f"{classes[label[r]][:10]} h={hn[r, j]:.3f}")
-        num["features"][str(j)] = {"A_j": float(a[j]), "class_share_percent": [float(v) for v in hist[:, j]],
-                                   "top_indices": [int(p["index"][r]) for r in top],
-                                   "top_labels": [classes[label[r]] for r in top]}
+        num["features"][str(j)] = {
+            "A_j": float(a[j]),
+            "class_share_percent": [float(v) for v in hist[:, j]],
+            "top_indices": [int(p["index"][r]) for r in top],
+            "top_labels": [classes[label[r]] for r in top],
+        }
     files.append(save(plt, fig, ctx, "gradcam_features.png"))
     return num, files
 
 
 def read_masks(ctx, folder):
-    """{prediction row: (core (s, s) bool or None, spurious or None)} for the images that have masks."""
+    """{prediction row: (core (s, s) bool or None, spurious or None)} for the images with masks."""
     kinds = {}
     with open(os.path.join(folder, "features.csv")) as fh:
         for row in csv.DictReader(fh):
             if row.get("kind") not in ("core", "spurious"):
-                raise common.UserError(f"{folder}/features.csv: every row needs class, feature and kind core|spurious.")
+                raise common.UserError(
+                    f"{folder}/features.csv: every row needs class, feature and kind core|spurious."
+                )
             kinds[(row["class"], str(row["feature"]))] = row["kind"]
     ds, p, size = ctx["dataset"], ctx["p"], ctx["size"]
     names = {}  # image name -> prediction row
     for r, i in enumerate(p["index"]):
-        names[os.path.splitext(os.path.basename(ds.samples[i][0]))[0] if hasattr(ds, "samples") else str(i)] = r
-    # an original-size mask goes through the image's resize and crop (common.eval_transform), nearest-neighbour
-    geometry = [] if size == ctx["native"] and size <= 64 else [
-        T.Resize(int(round(size * 256 / 224)) if size > 64 else size, interpolation=T.InterpolationMode.NEAREST),
-        T.CenterCrop(size)]
+        names[
+            os.path.splitext(os.path.basename(ds.samples[i][0]))[0]
+            if hasattr(ds, "samples")
+            else str(i)
+        ] = r
+    # an original-size mask goes through the image's resize and crop (common.eval_transform),
+    # nearest-neighbour
+    geometry = (
+        []
+        if size == ctx["native"] and size <= 64
+        else [
+            T.Resize(
+                int(round(size * 256 / 224)) if size > 64 else size,
+                interpolation=T.InterpolationMode.NEAREST,
+            ),
+            T.CenterCrop(size),
+        ]
+    )
     found = {}
     for (cls, feat), kind in kinds.items():
         d = os.path.join(folder, cls, f"feature_{feat}")
@@ -642,8 +949,10 @@ def read_masks(ctx, folder):
             if m.size != (size, size):
                 orig = ds[int(p["index"][r])][0].size
                 if m.size != orig:
-                    raise common.UserError(f"mask '{d}/{fname}' is {m.size[0]}x{m.size[1]} px, but its image is "
-                                           f"{orig[0]}x{orig[1]} and the model sees {size}x{size}.")
+                    raise common.UserError(
+                        f"mask '{d}/{fname}' is {m.size[0]}x{m.size[1]} px, but its image is "
+                        f"{orig[0]}x{orig[1]} and the model sees {size}x{size}."
+                    )
                 m = T.Compose(geometry)(m)
             m = np.asarray(m, np.float32) / 255 > 0.5
             core, sp = found.get(r, (None, None))
@@ -653,30 +962,56 @@ def read_masks(ctx, folder):
                 sp = m if sp is None else sp | m
             found[r] = (core, sp)
     if not found:
-        raise common.UserError(f"no mask in '{folder}' names an image of {len(p['index'])} evaluated images "
-                               f"(names are file stems for ImageFolder, split indices otherwise).")
+        raise common.UserError(
+            f"no mask in '{folder}' names an image of {len(p['index'])} evaluated images "
+            f"(names are file stems for ImageFolder, split indices otherwise)."
+        )
     return found
 
 
 PAGE_MIOU = {
     "title": "Overlap of the heatmaps with core and spurious masks (mIoU)",
-    "intro": "With Salient ImageNet masks (--masks), each image's heatmap of highly activating features is compared "
-             "with the regions annotated as core (the object) and as spurious (background and context), by the soft "
-             "IoU of Kalibhat et al. Sec. 5: the share of the heatmap's mass inside the mask. Fig. 7 of the paper "
-             "shows examples and Fig. 8 the scores.",
-    "tables": [(None, [("images with masks", ["n_images"], "int", ""),
-                       ("of these, images without a heatmap", ["n_blank_heatmaps"], "int",
-                        "an empty L_i has nothing to explain; left out of the mIoU")]),
-               (["mIoU", "correct", "mis-classified"], [
-                   ("with core masks", ["miou_core_correct", "miou_core_misclassified"], "pct", "higher is better"),
-                   ("with spurious masks", ["miou_spurious_correct", "miou_spurious_misclassified"], "pct",
-                    "lower is better; the paper finds core above spurious for every method")]),
-               (None, [("overlap measure", ["soft_iou"], "text", "")])],
-    "miou.png":
-        "Left: mIoU of the heatmaps with the core and with the spurious masks, for correctly and wrongly classified "
-        "images, as in Kalibhat et al. Fig. 8. Right: three images with their heatmap and their core and spurious "
-        "masks, as in Fig. 7. Core bars above spurious bars mean the features look at the object; the paper also "
-        "finds less core overlap for mistakes than for correct images.",
+    "intro": "With Salient ImageNet masks (--masks), each image's heatmap of highly activating "
+    "features is compared with the regions annotated as core (the object) and as spurious "
+    "(background and context), by the soft IoU of Kalibhat et al. Sec. 5: the share of the "
+    "heatmap's mass inside the mask. Fig. 7 of the paper shows examples and Fig. 8 the scores.",
+    "tables": [
+        (
+            None,
+            [
+                ("images with masks", ["n_images"], "int", ""),
+                (
+                    "of these, images without a heatmap",
+                    ["n_blank_heatmaps"],
+                    "int",
+                    "an empty L_i has nothing to explain; left out of the mIoU",
+                ),
+            ],
+        ),
+        (
+            ["mIoU", "correct", "mis-classified"],
+            [
+                (
+                    "with core masks",
+                    ["miou_core_correct", "miou_core_misclassified"],
+                    "pct",
+                    "higher is better",
+                ),
+                (
+                    "with spurious masks",
+                    ["miou_spurious_correct", "miou_spurious_misclassified"],
+                    "pct",
+                    "lower is better; the paper finds core above spurious for every method",
+                ),
+            ],
+        ),
+        (None, [("overlap measure", ["soft_iou"], "text", "")]),
+    ],
+    "miou.png": "Left: mIoU of the heatmaps with the core and with the spurious masks, for "
+    "correctly and wrongly classified images, as in Kalibhat et al. Fig. 8. Right: three images "
+    "with their heatmap and their core and spurious masks, as in Fig. 7. Core bars above spurious "
+    "bars mean the features look at the object; the paper also finds less core overlap for "
+    "mistakes than for correct images.",
 }
 
 
@@ -688,13 +1023,18 @@ def section_miou(ctx, args):
     heat = heatmaps_of_l(ctx, rows)
     correct = ctx["p"]["correct"].astype(bool)[rows]
     iou = {k: np.full(len(rows), np.nan) for k in ("core", "spurious")}
-    blank = heat.reshape(len(rows), -1).max(1) <= 0  # an empty L_i (or a Grad-CAM all below 0): no mass to place
+    blank = (
+        heat.reshape(len(rows), -1).max(1) <= 0
+    )  # an empty L_i (or a Grad-CAM all below 0): no mass to place
     for i, r in enumerate(rows):
         for k, m in zip(("core", "spurious"), found[r]):
             if m is not None and not blank[i]:
                 iou[k][i] = soft_iou(heat[i], m)
-    num = {"n_images": int(len(rows)), "n_blank_heatmaps": int(blank.sum()),
-           "soft_iou": "heatmap mass inside the mask (Sec. 5, s = sum of heatmap values)"}
+    num = {
+        "n_images": int(len(rows)),
+        "n_blank_heatmaps": int(blank.sum()),
+        "soft_iou": "heatmap mass inside the mask (Sec. 5, s = sum of heatmap values)",
+    }
     for k in iou:
         for name, sel in (("correct", correct), ("misclassified", ~correct)):
             v = iou[k][sel]
@@ -702,14 +1042,21 @@ def section_miou(ctx, args):
     plt, fig = plt_figure(figsize=(12, 4))
     ax = fig.add_subplot(1, 4, 1)
     labels = ["core\ncorrect", "core\nwrong", "spurious\ncorrect", "spurious\nwrong"]
-    vals = [num[f"miou_{k}_{n}"] for k in ("core", "spurious") for n in ("correct", "misclassified")]
+    vals = [
+        num[f"miou_{k}_{n}"] for k in ("core", "spurious") for n in ("correct", "misclassified")
+    ]
     ax.bar(labels, [100 * (v or 0) for v in vals], color=["C0", "C1", "C0", "C1"])
     ax.set(title="mIoU (%)")
     ax.tick_params(labelsize=7)
     x = load_images(ctx, rows[:3])
     for i in range(len(x)):
         ax = fig.add_subplot(3, 4, 4 * i + 2)
-        overlay(ax, to_rgb(ctx, x[i]), heat[i], f"IoU core {iou['core'][i]:.2f} sp {iou['spurious'][i]:.2f}")
+        overlay(
+            ax,
+            to_rgb(ctx, x[i]),
+            heat[i],
+            f"IoU core {iou['core'][i]:.2f} sp {iou['spurious'][i]:.2f}",
+        )
         for t, k in enumerate(("core", "spurious")):
             ax = fig.add_subplot(3, 4, 4 * i + 3 + t)
             m = found[rows[i]][t]
@@ -721,24 +1068,42 @@ def section_miou(ctx, args):
 
 PAGE_ADAI = {
     "title": "Average Drop and Average Increase of class explanation maps",
-    "intro": "Seyfi et al. (Sec. 3.4) judge a backbone's explanations by feeding them back: the class activation "
-             "map (Eq. 8) of the true class, from the offline probe's weights, dims the image where the class is "
-             "not seen, and the probe scores the dimmed image again. If the map keeps what the decision needs, the "
-             "class's probability should not drop. The definitions are Grad-CAM++'s (Chattopadhay et al. 2018), which "
-             "Seyfi et al. cite; their Table 4 reports AD 26-30 % and AI 37-46 % for SwAV-based ImageNet models.",
-    "tables": [(None, [("images", ["n_images"], "int", "")]),
-               (["", "all images", "correct", "mis-classified"], [
-                   ("Average Drop", ["average_drop", "average_drop_correct", "average_drop_misclassified"], "pct100",
-                    "mean of max(0, Y − O) / Y; 0 % is no loss, lower is better"),
-                   ("Average Increase", ["average_increase", "average_increase_correct",
-                                         "average_increase_misclassified"], "pct100",
-                    "share of images with O > Y; higher is better")]),
-               (None, [("score", ["score"], "text", "")])],
-    "adai.png":
-        "Top: images, with Y, the probe's probability of the true class. Middle: the class activation map of that "
-        "class (Seyfi et al. Eq. 8; their Fig. 3 shows such maps on Pascal VOC). Bottom: the explanation map, the "
-        "image multiplied by the map scaled to [0, 1], with O, the probe's probability on it. A good map keeps O "
-        "close to Y or above it while dimming much of the image.",
+    "intro": "Seyfi et al. (Sec. 3.4) judge a backbone's explanations by feeding them back: the "
+    "class activation map (Eq. 8) of the true class, from the offline probe's weights, dims the "
+    "image where the class is not seen, and the probe scores the dimmed image again. If the map "
+    "keeps what the decision needs, the class's probability should not drop. The definitions are "
+    "Grad-CAM++'s (Chattopadhay et al. 2018), which Seyfi et al. cite; their Table 4 reports "
+    "AD 26-30 % and AI 37-46 % for SwAV-based ImageNet models.",
+    "tables": [
+        (None, [("images", ["n_images"], "int", "")]),
+        (
+            ["", "all images", "correct", "mis-classified"],
+            [
+                (
+                    "Average Drop",
+                    ["average_drop", "average_drop_correct", "average_drop_misclassified"],
+                    "pct100",
+                    "mean of max(0, Y − O) / Y; 0 % is no loss, lower is better",
+                ),
+                (
+                    "Average Increase",
+                    [
+                        "average_increase",
+                        "average_increase_correct",
+                        "average_increase_misclassified",
+                    ],
+                    "pct100",
+                    "share of images with O > Y; higher is better",
+                ),
+            ],
+        ),
+        (None, [("score", ["score"], "text", "")]),
+    ],
+    "adai.png": "Top: images, with Y, the probe's probability of the true class. Middle: the class "
+    "activation map of that class (Seyfi et al. Eq. 8; their Fig. 3 shows such maps on Pascal "
+    "VOC). Bottom: the explanation map, the image multiplied by the map scaled to [0, 1], with O, "
+    "the probe's probability on it. A good map keeps O close to Y or above it while dimming much "
+    "of the image.",
 }
 
 
@@ -748,10 +1113,12 @@ def section_adai(ctx, args, batch=64):
     rows = sample_rows(ctx, args.max_images)
     ys, os_, shown = [], [], None
     for s in range(0, len(rows), batch):
-        r = rows[s:s + batch]
+        r = rows[s : s + batch]
         x = load_images(ctx, r)
         labels = torch.as_tensor(p["label"][r], device=dev)
-        y, o, cam, explained = explanation_scores(ctx["backbone"], head, mean, std, x, labels, ctx["stats"])
+        y, o, cam, explained = explanation_scores(
+            ctx["backbone"], head, mean, std, x, labels, ctx["stats"]
+        )
         ys.append(y.cpu().numpy())
         os_.append(o.cpu().numpy())
         if shown is None:  # the first images, for the figure
@@ -759,11 +1126,18 @@ def section_adai(ctx, args, batch=64):
     y, o = np.concatenate(ys), np.concatenate(os_)
     ad, ai = average_drop_increase(y, o)
     correct = p["correct"].astype(bool)[rows]
-    num = {"n_images": int(len(rows)), "average_drop": ad, "average_increase": ai,
-           "score": "softmax probability of the true class; explanation = image x normalized CAM (Eq. 8)"}
+    num = {
+        "n_images": int(len(rows)),
+        "average_drop": ad,
+        "average_increase": ai,
+        "score": "softmax probability of the true class; "
+        "explanation = image x normalized CAM (Eq. 8)",
+    }
     for name, sel in (("correct", correct), ("misclassified", ~correct)):
         if sel.any():
-            num[f"average_drop_{name}"], num[f"average_increase_{name}"] = average_drop_increase(y[sel], o[sel])
+            num[f"average_drop_{name}"], num[f"average_increase_{name}"] = average_drop_increase(
+                y[sel], o[sel]
+            )
     x, cam, explained, y6, o6, r6 = shown
     plt, fig = plt_figure(figsize=(2 * len(x), 6.3))
     for i in range(len(x)):
@@ -771,7 +1145,12 @@ def section_adai(ctx, args, batch=64):
         ax.imshow(to_rgb(ctx, x[i]))
         ax.set_title(f"{ctx['classes'][p['label'][r6[i]]][:10]} Y={y6[i]:.2f}", fontsize=7)
         ax.axis("off")
-        overlay(fig.add_subplot(3, len(x), len(x) + i + 1), to_rgb(ctx, x[i]), cam[i].cpu().numpy(), "class CAM")
+        overlay(
+            fig.add_subplot(3, len(x), len(x) + i + 1),
+            to_rgb(ctx, x[i]),
+            cam[i].cpu().numpy(),
+            "class CAM",
+        )
         ax = fig.add_subplot(3, len(x), 2 * len(x) + i + 1)
         ax.imshow(to_rgb(ctx, explained[i]))
         ax.set_title(f"explanation O={o6[i]:.2f}", fontsize=7)
@@ -789,8 +1168,11 @@ NUMBERS = {
     "run_dir": ("run folder", "text", ""),
     "dataset": ("data set", "text", ""),
     "image_size": ("image side seen by the backbone (px)", "int", ""),
-    "eps": ("ε of highly activating features (Eq. 2)", "g3",
-            "h_ij > μ_i + ε σ_i; the paper uses 3, a lower ε admits more"),
+    "eps": (
+        "ε of highly activating features (Eq. 2)",
+        "g3",
+        "h_ij > μ_i + ε σ_i; the paper uses 3, a lower ε admits more",
+    ),
     "offline_linear_top1": ("offline linear probe, top-1", "pct", "{chance}higher is better"),
     "offline_linear_top5": ("offline linear probe, top-5", "pct", "higher is better"),
     "knn_top1_k20": ("offline kNN top-1, k = 20", "pct", "{chance}higher is better"),
@@ -799,52 +1181,116 @@ NUMBERS = {
     "epoch": ("epochs trained", "int", ""),
     "lr": ("learning rate", "g3", "warm-up, then cosine decay"),
     "loss": ("total loss", "g4", "should fall; not comparable across methods or add-on settings"),
-    "loss_ssl": ("SSL loss (the method's own)", "g4", "should fall; compare runs of one method only"),
+    "loss_ssl": (
+        "SSL loss (the method's own)",
+        "g4",
+        "should fall; compare runs of one method only",
+    ),
     "loss_qscore": ("Q-Score term of Eq. 4", "g4", "−λ × mean of 1{Q_i < α} Q_i: never positive"),
-    "loss_mask": ("correlation-mask loss L_μ", "g4", "Seyfi et al. Eq. 5: attention β against mask μ; should fall"),
-    "loss_cls": ("cluster-classification loss L_cls", "g4",
-                 "Seyfi et al. Eq. 6, against k-means pseudo-labels; should fall"),
-    "knn_top1": ("online kNN top-1", "pct", "{chance}higher is better; the script's monitor on --knn-limit images"),
-    "collapse_std": ("collapse monitor (std of normalized z)", "g3",
-                     "0 is a collapsed embedding; about 1/√d when z spreads over d dimensions"),
-    "qscore": ("mean Q-Score, training views", "g3", "Eq. 3; Q-Score regularization should raise it"),
-    "qscore_active": ("mean |L_i|, training views", "f2", "highly activating features per view (Eq. 2); empty counts 0"),
+    "loss_mask": (
+        "correlation-mask loss L_μ",
+        "g4",
+        "Seyfi et al. Eq. 5: attention β against mask μ; should fall",
+    ),
+    "loss_cls": (
+        "cluster-classification loss L_cls",
+        "g4",
+        "Seyfi et al. Eq. 6, against k-means pseudo-labels; should fall",
+    ),
+    "knn_top1": (
+        "online kNN top-1",
+        "pct",
+        "{chance}higher is better; the script's monitor on --knn-limit images",
+    ),
+    "collapse_std": (
+        "collapse monitor (std of normalized z)",
+        "g3",
+        "0 is a collapsed embedding; about 1/√d when z spreads over d dimensions",
+    ),
+    "qscore": (
+        "mean Q-Score, training views",
+        "g3",
+        "Eq. 3; Q-Score regularization should raise it",
+    ),
+    "qscore_active": (
+        "mean |L_i|, training views",
+        "f2",
+        "highly activating features per view (Eq. 2); empty counts 0",
+    ),
     "qscore_empty": ("share of views with an empty L_i", "pct", "no feature above μ_i + ε σ_i"),
-    "qscore_under_alpha": ("share of views with Q_i < α", "pct",
-                           "the views Eq. 4 acts on: about --qscore-alpha-quantile when α is the batch's quantile (the "
-                           "default); with a fixed α it falls as Q-Scores rise"),
+    "qscore_under_alpha": (
+        "share of views with Q_i < α",
+        "pct",
+        "the views Eq. 4 acts on: about --qscore-alpha-quantile when α is the batch's quantile "
+        "(the default); with a fixed α it falls as Q-Scores rise",
+    ),
     "queue_used": ("share of steps using SwAV's queue", "pct", ""),
     "images_per_s": ("training images per second", "g3", "higher is faster"),
     "seconds": ("seconds per epoch", "sec", ""),
     "peak_mem_gb": ("peak GPU memory (GB)", "g3", "0 on the CPU"),
 }
-PAGES = {"qscore": PAGE_QSCORE, "features": PAGE_FEATURES, "discriminative": PAGE_DISCRIMINATIVE,
-         "gradcam": PAGE_GRADCAM, "miou": PAGE_MIOU, "adai": PAGE_ADAI}
+PAGES = {
+    "qscore": PAGE_QSCORE,
+    "features": PAGE_FEATURES,
+    "discriminative": PAGE_DISCRIMINATIVE,
+    "gradcam": PAGE_GRADCAM,
+    "miou": PAGE_MIOU,
+    "adai": PAGE_ADAI,
+}
 # the compare table and the last-epoch table sum up these over the epochs instead of taking the last
-SUMMARY = {"seconds": ("training time, all epochs", np.sum),
-           "images_per_s": ("training images per second, mean", np.mean),
-           "peak_mem_gb": ("peak GPU memory (GB), largest", np.max)}
-TRAINING_FIRST = ("loss", "loss_ssl", "loss_qscore", "loss_mask", "loss_cls", "knn_top1", "collapse_std",
-                  "qscore", "qscore_active", "qscore_empty", "qscore_under_alpha")
-TRAINING_LAST = ("lr", "images_per_s", "seconds", "peak_mem_gb")  # bookkeeping after the method's own keys
-IGNORED_FLAGS = ("run_dir", "resume", "device", "workers", "data_path", "compile", "log_every", "log_seconds")
+SUMMARY = {
+    "seconds": ("training time, all epochs", np.sum),
+    "images_per_s": ("training images per second, mean", np.mean),
+    "peak_mem_gb": ("peak GPU memory (GB), largest", np.max),
+}
+TRAINING_FIRST = (
+    "loss",
+    "loss_ssl",
+    "loss_qscore",
+    "loss_mask",
+    "loss_cls",
+    "knn_top1",
+    "collapse_std",
+    "qscore",
+    "qscore_active",
+    "qscore_empty",
+    "qscore_under_alpha",
+)
+TRAINING_LAST = (
+    "lr",
+    "images_per_s",
+    "seconds",
+    "peak_mem_gb",
+)  # bookkeeping after the method's own keys
+IGNORED_FLAGS = (
+    "run_dir",
+    "resume",
+    "device",
+    "workers",
+    "data_path",
+    "compile",
+    "log_every",
+    "log_seconds",
+)
 
 TRAINING_READING = (
-    "The losses (the total, the method's SSL loss and any add-on term: Kalibhat et al. Eq. 4 for Q-Score, Seyfi et "
-    "al. Eq. 5 and 6 for cross-attention) should fall, but their levels are not comparable between methods. The "
-    "online kNN top-1 is the script's own monitor (weighted kNN, k = 200, on --knn-limit training images), not the "
-    "offline probe, and should rise. The collapse monitor (solo-learn's std of the L2-normalized embedding) sinking "
-    "toward 0 means the embedding collapses. The Q-Score panels average Eq. 2 and 3 of Kalibhat et al. over the "
-    "training views: --qscore-lambda should raise the mean Q-Score and |L_i| (and, with a fixed α, lower the share "
-    "under it; with α the batch's quantile that share stays at the quantile).")
+    "The losses (the total, the method's SSL loss and any add-on term: Kalibhat et al. Eq. 4 for "
+    "Q-Score, Seyfi et al. Eq. 5 and 6 for cross-attention) should fall, but their levels are not "
+    "comparable between methods. The online kNN top-1 is the script's own monitor (weighted kNN, "
+    "k = 200, on --knn-limit training images), not the offline probe, and should rise. The "
+    "collapse monitor (solo-learn's std of the L2-normalized embedding) sinking toward 0 means the "
+    "embedding collapses. The Q-Score panels average Eq. 2 and 3 of Kalibhat et al. over the "
+    "training views: --qscore-lambda should raise the mean Q-Score and |L_i| (and, with a fixed α, "
+    "lower the share under it; with α the batch's quantile that share stays at the quantile)."
+)
 PAGE_TRAINING = {
     "title": "Training curves",
-    "intro": "What the method script wrote to metrics.jsonl while it trained, one value per epoch (averages over "
-             "the epoch's steps). They say whether training went as intended before any analysis of the finished "
-             "backbone.",
+    "intro": "What the method script wrote to metrics.jsonl while it trained, one value per epoch "
+    "(averages over the epoch's steps). They say whether training went as intended before any "
+    "analysis of the finished backbone.",
     "caption": "One panel per quantity of metrics.jsonl, against the epoch. " + TRAINING_READING,
-    "compare": "One panel per quantity of metrics.jsonl against the epoch, one colour and line style per run (the "
-               "legend is at the top), all runs on the same axes. " + TRAINING_READING,
+    "compare": "One panel per quantity of metrics.jsonl against the epoch, one colour and line "
+    "style per run (the legend is at the top), all runs on the same axes. " + TRAINING_READING,
 }
 
 
@@ -891,7 +1337,9 @@ def show(v, kind):
 def kind_of(key, v):
     if key in NUMBERS:
         return NUMBERS[key][1]
-    return "text" if isinstance(v, str) else "int" if isinstance(v, int) else "g3"  # lists are not printed
+    return (
+        "text" if isinstance(v, str) else "int" if isinstance(v, int) else "g3"
+    )  # lists are not printed
 
 
 def hint(text, chance):
@@ -924,8 +1372,13 @@ def read_metrics(run_dir):
                 keys += [k for k in row if k not in keys]
     out = {}
     for k in keys:
-        pts = [(e, float(r[k])) for e, r in sorted(by_epoch.items())
-               if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) and np.isfinite(r[k])]
+        pts = [
+            (e, float(r[k]))
+            for e, r in sorted(by_epoch.items())
+            if isinstance(r.get(k), (int, float))
+            and not isinstance(r.get(k), bool)
+            and np.isfinite(r[k])
+        ]
         if pts and k != "epoch":
             out[k] = (np.array([p[0] for p in pts]), np.array([p[1] for p in pts]))
     if by_epoch:
@@ -939,10 +1392,21 @@ def training_keys(runs):
     keys = []
     for _, m in runs:
         keys += [k for k in m if k not in keys and k != "epoch"]
-    same = all("loss_ssl" not in m or ("loss" in m and np.array_equal(m["loss"][0], m["loss_ssl"][0])
-                                       and np.allclose(m["loss"][1], m["loss_ssl"][1])) for _, m in runs)
+    same = all(
+        "loss_ssl" not in m
+        or (
+            "loss" in m
+            and np.array_equal(m["loss"][0], m["loss_ssl"][0])
+            and np.allclose(m["loss"][1], m["loss_ssl"][1])
+        )
+        for _, m in runs
+    )
     keys = [k for k in keys if not (same and k == "loss_ssl")]
-    keys = [k for k in keys if not (k == "peak_mem_gb" and all(not np.any(m[k][1]) for _, m in runs if k in m))]
+    keys = [
+        k
+        for k in keys
+        if not (k == "peak_mem_gb" and all(not np.any(m[k][1]) for _, m in runs if k in m))
+    ]
     first = [k for k in TRAINING_FIRST if k in keys]
     last = [k for k in TRAINING_LAST if k in keys]
     return first + [k for k in keys if k not in first and k not in last] + last
@@ -956,7 +1420,9 @@ def training_figure(runs, path):
     colour for a run in every panel. Returns what was drawn, read back from the figure's
     lines: {key: {run label: [[epoch, value], ...]}} (values as plotted)."""
     import textwrap
+
     from matplotlib.ticker import MaxNLocator
+
     keys = training_keys(runs)
     if not keys:
         return {}
@@ -971,10 +1437,25 @@ def training_figure(runs, path):
         for c, (label, m) in enumerate(runs):
             if k in m:
                 x, y = m[k]
-                ax.plot(x, 100 * y if pct else y, ls=STYLES[c % 4], marker="osD^"[c % 4] if len(x) <= 30 else None,
-                        ms=3, lw=1.5, color=f"C{c % 10}", label=label)
-        name = number_label(k) + (" (%)" if pct else "") + (" = SSL loss" if k == "loss" and "loss_ssl" not in keys
-                                                            and any("loss_ssl" in m for _, m in runs) else "")
+                ax.plot(
+                    x,
+                    100 * y if pct else y,
+                    ls=STYLES[c % 4],
+                    marker="osD^"[c % 4] if len(x) <= 30 else None,
+                    ms=3,
+                    lw=1.5,
+                    color=f"C{c % 10}",
+                    label=label,
+                )
+        name = (
+            number_label(k)
+            + (" (%)" if pct else "")
+            + (
+                " = SSL loss"
+                if k == "loss" and "loss_ssl" not in keys and any("loss_ssl" in m for _, m in runs)
+                else ""
+            )
+        )
         ax.yaxis.set_major_locator(MaxNLocator(5, steps=[1, 2, 5, 10]))
         if pct:  # a share stays within 0-100 %, and a line at 100 % stays visible
             lo, hi = ax.get_ylim()
@@ -987,22 +1468,44 @@ def training_figure(runs, path):
         if i >= len(keys) - cols:
             ax.set_xlabel("epoch", fontsize=8)
     if len(runs) > 1:
-        fig.legend([plt.Line2D([], [], color=f"C{c % 10}", ls=STYLES[c % 4], lw=2) for c in range(len(runs))],
-                   [r[0] for r in runs],
-                   loc="upper center", ncol=min(len(runs), 4), fontsize=9, frameon=False)
+        fig.legend(
+            [
+                plt.Line2D([], [], color=f"C{c % 10}", ls=STYLES[c % 4], lw=2)
+                for c in range(len(runs))
+            ],
+            [r[0] for r in runs],
+            loc="upper center",
+            ncol=min(len(runs), 4),
+            fontsize=9,
+            frameon=False,
+        )
     fig.tight_layout(rect=(0, 0, 1, 1 - top / (2.5 * rows + top)))
     fig.savefig(path, dpi=90)
     plt.close(fig)
-    return {ax.get_gid(): {ln.get_label(): [[float(a), float(b)] for a, b in zip(ln.get_xdata(), ln.get_ydata())]
-                           for ln in ax.get_lines()} for ax in fig.axes if ax.get_gid()}
+    return {
+        ax.get_gid(): {
+            ln.get_label(): [[float(a), float(b)] for a, b in zip(ln.get_xdata(), ln.get_ydata())]
+            for ln in ax.get_lines()
+        }
+        for ax in fig.axes
+        if ax.get_gid()
+    }
 
 
 def run_method(run_dir):
     """The method's name, from the checkpoint (memory-mapped: only the small entries are read)."""
     try:
-        return str(torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", mmap=True,
-                              weights_only=True).get("method", ""))
-    except Exception:  # no checkpoint, or one this reader cannot open: the page goes without the name
+        return str(
+            torch.load(
+                os.path.join(run_dir, "checkpoint.pt"),
+                map_location="cpu",
+                mmap=True,
+                weights_only=True,
+            ).get("method", "")
+        )
+    except (
+        Exception
+    ):  # no checkpoint, or one this reader cannot open: the page goes without the name
         return ""
 
 
@@ -1011,41 +1514,73 @@ def settings_text(saved, method):
     if not saved:
         return "no args.json in the run folder"
     g = saved.get
-    parts = [f"{method or 'a method script'} on {g('dataset', '?')}, {g('backbone', '?')}",
-             f"{g('epochs', '?')} epochs" + (f" of {g('steps_per_epoch')} steps" if g("steps_per_epoch") else ""),
-             f"batch {g('batch_size', '?')}",
-             f"Q-Score regularization λ = {g('qscore_lambda')}, " + (f"α = the batch's {g('qscore_alpha_quantile')} quantile"
-             if g("qscore_alpha_quantile") else f"α = {g('qscore_alpha')}") if g("qscore_lambda")
-             else "no Q-Score regularization",
-             f"spatial cross-attention ({g('xattn_clusters')} clusters, {g('xattn_positives')} positives)" if g("xattn")
-             else "no cross-attention"]
+    parts = [
+        f"{method or 'a method script'} on {g('dataset', '?')}, {g('backbone', '?')}",
+        f"{g('epochs', '?')} epochs"
+        + (f" of {g('steps_per_epoch')} steps" if g("steps_per_epoch") else ""),
+        f"batch {g('batch_size', '?')}",
+        f"Q-Score regularization λ = {g('qscore_lambda')}, "
+        + (
+            f"α = the batch's {g('qscore_alpha_quantile')} quantile"
+            if g("qscore_alpha_quantile")
+            else f"α = {g('qscore_alpha')}"
+        )
+        if g("qscore_lambda")
+        else "no Q-Score regularization",
+        f"spatial cross-attention ({g('xattn_clusters')} clusters, "
+        f"{g('xattn_positives')} positives)"
+        if g("xattn")
+        else "no cross-attention",
+    ]
     return ", ".join(parts)
 
 
 def html_table(rows, header=None):
     """rows: (label as HTML, cells as HTML, how to read, or None for no such column)."""
-    head = "" if header is None else "<tr>" + "".join(f"<th>{prose(h)}</th>" for h in header) + "</tr>"
-    body = "".join(f"<tr><th>{label}</th>" + "".join(f"<td>{c}</td>" for c in cells)
-                   + ("" if how is None else f"<td class=hint>{prose(how)}</td>") + "</tr>"
-                   for label, cells, how in rows)
+    head = (
+        "" if header is None else "<tr>" + "".join(f"<th>{prose(h)}</th>" for h in header) + "</tr>"
+    )
+    body = "".join(
+        f"<tr><th>{label}</th>"
+        + "".join(f"<td>{c}</td>" for c in cells)
+        + ("" if how is None else f"<td class=hint>{prose(how)}</td>")
+        + "</tr>"
+        for label, cells, how in rows
+    )
     return f"<table>{head}{body}</table>"
 
 
 def number_table(rows, header=None, chance=None):
     """rows: (label, values, kind, how to read)."""
-    return html_table([(prose(label), [html.escape(show(v, kind)) for v in vals], hint(how, chance))
-                       for label, vals, kind, how in rows], header and header + ["how to read"])
+    return html_table(
+        [
+            (prose(label), [html.escape(show(v, kind)) for v in vals], hint(how, chance))
+            for label, vals, kind, how in rows
+        ],
+        header and header + ["how to read"],
+    )
 
 
 def figure(out, name, caption):
     """A figure that exists, with its caption; nothing for one that does not."""
     if not os.path.isfile(os.path.join(out, name)):
         return ""
-    return (f"<figure><img src='{html.escape(name)}' alt='{html.escape(caption.split('. ')[0])}'>"
-            f"<figcaption>{prose(caption)}</figcaption></figure>")
+    return (
+        f"<figure><img src='{html.escape(name)}' alt='{html.escape(caption.split('. ')[0])}'>"
+        f"<figcaption>{prose(caption)}</figcaption></figure>"
+    )
 
 
-DETAILS = ("seconds", "figures", "classes", "accuracy", "features", "samples", "band", "features_shown")
+DETAILS = (
+    "seconds",
+    "figures",
+    "classes",
+    "accuracy",
+    "features",
+    "samples",
+    "band",
+    "features_shown",
+)
 
 
 def details_tables(sec, classes):
@@ -1053,28 +1588,78 @@ def details_tables(sec, classes):
     the features section, the chosen features of gradcam."""
     parts, e = [], html.escape
     if sec.get("accuracy"):
-        parts.append("<p>Top-1 of the probe on k features (one half of the evaluation split trains it, the other "
-                     "half scores it):</p>" + html_table(
-                         [(str(r["k"]), [e(show(r[key], "pct")) for key in ("discriminative", "random", "pca")], None)
-                          for r in sec["accuracy"]], ["features kept", "discriminative", "random", "PCA"]))
+        parts.append(
+            "<p>Top-1 of the probe on k features (one half of the evaluation split trains it, the "
+            "other half scores it):</p>"
+            + html_table(
+                [
+                    (
+                        str(r["k"]),
+                        [e(show(r[key], "pct")) for key in ("discriminative", "random", "pca")],
+                        None,
+                    )
+                    for r in sec["accuracy"]
+                ],
+                ["features kept", "discriminative", "random", "PCA"],
+            )
+        )
     if isinstance(sec.get("classes"), dict):
-        rows = [(c, [e(show(v.get("n_correct"), "int")), e(show(v.get("n_misclassified"), "int")),
-                     e(show(v.get("mean_L_correct"), "f2")), e(show(v.get("mean_L_misclassified"), "f2"))], None)
-                for c, v in ((e(c), v) for c, v in sec["classes"].items())]
-        parts.append("<details><summary>Per class: images and mean |L_i|, correct and mis-classified</summary>"
-                     + html_table(rows, ["class", "correct images", "mis-classified images", "mean |L_i|, correct",
-                                         "mean |L_i|, mis-classified"]) + "</details>")
+        rows = [
+            (
+                c,
+                [
+                    e(show(v.get("n_correct"), "int")),
+                    e(show(v.get("n_misclassified"), "int")),
+                    e(show(v.get("mean_L_correct"), "f2")),
+                    e(show(v.get("mean_L_misclassified"), "f2")),
+                ],
+                None,
+            )
+            for c, v in ((e(c), v) for c, v in sec["classes"].items())
+        ]
+        parts.append(
+            "<details><summary>Per class: images and mean |L_i|, correct and "
+            "mis-classified</summary>"
+            + html_table(
+                rows,
+                [
+                    "class",
+                    "correct images",
+                    "mis-classified images",
+                    "mean |L_i|, correct",
+                    "mean |L_i|, mis-classified",
+                ],
+            )
+            + "</details>"
+        )
     if isinstance(sec.get("features"), dict):
         rows = []
         for j, f in sec["features"].items():
             share = f.get("class_share_percent") or [0.0]
             c = int(np.argmax(share))
             name = classes[c] if c < len(classes) else str(c)
-            rows.append((f"feature {e(str(j))}", [e(show(f.get("A_j"), "pct100")),
-                                                  e(f"{name} ({share[c]:.0f} % of its images)"),
-                                                  e(", ".join(f.get("top_labels") or []))], None))
-        parts.append(html_table(rows, ["feature", "A_j, all images", "class it is most often highly activating for",
-                                       "classes of its top images"]))
+            rows.append(
+                (
+                    f"feature {e(str(j))}",
+                    [
+                        e(show(f.get("A_j"), "pct100")),
+                        e(f"{name} ({share[c]:.0f} % of its images)"),
+                        e(", ".join(f.get("top_labels") or [])),
+                    ],
+                    None,
+                )
+            )
+        parts.append(
+            html_table(
+                rows,
+                [
+                    "feature",
+                    "A_j, all images",
+                    "class it is most often highly activating for",
+                    "classes of its top images",
+                ],
+            )
+        )
     return parts
 
 
@@ -1086,50 +1671,83 @@ def section_numbers(name, sec, chance, classes):
     single, grids, used = [], [], set(DETAILS)
     for header, rows in PAGES[name]["tables"]:
         used.update(k for _, keys, _, _ in rows for k in keys)
-        have = [(label, [sec.get(k) for k in keys], kind, how) for label, keys, kind, how in rows
-                if any(k in sec for k in keys)]
+        have = [
+            (label, [sec.get(k) for k in keys], kind, how)
+            for label, keys, kind, how in rows
+            if any(k in sec for k in keys)
+        ]
         if header is None:
             single += have
         elif have:
             grids.append(number_table(have, header, chance))
-    single += [(number_label(k), [v], kind_of(k, v), NUMBERS[k][2] if k in NUMBERS else "")
-               for k, v in sec.items() if k not in used and (isinstance(v, (int, float, str)) or v is None)]
+    single += [
+        (number_label(k), [v], kind_of(k, v), NUMBERS[k][2] if k in NUMBERS else "")
+        for k, v in sec.items()
+        if k not in used and (isinstance(v, (int, float, str)) or v is None)
+    ]
     single = [number_table(single, chance=chance)] if single else []
     return "".join(single + grids + details_tables(sec, classes))
 
 
-COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-          "#17becf"]  # matplotlib's C0-C9, which the figures use
-STYLE = ("<style>body{font-family:sans-serif;max-width:1150px;margin:1em auto;padding:0 1em;color:#222;"
-         "line-height:1.4}h2{margin-top:2em;border-bottom:1px solid #ccc}table{border-collapse:collapse;margin:.6em 0}"
-         "th,td{padding:3px 10px;text-align:left;border-bottom:1px solid #eee;vertical-align:top}th{font-weight:600}"
-         "td.hint{color:#666;font-size:.9em}td b{color:#060}figure{margin:1em 0}"
-         "img{max-width:100%;border:1px solid #ccc}"
-         "figcaption{font-size:.92em;color:#333;max-width:60em;margin-top:.3em}.note{color:#666}"
-         ".nowrap{white-space:nowrap}details{margin:.6em 0}summary{cursor:pointer;color:#246}</style>")
+COLORS = [
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+]  # matplotlib's C0-C9, which the figures use
+STYLE = (
+    "<style>body{font-family:sans-serif;max-width:1150px;margin:1em auto;padding:0 1em;color:#222;"
+    "line-height:1.4}h2{margin-top:2em;border-bottom:1px solid #ccc}table{border-collapse:collapse;"
+    "margin:.6em 0}th,td{padding:3px 10px;text-align:left;border-bottom:1px solid #eee;"
+    "vertical-align:top}th{font-weight:600}td.hint{color:#666;font-size:.9em}td b{color:#060}"
+    "figure{margin:1em 0}img{max-width:100%;border:1px solid #ccc}figcaption{font-size:.92em;"
+    "color:#333;max-width:60em;margin-top:.3em}.note{color:#666}.nowrap{white-space:nowrap}"
+    "details{margin:.6em 0}summary{cursor:pointer;color:#246}</style>"
+)
 
 
-def write_html(out, report, run_dir, training=None, metrics=None, saved=None, method="", classes=()):
+def write_html(
+    out, report, run_dir, training=None, metrics=None, saved=None, method="", classes=()
+):
     """index.html: the run, its training curves, then each section with its words, numbers and
     figures. Only figures whose file exists are shown."""
     chance = 1 / len(classes) if classes else None
     name = os.path.basename(os.path.normpath(run_dir))
-    run = [(number_label(k), [v], kind_of(k, v), NUMBERS[k][2] if k in NUMBERS else "")
-           for k, v in report.get("run", {}).items() if not isinstance(v, (dict, list))]
-    parts = ["<!doctype html><meta charset='utf-8'>", f"<title>interpret: {html.escape(name)}</title>", STYLE,
-             f"<h1>What the backbone of {html.escape(name)} learned</h1>",
-             f"<p>{html.escape(settings_text(saved or {}, method))}. This page is written by interpret.py from the "
-             "run's backbone.pt and metrics.jsonl and from the predictions of eval_linear.py; every number on it is "
-             "also in interpret.json.</p>", number_table(run, chance=chance),
-             f"<h2>{PAGE_TRAINING['title']}</h2><p>{prose(PAGE_TRAINING['intro'])}</p>"]
+    run = [
+        (number_label(k), [v], kind_of(k, v), NUMBERS[k][2] if k in NUMBERS else "")
+        for k, v in report.get("run", {}).items()
+        if not isinstance(v, (dict, list))
+    ]
+    parts = [
+        "<!doctype html><meta charset='utf-8'>",
+        f"<title>interpret: {html.escape(name)}</title>",
+        STYLE,
+        f"<h1>What the backbone of {html.escape(name)} learned</h1>",
+        f"<p>{html.escape(settings_text(saved or {}, method))}. This page is written by "
+        "interpret.py from the run's backbone.pt and metrics.jsonl and from the predictions of "
+        "eval_linear.py; every number on it is also in interpret.json.</p>",
+        number_table(run, chance=chance),
+        f"<h2>{PAGE_TRAINING['title']}</h2><p>{prose(PAGE_TRAINING['intro'])}</p>",
+    ]
     if training:
         parts.append(figure(out, training, PAGE_TRAINING["caption"]))
     else:
         parts.append("<p class=note>No metrics.jsonl in the run folder, so no training curves.</p>")
     if metrics:
-        rows = final_rows([{"metrics": metrics, "linear": {}, "interpret": {}}], training_keys([(name, metrics)]))
-        parts.append("<details><summary>The last epoch's numbers</summary>"
-                     + number_table([row[:4] for row in rows], chance=chance) + "</details>")
+        rows = final_rows(
+            [{"metrics": metrics, "linear": {}, "interpret": {}}], training_keys([(name, metrics)])
+        )
+        parts.append(
+            "<details><summary>The last epoch's numbers</summary>"
+            + number_table([row[:4] for row in rows], chance=chance)
+            + "</details>"
+        )
     for sec_name in SECTIONS:
         if sec_name not in report:
             continue
@@ -1163,8 +1781,20 @@ def final_value(run, source, key):
         v = run["linear"].get(key)
     elif key.startswith("all."):
         q, name = run["interpret"].get("qscore", {}), key[4:]
-        share, c, m = q.get("share_correct"), q.get(f"{name}_correct"), q.get(f"{name}_misclassified")
-        v = None if share is None else c if m is None else m if c is None else share * c + (1 - share) * m
+        share, c, m = (
+            q.get("share_correct"),
+            q.get(f"{name}_correct"),
+            q.get(f"{name}_misclassified"),
+        )
+        v = (
+            None
+            if share is None
+            else c
+            if m is None
+            else m
+            if c is None
+            else share * c + (1 - share) * m
+        )
     else:
         section, name = key.split(".")
         v = run["interpret"].get(section, {}).get(name)
@@ -1174,27 +1804,97 @@ def final_value(run, source, key):
 # The compare table after metrics.jsonl: (label, source, key, kind, how to read, +1 if higher is
 # better, -1 if lower, 0 if neither); a row no run has is left out.
 COMPARE_FINAL = [
-    ("offline linear probe, top-1", "linear", "offline_linear_top1", "pct", "{chance}higher is better", 1),
+    (
+        "offline linear probe, top-1",
+        "linear",
+        "offline_linear_top1",
+        "pct",
+        "{chance}higher is better",
+        1,
+    ),
     ("offline linear probe, top-5", "linear", "offline_linear_top5", "pct", "higher is better", 1),
     ("offline kNN top-1, k = 20", "linear", "knn_top1_k20", "pct", "{chance}higher is better", 1),
     ("offline kNN top-1, k = 200", "linear", "knn_top1_k200", "pct", "{chance}higher is better", 1),
-    ("Q-Score AUROC for the probe's outcome", "interpret", "qscore.auroc_correct_positive", "pct",
-     "Kalibhat et al. Fig. 4; chance 50 %, higher is better", 1),
-    ("Q-Score AUPRC, mistakes as positives", "interpret", "qscore.auprc_misclassified_positive", "pct",
-     "chance: the share of mistakes; higher is better", 1),
-    ("mean |L_i|, all evaluation images", "interpret", "all.mean_L", "f2",
-     "Kalibhat et al. Fig. 5 (left): rises with Q-Score regularization", 1),
-    ("images with an empty L_i", "interpret", "qscore.share_empty_L", "pct", "|L_i| counts 0 there", 0),
-    ("mean confidence of the probe, all evaluation images", "interpret", "all.mean_confidence", "pct",
-     "Fig. 5 (right): rises with Q-Score regularization", 1),
-    ("discriminative features (30th-85th percentile band)", "interpret", "discriminative.band_size", "int",
-     "App. A.1", 0),
-    ("mIoU with core masks, correct images", "interpret", "miou.miou_core_correct", "pct",
-     "Kalibhat et al. Fig. 8; higher is better", 1),
-    ("mIoU with spurious masks, correct images", "interpret", "miou.miou_spurious_correct", "pct",
-     "lower is better", -1),
-    ("Average Drop", "interpret", "adai.average_drop", "pct100", "Seyfi et al. Table 4; lower is better", -1),
-    ("Average Increase", "interpret", "adai.average_increase", "pct100", "Seyfi et al. Table 4; higher is better", 1),
+    (
+        "Q-Score AUROC for the probe's outcome",
+        "interpret",
+        "qscore.auroc_correct_positive",
+        "pct",
+        "Kalibhat et al. Fig. 4; chance 50 %, higher is better",
+        1,
+    ),
+    (
+        "Q-Score AUPRC, mistakes as positives",
+        "interpret",
+        "qscore.auprc_misclassified_positive",
+        "pct",
+        "chance: the share of mistakes; higher is better",
+        1,
+    ),
+    (
+        "mean |L_i|, all evaluation images",
+        "interpret",
+        "all.mean_L",
+        "f2",
+        "Kalibhat et al. Fig. 5 (left): rises with Q-Score regularization",
+        1,
+    ),
+    (
+        "images with an empty L_i",
+        "interpret",
+        "qscore.share_empty_L",
+        "pct",
+        "|L_i| counts 0 there",
+        0,
+    ),
+    (
+        "mean confidence of the probe, all evaluation images",
+        "interpret",
+        "all.mean_confidence",
+        "pct",
+        "Fig. 5 (right): rises with Q-Score regularization",
+        1,
+    ),
+    (
+        "discriminative features (30th-85th percentile band)",
+        "interpret",
+        "discriminative.band_size",
+        "int",
+        "App. A.1",
+        0,
+    ),
+    (
+        "mIoU with core masks, correct images",
+        "interpret",
+        "miou.miou_core_correct",
+        "pct",
+        "Kalibhat et al. Fig. 8; higher is better",
+        1,
+    ),
+    (
+        "mIoU with spurious masks, correct images",
+        "interpret",
+        "miou.miou_spurious_correct",
+        "pct",
+        "lower is better",
+        -1,
+    ),
+    (
+        "Average Drop",
+        "interpret",
+        "adai.average_drop",
+        "pct100",
+        "Seyfi et al. Table 4; lower is better",
+        -1,
+    ),
+    (
+        "Average Increase",
+        "interpret",
+        "adai.average_increase",
+        "pct100",
+        "Seyfi et al. Table 4; higher is better",
+        1,
+    ),
 ]
 BETTER = {"knn_top1": 1, "images_per_s": 1, "seconds": -1, "peak_mem_gb": -1}
 
@@ -1202,11 +1902,23 @@ BETTER = {"knn_top1": 1, "images_per_s": 1, "seconds": -1, "peak_mem_gb": -1}
 def final_rows(runs, keys):
     """(label, values per run, kind, how to read, better): the last epoch of each metrics.jsonl
     key (the last measured one for kNN; SUMMARY's over all epochs), then COMPARE_FINAL."""
-    rows = [("epochs trained", [r["metrics"]["epoch"][1][-1] if "epoch" in r["metrics"] else None for r in runs],
-             "int", "", 0)]
+    rows = [
+        (
+            "epochs trained",
+            [r["metrics"]["epoch"][1][-1] if "epoch" in r["metrics"] else None for r in runs],
+            "int",
+            "",
+            0,
+        )
+    ]
     for k in keys:
-        label, agg = SUMMARY.get(k, (number_label(k) + (", last measured" if k == "knn_top1" else ", last epoch"),
-                                     lambda v: v[-1]))
+        label, agg = SUMMARY.get(
+            k,
+            (
+                number_label(k) + (", last measured" if k == "knn_top1" else ", last epoch"),
+                lambda v: v[-1],
+            ),
+        )
         vals = [float(agg(r["metrics"][k][1])) if k in r["metrics"] else None for r in runs]
         kind, how = NUMBERS[k][1:] if k in NUMBERS else ("g3", "")
         rows.append((label, vals, kind, how, BETTER.get(k, 0)))
@@ -1224,8 +1936,10 @@ def compare_cells(vals, kind, better):
     have = [v for v in vals if v is not None]
     best = show(max(have) if better > 0 else min(have), kind) if better and have else None
     bold = best is not None and len({t for t, v in zip(shown, vals) if v is not None}) > 1
-    return "".join(f"<td><b>{html.escape(t)}</b></td>" if bold and t == best else f"<td>{html.escape(t)}</td>"
-                   for t in shown)
+    return "".join(
+        f"<td><b>{html.escape(t)}</b></td>" if bold and t == best else f"<td>{html.escape(t)}</td>"
+        for t in shown
+    )
 
 
 def compare(args):
@@ -1236,60 +1950,102 @@ def compare(args):
         if not os.path.isdir(d):
             raise common.UserError(f"--compare: run folder '{d}' does not exist.")
         if not any(os.path.isfile(os.path.join(d, f)) for f in ("metrics.jsonl", "linear.json")):
-            raise common.UserError(f"--compare: '{d}' has neither metrics.jsonl nor linear.json: is it a run folder?")
+            raise common.UserError(
+                f"--compare: '{d}' has neither metrics.jsonl nor linear.json: is it a run folder?"
+            )
     out = args.out or os.path.join("runs", f"compare_{int(time.time())}")
     os.makedirs(out, exist_ok=True)
     runs = []
     for d, label in zip(dirs, run_labels(dirs)):
         page = os.path.join(d, "interpret", "index.html")
-        runs.append({"label": label, "dir": d, "metrics": read_metrics(d), "method": run_method(d),
-                     "saved": read_json(os.path.join(d, "args.json")),
-                     "linear": read_json(os.path.join(d, "linear.json")),
-                     "interpret": read_json(os.path.join(d, "interpret", "interpret.json")),
-                     "page": os.path.relpath(page, out) if os.path.isfile(page) else ""})
-    curves = training_figure([(r["label"], r["metrics"]) for r in runs], os.path.join(out, "training.png"))
+        runs.append(
+            {
+                "label": label,
+                "dir": d,
+                "metrics": read_metrics(d),
+                "method": run_method(d),
+                "saved": read_json(os.path.join(d, "args.json")),
+                "linear": read_json(os.path.join(d, "linear.json")),
+                "interpret": read_json(os.path.join(d, "interpret", "interpret.json")),
+                "page": os.path.relpath(page, out) if os.path.isfile(page) else "",
+            }
+        )
+    curves = training_figure(
+        [(r["label"], r["metrics"]) for r in runs], os.path.join(out, "training.png")
+    )
     rows = final_rows(runs, training_keys([(r["label"], r["metrics"]) for r in runs]))
     n_classes = {len(r["linear"]["classes"]) for r in runs if r["linear"].get("classes")}
     chance = 1 / n_classes.pop() if len(n_classes) == 1 else None
 
     flags = sorted({k for r in runs for k in r["saved"]} - set(IGNORED_FLAGS))
     differ = [k for k in flags if len({json.dumps(r["saved"].get(k)) for r in runs}) > 1]
-    parts = ["<!doctype html><meta charset='utf-8'>", "<title>runs side by side</title>", STYLE,
-             f"<h1>{len(runs)} runs side by side</h1>",
-             "<p>The training curves of each run from its metrics.jsonl, then its final numbers, from metrics.jsonl, "
-             "from linear.json (eval_linear.py) and from interpret/interpret.json (interpret.py) where these exist. "
-             "A dash marks a number a run does not have. Every number is also in compare.json.</p>",
-             "<table><tr><th>run</th><th>folder</th><th>how it was trained</th><th>flags that differ</th>"
-             "<th>page</th></tr>"]
+    parts = [
+        "<!doctype html><meta charset='utf-8'>",
+        "<title>runs side by side</title>",
+        STYLE,
+        f"<h1>{len(runs)} runs side by side</h1>",
+        "<p>The training curves of each run from its metrics.jsonl, then its final numbers, from "
+        "metrics.jsonl, from linear.json (eval_linear.py) and from interpret/interpret.json "
+        "(interpret.py) where these exist. A dash marks a number a run does not have. Every number "
+        "is also in compare.json.</p>",
+        "<table><tr><th>run</th><th>folder</th><th>how it was trained</th><th>flags that "
+        "differ</th><th>page</th></tr>",
+    ]
     for c, r in enumerate(runs):
-        diff = " ".join(f"--{k.replace('_', '-')} {r['saved'].get(k, '–')}" for k in differ) or "none"
+        diff = (
+            " ".join(f"--{k.replace('_', '-')} {r['saved'].get(k, '–')}" for k in differ) or "none"
+        )
         link = f"<a href='{html.escape(r['page'])}'>interpret page</a>" if r["page"] else "–"
         swatch = f"<span style='color:{COLORS[c % 10]}'>■</span>"  # the run's colour in the figure
-        parts.append(f"<tr><th class=nowrap>{swatch} {html.escape(r['label'])}</th><td>{html.escape(r['dir'])}</td>"
-                     f"<td>{html.escape(settings_text(r['saved'], r['method']))}</td>"
-                     f"<td class=nowrap>{html.escape(diff)}</td><td class=nowrap>{link}</td></tr>")
+        parts.append(
+            f"<tr><th class=nowrap>{swatch} {html.escape(r['label'])}</th><td>"
+            f"{html.escape(r['dir'])}</td><td>"
+            f"{html.escape(settings_text(r['saved'], r['method']))}</td><td class=nowrap>"
+            f"{html.escape(diff)}</td><td class=nowrap>{link}</td></tr>"
+        )
     parts.append("</table>")
     parts.append(f"<h2>{PAGE_TRAINING['title']}</h2>")
     if curves:
         parts.append(figure(out, "training.png", PAGE_TRAINING["compare"]))
     else:
-        parts.append("<p class=note>None of the runs has a metrics.jsonl, so there are no training curves.</p>")
-    parts.append("<h2>Final numbers</h2><p>The last epoch of training, then the offline evaluation and the analyses "
-                 "of the finished backbones. Where a direction is known (the last column), the best run's number is "
-                 "in bold.</p>")
-    head = "<tr><th></th>" + "".join(f"<th>{html.escape(r['label'])}</th>" for r in runs) + "<th>how to read</th></tr>"
+        parts.append(
+            "<p class=note>None of the runs has a metrics.jsonl, "
+            "so there are no training curves.</p>"
+        )
+    parts.append(
+        "<h2>Final numbers</h2><p>The last epoch of training, then the offline evaluation and the "
+        "analyses of the finished backbones. Where a direction is known (the last column), the "
+        "best run's number is in bold.</p>"
+    )
+    head = (
+        "<tr><th></th>"
+        + "".join(f"<th>{html.escape(r['label'])}</th>" for r in runs)
+        + "<th>how to read</th></tr>"
+    )
     body = []
     for label, vals, kind, how, better in rows:
-        body.append(f"<tr><th>{prose(label)}</th>{compare_cells(vals, kind, better)}"
-                    f"<td class=hint>{prose(hint(how, chance))}</td></tr>")
+        body.append(
+            f"<tr><th>{prose(label)}</th>{compare_cells(vals, kind, better)}"
+            f"<td class=hint>{prose(hint(how, chance))}</td></tr>"
+        )
     parts.append(f"<table>{head}{''.join(body)}</table>")
     with open(os.path.join(out, "index.html"), "w") as fh:
         fh.write("\n".join(parts))
     with open(os.path.join(out, "compare.json"), "w") as fh:
-        json.dump({"runs": [{"label": r["label"], "run_dir": r["dir"], "method": r["method"]} for r in runs],
-                   "curves": curves,
-                   "final": [{"label": label, "values": dict(zip([r["label"] for r in runs], vals))}
-                             for label, vals, _, _, _ in rows]}, fh, indent=2)
+        json.dump(
+            {
+                "runs": [
+                    {"label": r["label"], "run_dir": r["dir"], "method": r["method"]} for r in runs
+                ],
+                "curves": curves,
+                "final": [
+                    {"label": label, "values": dict(zip([r["label"] for r in runs], vals))}
+                    for label, vals, _, _, _ in rows
+                ],
+            },
+            fh,
+            indent=2,
+        )
     print(f"-> {os.path.join(out, 'index.html')}", flush=True)
     return 0
 
@@ -1305,8 +2061,13 @@ def scalars(d, prefix="", deep=True):
         elif isinstance(v, (int, float, str)) or v is None:
             out.append((prefix + k, v))
         elif k == "accuracy":  # the subset table of the discriminative section
-            out += [(f"top1@{r['k']} disc/random/pca", " / ".join(fmt(r[key]) for key in ("discriminative", "random", "pca")))
-                    for r in v]
+            out += [
+                (
+                    f"top1@{r['k']} disc/random/pca",
+                    " / ".join(fmt(r[key]) for key in ("discriminative", "random", "pca")),
+                )
+                for r in v
+            ]
     return out
 
 
@@ -1318,7 +2079,9 @@ def main(args):
     if args.compare:
         return compare(args)
     if not args.run_dir:
-        raise common.UserError("name a run folder (interpret.py RUN_DIR), or runs to compare (--compare RUN RUN ...).")
+        raise common.UserError(
+            "name a run folder (interpret.py RUN_DIR), or runs to compare (--compare RUN RUN ...)."
+        )
     ctx = load_inputs(args)
     out = ctx["out"]
     os.makedirs(out, exist_ok=True)
@@ -1328,12 +2091,25 @@ def main(args):
         with open(path) as fh:
             report = json.load(fh)
     lin = ctx["linear"]
-    report["run"] = {"run_dir": args.run_dir, "dataset": args.dataset, "image_size": ctx["size"], "eps": args.eps,
-                     **{k: lin[k] for k in ("offline_linear_top1", "offline_linear_top5", "knn_top1_k20", "knn_top1_k200")
-                        if k in lin}}
-    runners = {"qscore": section_qscore, "features": section_features, "discriminative": section_discriminative,
-               "gradcam": lambda c: section_gradcam(c, args), "miou": lambda c: section_miou(c, args),
-               "adai": lambda c: section_adai(c, args)}
+    report["run"] = {
+        "run_dir": args.run_dir,
+        "dataset": args.dataset,
+        "image_size": ctx["size"],
+        "eps": args.eps,
+        **{
+            k: lin[k]
+            for k in ("offline_linear_top1", "offline_linear_top5", "knn_top1_k20", "knn_top1_k200")
+            if k in lin
+        },
+    }
+    runners = {
+        "qscore": section_qscore,
+        "features": section_features,
+        "discriminative": section_discriminative,
+        "gradcam": lambda c: section_gradcam(c, args),
+        "miou": lambda c: section_miou(c, args),
+        "adai": lambda c: section_adai(c, args),
+    }
     for name in SECTIONS:
         if name not in ctx["only"]:
             continue
@@ -1349,9 +2125,20 @@ def main(args):
     training = None
     if metrics:
         training = "training.png"
-        training_figure([(os.path.basename(os.path.normpath(args.run_dir)), metrics)], os.path.join(out, training))
-    write_html(out, report, args.run_dir, training, metrics, read_json(os.path.join(args.run_dir, "args.json")),
-               run_method(args.run_dir), ctx["classes"])
+        training_figure(
+            [(os.path.basename(os.path.normpath(args.run_dir)), metrics)],
+            os.path.join(out, training),
+        )
+    write_html(
+        out,
+        report,
+        args.run_dir,
+        training,
+        metrics,
+        read_json(os.path.join(args.run_dir, "args.json")),
+        run_method(args.run_dir),
+        ctx["classes"],
+    )
     print(f"-> {os.path.join(out, 'index.html')}", flush=True)
     return 0
 

@@ -3,7 +3,8 @@
 One method, one budget (the learning study's: benchmarks/learning.py, RESULTS.md), trained as
   baseline   the method script with the study's flags (--extra),
   qscore     the same plus --qscore-lambda 0.1 (Kalibhat et al., Eq. 4),
-  xattn      the same plus --xattn (Seyfi et al., Eq. 7), clustering every --xattn-cluster-every epochs,
+  xattn      the same plus --xattn (Seyfi et al., Eq. 7), clustering every \
+--xattn-cluster-every epochs,
 for each seed, one run at a time. Each run is then measured three ways:
   - online kNN top-1 at the end (learning.py's protocol: k = 200, t = 0.1, the fixed 10,000-image
     bank, the whole test split) and the training images/s;
@@ -13,9 +14,11 @@ for each seed, one run at a time. Each run is then measured three ways:
     images (Fig. 5's quantities), the share of empty L_i, and Average Drop / Average Increase of the
     class explanation maps (Seyfi et al., Eq. 8; lower AD and higher AI are better).
 
-    python benchmarks/addons.py simclr --seeds 0 1 --images 16000 --batch-size 64 --warmup-images 1600 \\
+    python benchmarks/addons.py simclr --seeds 0 1 --images 16000 --batch-size 64 \
+--warmup-images 1600 \\
         --workers 2 --extra "--proj-last-bn --lars-mode official"
-    python benchmarks/addons.py byol --seeds 0 1 --images 16000 --batch-size 64 --warmup-images 1600 \\
+    python benchmarks/addons.py byol --seeds 0 1 --images 16000 --batch-size 64 \
+--warmup-images 1600 \\
         --workers 2 --extra "--lars-mode official"
     python benchmarks/addons.py simclr --table     # the table of what --out holds, and the verdicts
 
@@ -30,6 +33,7 @@ Markdown table. Verdict per add-on and measure: "helped" or "hurt" when the add-
 seeds lies wholly above or below the baseline's, else "within seed noise" (with two seeds, the
 range is all the noise estimate there is).
 """
+
 import argparse
 import os
 import shlex
@@ -48,35 +52,65 @@ import learning  # noqa: E402
 
 CONFIGS = {"baseline": [], "qscore": ["--qscore-lambda", "0.1"], "xattn": ["--xattn"]}
 # (key in summary.json, label, higher is better)
-MEASURES = [("knn_top1", "kNN top-1", True), ("linear_top1", "linear top-1", True),
-            ("qscore_auroc", "Q-Score AUROC", True), ("qscore_auprc", "Q-Score AUPRC", True),
-            ("mean_L", "mean |L_i|", None), ("share_empty_L", "empty L_i", None),
-            ("mean_confidence", "confidence", None), ("average_drop", "AD", False),
-            ("average_increase", "AI", True), ("images_per_s", "img/s", True)]
+MEASURES = [
+    ("knn_top1", "kNN top-1", True),
+    ("linear_top1", "linear top-1", True),
+    ("qscore_auroc", "Q-Score AUROC", True),
+    ("qscore_auprc", "Q-Score AUPRC", True),
+    ("mean_L", "mean |L_i|", None),
+    ("share_empty_L", "empty L_i", None),
+    ("mean_confidence", "confidence", None),
+    ("average_drop", "AD", False),
+    ("average_increase", "AI", True),
+    ("images_per_s", "img/s", True),
+]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("method", help=f"one of {', '.join(learning.METHODS)}")
-    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
+    p.add_argument(
+        "--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of every config")
     p.add_argument("--dataset", default="folder", help="as learning.py (digits for plumbing tests)")
-    p.add_argument("--data-dir", default=os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10"))
+    p.add_argument(
+        "--data-dir", default=os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10")
+    )
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--images", type=int, default=16_000, help="budget: images seen in training")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--warmup-images", type=int, default=1600)
     p.add_argument("--knn-limit", type=int, default=10_000, help="kNN bank, as learning.py")
-    p.add_argument("--points", type=int, default=2, help="kNN points of each run's curve (2: as the learning study)")
+    p.add_argument(
+        "--points",
+        type=int,
+        default=2,
+        help="kNN points of each run's curve (2: as the learning study)",
+    )
     p.add_argument("--epochs-per-point", type=int, default=5, help="as learning.py")
-    p.add_argument("--extra", action="append", default=[], help="the study's flags for the script, as learning.py; a single flag as --extra=--FLAG")
+    p.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        help="the study's flags for the script, as learning.py; a single flag as --extra=--FLAG",
+    )
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
-    p.add_argument("--xattn-cluster-every", type=int, default=5,
-                   help="the xattn config's --xattn-cluster-every: learning.py's epochs are 1/31 of a pass over "
-                        "CIFAR-10 (1,600 of 50,000 images), and each clustering embeds all 50,000 (3-4 min here); the "
-                        "paper clusters once a pass. 5: at the start and half-way, 2 clusterings in a 10-epoch run")
+    p.add_argument(
+        "--xattn-cluster-every",
+        type=int,
+        default=5,
+        help="the xattn config's --xattn-cluster-every: learning.py's epochs are 1/31 of a pass "
+        "over CIFAR-10 (1,600 of 50,000 images), and each clustering embeds all 50,000 (3-4 min "
+        "here); the paper clusters once a pass. 5: at the start and half-way, 2 clusterings in a "
+        "10-epoch run",
+    )
     p.add_argument("--linear-epochs", type=int, default=100, help="eval_linear.py --epochs")
-    p.add_argument("--linear-train-limit", type=int, default=0, help="eval_linear.py --train-limit (0: all)")
+    p.add_argument(
+        "--linear-train-limit", type=int, default=0, help="eval_linear.py --train-limit (0: all)"
+    )
     p.add_argument("--max-images", type=int, default=256, help="interpret.py --max-images (AD/AI)")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "addons"))
     p.add_argument("--force", action="store_true", help="run again what has a summary.json")
@@ -86,11 +120,15 @@ def parse_args(argv=None):
 
 def check(a):
     if a.method not in learning.METHODS:
-        raise common.UserError(f"unknown method '{a.method}': choose one of {', '.join(learning.METHODS)}.")
+        raise common.UserError(
+            f"unknown method '{a.method}': choose one of {', '.join(learning.METHODS)}."
+        )
     a.configs = [c for c in a.configs.split(",") if c]
     bad = [c for c in a.configs if c not in CONFIGS]
     if bad or not a.configs:
-        raise common.UserError(f"unknown config '{','.join(bad)}': choose from {', '.join(CONFIGS)}.")
+        raise common.UserError(
+            f"unknown config '{','.join(bad)}': choose from {', '.join(CONFIGS)}."
+        )
     for e in a.extra:
         if "--qscore-lambda" in e or "--xattn" in e.split():
             raise common.UserError("--extra may not set an add-on flag: the configs set them.")
@@ -113,14 +151,43 @@ def run_step(cmd, log):
 
 
 def train_command(a, config, seed, folder):
-    """learning.py's CleanSSL half for one (config, seed): the study's --extra, then the add-on's flags."""
-    cmd = [sys.executable, os.path.join("benchmarks", "learning.py"), a.method, "--impl", "cleanssl", "--seed", str(seed),
-           "--dataset", a.dataset, "--data-dir", a.data_dir, "--image-size", str(a.image_size),
-           "--images", str(a.images), "--batch-size", str(a.batch_size), "--warmup-images", str(a.warmup_images),
-           "--points", str(a.points), "--epochs-per-point", str(a.epochs_per_point), "--knn-limit", str(a.knn_limit),
-           "--workers", str(a.workers), "--out", folder]
+    """learning.py's CleanSSL half for one (config, seed): the study's --extra, then the
+    add-on's flags."""
+    cmd = [
+        sys.executable,
+        os.path.join("benchmarks", "learning.py"),
+        a.method,
+        "--impl",
+        "cleanssl",
+        "--seed",
+        str(seed),
+        "--dataset",
+        a.dataset,
+        "--data-dir",
+        a.data_dir,
+        "--image-size",
+        str(a.image_size),
+        "--images",
+        str(a.images),
+        "--batch-size",
+        str(a.batch_size),
+        "--warmup-images",
+        str(a.warmup_images),
+        "--points",
+        str(a.points),
+        "--epochs-per-point",
+        str(a.epochs_per_point),
+        "--knn-limit",
+        str(a.knn_limit),
+        "--workers",
+        str(a.workers),
+        "--out",
+        folder,
+    ]
     # "--extra=VALUE", one token: argparse takes a lone "--extra --xattn" for two options
-    own = CONFIGS[config] + (["--xattn-cluster-every", str(a.xattn_cluster_every)] if config == "xattn" else [])
+    own = CONFIGS[config] + (
+        ["--xattn-cluster-every", str(a.xattn_cluster_every)] if config == "xattn" else []
+    )
     return cmd + [f"--extra={e}" for e in a.extra + [" ".join(own)] if e]
 
 
@@ -132,7 +199,11 @@ def measure(a, config, seed):
     if os.path.exists(log):
         os.remove(log)
     for f in os.listdir(a.out):  # the random backbone's kNN, computed once for all runs
-        if f.startswith("random_") and f.endswith(".json") and not os.path.exists(os.path.join(folder, f)):
+        if (
+            f.startswith("random_")
+            and f.endswith(".json")
+            and not os.path.exists(os.path.join(folder, f))
+        ):
             shutil.copy(os.path.join(a.out, f), folder)
     py = sys.executable
     train = train_command(a, config, seed, folder)
@@ -142,28 +213,49 @@ def measure(a, config, seed):
             shutil.copy(os.path.join(folder, f), a.out)
     learned = learning.read_json(os.path.join(folder, f"{a.method}_cleanssl.json"))
     run_dir = learned["run_dir"]
-    probe = [py, "eval_linear.py", run_dir, "--epochs", str(a.linear_epochs), "--workers", str(a.workers),
-             "--train-limit", str(a.linear_train_limit)]
+    probe = [
+        py,
+        "eval_linear.py",
+        run_dir,
+        "--epochs",
+        str(a.linear_epochs),
+        "--workers",
+        str(a.workers),
+        "--train-limit",
+        str(a.linear_train_limit),
+    ]
     seconds["linear"] = run_step(probe, log)
     look = [py, "interpret.py", run_dir, "--only", "qscore,adai", "--max-images", str(a.max_images)]
     seconds["interpret"] = run_step(look, log)
-    r = {"linear": learning.read_json(os.path.join(run_dir, "linear.json")),
-         "interpret": learning.read_json(os.path.join(run_dir, "interpret", "interpret.json"))}
+    r = {
+        "linear": learning.read_json(os.path.join(run_dir, "linear.json")),
+        "interpret": learning.read_json(os.path.join(run_dir, "interpret", "interpret.json")),
+    }
     q = r["interpret"]["qscore"]
-    summary = {"method": a.method, "config": config, "seed": seed, "addon_flags": CONFIGS[config],
-               "knn_top1": learned["final_knn"], "random_knn": learned["random_knn"],
-               "linear_top1": interpret.final_value(r, "linear", "offline_linear_top1"),
-               "qscore_auroc": q.get("auroc_correct_positive"), "qscore_auprc": q.get("auprc_correct_positive"),
-               "mean_L": interpret.final_value(r, "interpret", "all.mean_L"),
-               "share_empty_L": q.get("share_empty_L"),
-               "mean_confidence": interpret.final_value(r, "interpret", "all.mean_confidence"),
-               "average_drop": r["interpret"]["adai"]["average_drop"],
-               "average_increase": r["interpret"]["adai"]["average_increase"],
-               "images_per_s": learned["images_per_s"], "budget": learned["budget"],
-               "minutes": {k: v / 60 for k, v in seconds.items()},
-               "commands": [" ".join(shlex.quote(c) for c in cmd[1:]) for cmd in (train, probe, look)],
-               "run_dir": os.path.relpath(run_dir, REPO), "git": learned["git"], "machine": learning.machine(),
-               "date": learning.now()}
+    summary = {
+        "method": a.method,
+        "config": config,
+        "seed": seed,
+        "addon_flags": CONFIGS[config],
+        "knn_top1": learned["final_knn"],
+        "random_knn": learned["random_knn"],
+        "linear_top1": interpret.final_value(r, "linear", "offline_linear_top1"),
+        "qscore_auroc": q.get("auroc_correct_positive"),
+        "qscore_auprc": q.get("auprc_correct_positive"),
+        "mean_L": interpret.final_value(r, "interpret", "all.mean_L"),
+        "share_empty_L": q.get("share_empty_L"),
+        "mean_confidence": interpret.final_value(r, "interpret", "all.mean_confidence"),
+        "average_drop": r["interpret"]["adai"]["average_drop"],
+        "average_increase": r["interpret"]["adai"]["average_increase"],
+        "images_per_s": learned["images_per_s"],
+        "budget": learned["budget"],
+        "minutes": {k: v / 60 for k, v in seconds.items()},
+        "commands": [" ".join(shlex.quote(c) for c in cmd[1:]) for cmd in (train, probe, look)],
+        "run_dir": os.path.relpath(run_dir, REPO),
+        "git": learned["git"],
+        "machine": learning.machine(),
+        "date": learning.now(),
+    }
     learning.write_json(summary, os.path.join(folder, "summary.json"))
     return summary
 
@@ -185,8 +277,15 @@ def aggregate(runs):
         agg[config] = {"seeds": [r["seed"] for r in rs]}
         for key, _, _ in MEASURES:
             vals = [r[key] for r in rs if isinstance(r.get(key), (int, float))]
-            agg[config][key] = {"mean": sum(vals) / len(vals), "spread": (max(vals) - min(vals)) / 2,
-                                "values": vals} if vals else None
+            agg[config][key] = (
+                {
+                    "mean": sum(vals) / len(vals),
+                    "spread": (max(vals) - min(vals)) / 2,
+                    "values": vals,
+                }
+                if vals
+                else None
+            )
     return agg
 
 
@@ -194,7 +293,12 @@ def verdict(base, other, higher_better):
     """helped / hurt / within seed noise: do the seed ranges overlap?"""
     if base is None or other is None:
         return "-"
-    lo_b, hi_b, lo_o, hi_o = min(base["values"]), max(base["values"]), min(other["values"]), max(other["values"])
+    lo_b, hi_b, lo_o, hi_o = (
+        min(base["values"]),
+        max(base["values"]),
+        min(other["values"]),
+        max(other["values"]),
+    )
     if len(base["values"]) < 2 or len(other["values"]) < 2:
         return "one seed: no verdict"
     if lo_o > hi_b:
@@ -209,23 +313,45 @@ def table(a):
     if not runs:
         return f"no results for {a.method} in {a.out}."
     agg = aggregate(runs)
-    fmt = lambda m, key: "-" if m is None else (f"{m['mean']:.1f} ± {m['spread']:.1f}" if key == "images_per_s"
-                                                else f"{m['mean']:.3f} ± {m['spread']:.3f}")
+    fmt = lambda m, key: (
+        "-"
+        if m is None
+        else (
+            f"{m['mean']:.1f} ± {m['spread']:.1f}"
+            if key == "images_per_s"
+            else f"{m['mean']:.3f} ± {m['spread']:.3f}"
+        )
+    )
     head = "| config | seeds | " + " | ".join(label for _, label, _ in MEASURES) + " |"
     lines = [head, "|" + "---|" * (len(MEASURES) + 2)]
     for config in CONFIGS:
         if config in agg:
-            lines.append(f"| {config} | {len(agg[config]['seeds'])} | "
-                         + " | ".join(fmt(agg[config][k], k) for k, _, _ in MEASURES) + " |")
+            lines.append(
+                f"| {config} | {len(agg[config]['seeds'])} | "
+                + " | ".join(fmt(agg[config][k], k) for k, _, _ in MEASURES)
+                + " |"
+            )
     verdicts = {}
     if "baseline" in agg:
         for config in (c for c in CONFIGS if c != "baseline" and c in agg):
-            verdicts[config] = {k: verdict(agg["baseline"][k], agg[config][k], hb) for k, _, hb in MEASURES}
-            lines.append(f"\n{config} against baseline: "
-                         + "; ".join(f"{label} {verdicts[config][k]}" for k, label, _ in MEASURES) + ".")
-    learning.write_json({"method": a.method, "aggregate": agg, "verdicts": verdicts,
-                         "measures": [k for k, _, _ in MEASURES], "date": learning.now()},
-                        os.path.join(a.out, f"{a.method}.json"))
+            verdicts[config] = {
+                k: verdict(agg["baseline"][k], agg[config][k], hb) for k, _, hb in MEASURES
+            }
+            lines.append(
+                f"\n{config} against baseline: "
+                + "; ".join(f"{label} {verdicts[config][k]}" for k, label, _ in MEASURES)
+                + "."
+            )
+    learning.write_json(
+        {
+            "method": a.method,
+            "aggregate": agg,
+            "verdicts": verdicts,
+            "measures": [k for k, _, _ in MEASURES],
+            "date": learning.now(),
+        },
+        os.path.join(a.out, f"{a.method}.json"),
+    )
     return "\n".join(lines)
 
 
@@ -239,14 +365,25 @@ def main(a):
     for i, (config, seed) in enumerate(todo):
         done = os.path.join(a.out, f"{a.method}_{config}_s{seed}", "summary.json")
         if os.path.isfile(done) and not a.force:
-            print(f"[{i + 1}/{len(todo)}] {config} seed {seed}: done before ({os.path.relpath(done, REPO)})", flush=True)
+            print(
+                f"[{i + 1}/{len(todo)}] {config} seed {seed}: done before "
+                f"({os.path.relpath(done, REPO)})",
+                flush=True,
+            )
             continue
-        print(f"[{i + 1}/{len(todo)}] {config} seed {seed}: training, probe, interpret ...", flush=True)
+        print(
+            f"[{i + 1}/{len(todo)}] {config} seed {seed}: training, probe, interpret ...",
+            flush=True,
+        )
         t0 = time.time()
         s = measure(a, config, seed)
-        print(f"[{i + 1}/{len(todo)}] {config} seed {seed}: kNN {s['knn_top1']:.4f}, linear {s['linear_top1']:.4f}, "
-              f"Q-Score AUROC {s['qscore_auroc']:.3f}, AD {s['average_drop']:.3f} AI {s['average_increase']:.3f} "
-              f"({(time.time() - t0) / 60:.1f} min)", flush=True)
+        print(
+            f"[{i + 1}/{len(todo)}] {config} seed {seed}: kNN {s['knn_top1']:.4f}, "
+            f"linear {s['linear_top1']:.4f}, Q-Score AUROC {s['qscore_auroc']:.3f}, "
+            f"AD {s['average_drop']:.3f} AI {s['average_increase']:.3f} "
+            f"({(time.time() - t0) / 60:.1f} min)",
+            flush=True,
+        )
     print(table(a))
     return 0
 
