@@ -69,6 +69,14 @@ def _drop_weights_after_module(tmp_path_factory):
     drop_weights(tmp_path_factory.getbasetemp())
 
 
+# The suite runs in 2 pytest-xdist workers (pyproject.toml's addopts), one per core: each worker
+# and the scripts it starts then compute on one thread, so that the two workers share the 2 cores
+# instead of fighting over them. Alone (-n 0), a test and its scripts use 2 threads.
+THREADS = "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"
+if THREADS == "1":
+    torch.set_num_threads(1)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -77,7 +85,7 @@ def free_port():
 
 def run(args, timeout=300, env=None, check=True):
     """Run `python ARGS` in the repo; fail the test with its output when it fails."""
-    e = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
+    e = {**os.environ, "OMP_NUM_THREADS": THREADS, **(env or {})}
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         if env is None or k not in env:
             e.pop(k, None)
@@ -158,7 +166,7 @@ def kill_after_first_checkpoint(args, run_dir, deadline=600):
     """Run `python ARGS --run-dir RUN_DIR` until it kills itself with SIGKILL after step 1 of epoch
     2 (a user's killed job; common.RunControl's test hook, so at that step whatever the machine's
     speed), and return its checkpoint, which must be epoch 1's."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "CLEANSSL_TEST_SIGNAL": "SIGKILL@2:1"}
+    env = {**os.environ, "OMP_NUM_THREADS": THREADS, "CLEANSSL_TEST_SIGNAL": "SIGKILL@2:1"}
     p = subprocess.run(
         [sys.executable] + list(args) + ["--run-dir", str(run_dir)],
         cwd=REPO,
