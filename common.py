@@ -1327,10 +1327,15 @@ def build_backbone(name="resnet18", small_images=True, weights=None, zero_init_r
     if weights is not None:
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as e:
+        except Exception as e:  # OSError, RuntimeError (zip), EOFError, UnpicklingError (HTML)...
+            why = "0 bytes" if os.path.isfile(weights) and not os.path.getsize(weights) else None
+            why = why or (e.strerror if isinstance(e, OSError) else None) or type(e).__name__
             raise UserError(
-                f"could not read backbone weights '{weights}' ({str(e).splitlines()[0]})."
+                f"could not read backbone weights '{weights}' ({why}): it is cut short or not "
+                "a backbone.pt; train the run again or pass another file."
             ) from e
+        if not isinstance(state, dict):
+            raise UserError(f"'{weights}' holds no backbone weights (a {type(state).__name__}).")
         try:
             net.load_state_dict(state)
         except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
@@ -1750,6 +1755,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """--help keeps the docstring's line breaks (its commands) and shows every flag's default."""
 
 
+def backbone_name(name):
+    """--backbone's type: a key of BACKBONES, else one sentence (UserError, which argparse lets
+    through to main_of: exit 2 without the usage text)."""
+    if name not in BACKBONES:
+        raise UserError(f"--backbone {name}: unknown; choose one of {', '.join(BACKBONES)}.")
+    return name
+
+
 def add_run_flags(p):
     """The flags every method script shares, after its own: data, backbone, device, run folder,
     resume, checkpoints, logging. (The recipe's numbers, epochs, batch and lr, are the method's.)"""
@@ -1764,7 +1777,8 @@ def add_run_flags(p):
     p.add_argument(
         "--backbone",
         default="resnet18",
-        choices=list(BACKBONES),
+        type=backbone_name,  # not choices: an unknown name is one sentence, not 30 lines of usage
+        metavar="{" + ",".join(BACKBONES) + "}",
         help="ResNet; resnet18-half/-quarter/-eighth have 1/2, 1/4, 1/8 of the channels",
     )
     p.add_argument(
@@ -1856,11 +1870,75 @@ def add_run_flags(p):
     )
 
 
+# (flag, the smallest value it takes, what that means): the numbers every method script shares
+RUN_NUMBERS = (
+    ("batch_size", 1, "a positive number of images"),
+    ("epochs", 1, "at least 1"),
+    ("steps_per_epoch", 0, "0 (all) or more"),
+    ("image_size", 0, "0 (the data set's own) or a positive side in pixels"),
+    ("workers", 0, "0 (load in the training process) or more"),
+    ("warmup_epochs", 0, "0 or more"),
+    ("checkpoint_every_min", 0, "0 (at epoch ends only) or more minutes"),
+    ("knn_every", 0, "0 (never) or more epochs"),
+    ("knn_limit", 0, "0 (all) or more images"),
+    ("log_every", 1, "at least 1"),
+    ("log_seconds", 0, "0 or more seconds"),
+)
+
+
+def check_numbers(args):
+    """UserError for the first shared number out of its range (RUN_NUMBERS; --lr positive)."""
+    for flag, low, meaning in RUN_NUMBERS:
+        v = getattr(args, flag, None)
+        if v is not None and not (math.isfinite(v) and v >= low):
+            raise UserError(f"--{flag.replace('_', '-')} {v}: it must be {meaning}.")
+    lr = getattr(args, "lr", None)
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise UserError(f"--lr {lr}: it must be a positive number.")
+
+
+def check_writable(folder):
+    """UserError unless `folder` is, or can be made, a folder this process writes in: it or its
+    nearest existing parent is tried with a temporary file (root ignores permission bits)."""
+    import tempfile
+
+    top = os.path.abspath(folder)
+    while not os.path.exists(top):
+        top = os.path.dirname(top)
+    if not os.path.isdir(top):
+        raise UserError(f"--run-dir '{folder}': '{top}' is a file, not a folder.")
+    try:
+        tempfile.TemporaryFile(dir=top).close()
+    except OSError as e:
+        raise UserError(
+            f"--run-dir '{folder}': '{top}' cannot be written ({e.strerror}); pick another folder."
+        ) from e
+
+
+def load_checkpoint(path):
+    """torch.load of a checkpoint, or one sentence when the file is cut short or not one."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # RuntimeError (zip), EOFError, UnpicklingError, ...
+        ckpt, reason = None, f"{type(e).__name__}"
+    else:
+        reason = "not a checkpoint of these scripts"
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("args"), dict)):
+        size = os.path.getsize(path)
+        raise UserError(
+            f"the checkpoint '{path}' cannot be read ({'0 bytes' if not size else reason}), "
+            "so it is cut short or another file: delete it to start that run again, or pass "
+            "--resume another checkpoint."
+        )
+    return ckpt
+
+
 def check_run(args, method, check=None):
     """Bad input gets one sentence (UserError, exit 2) before any work. Also loads the checkpoint
     that the run continues (--resume's, or --run-dir's) and checks it: this method, this backbone,
     `check(args, checkpoint)` (the method's own checks, the checkpoint None for a new run), the same
     flags. Returns (checkpoint or None, its run folder or None)."""
+    check_numbers(args)
     check_dataset(args.dataset, args.data_dir)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world:
@@ -1880,16 +1958,18 @@ def check_run(args, method, check=None):
     if path:
         if not os.path.isfile(path):
             raise UserError(f"--resume: no checkpoint at '{path}'.")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(path)
+        # auto-resume (no --resume): the checkpoint that --run-dir holds
+        which = f"--resume: '{path}'" if args.resume else f"the checkpoint in --run-dir, '{path}',"
         if ckpt.get("method") != method:
+            raise UserError(f"{which} is a {ckpt.get('method')} checkpoint, not {method}.")
+        if ckpt["args"].get("backbone") != args.backbone:
             raise UserError(
-                f"--resume: '{path}' is a {ckpt.get('method')} checkpoint, not {method}."
+                f"{which} holds a {ckpt['args'].get('backbone')}, not --backbone {args.backbone}."
             )
-        if ckpt["args"]["backbone"] != args.backbone:
-            raise UserError(
-                f"--resume: '{path}' holds a {ckpt['args']['backbone']}, "
-                f"not --backbone {args.backbone}."
-            )
+    elif args.run_dir and os.path.isfile(args.run_dir):
+        raise UserError(f"--run-dir '{args.run_dir}' is a file, not a folder.")
+    check_writable(os.path.dirname(path) if path else args.run_dir or "runs")
     if check is not None:
         check(args, ckpt)
     if ckpt is None:

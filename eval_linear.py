@@ -199,7 +199,7 @@ def load_backbone(args, size):
             if isinstance(state, dict) and "stem.0.weight" in state
             else None
         )
-    except (OSError, RuntimeError):
+    except Exception:  # OSError, RuntimeError, EOFError, UnpicklingError (an HTML page)...
         k = None  # build_backbone says what is wrong with the file
     if k is not None and (k == 3) != small:
         kind = "images of 64 px or less (3x3 stem)" if k == 3 else "images above 64 px (7x7 stem)"
