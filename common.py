@@ -343,10 +343,41 @@ def resume_note(ckpt, run_dir, world, batch_size):
             with open(path, "w") as fh:
                 fh.writelines(keep)
     at, epochs = ckpt.get("at") or {}, ckpt["args"].get("epochs", math.inf)
-    if (
-        not at and ckpt["epoch"] >= epochs
-    ):  # e.g. torchrun restarting a worker that died after the last checkpoint
-        print(f"{run_dir} has finished its {epochs} epochs: nothing to do.", flush=True)
+    if not at and ckpt["epoch"] >= epochs:  # e.g. torchrun restarting a worker after the last one
+        # Finished only when backbone.pt is the final checkpoint's backbone: a kill or a full
+        # disk between the two writes of the last epoch's end left it old or missing.
+        model, path, was = ckpt.get("model"), os.path.join(run_dir, "backbone.pt"), "missing"
+        want = model and type(model)(
+            (k[len("backbone.") :], v) for k, v in model.items() if k.startswith("backbone.")
+        )
+        if want:
+            meta = getattr(model, "_metadata", None)  # the modules' versions, as state_dict has
+            if meta is not None:
+                want._metadata = type(meta)(
+                    (k[len("backbone.") :], v)
+                    for k, v in meta.items()
+                    if k == "backbone" or k.startswith("backbone.")
+                )
+            if os.path.isfile(path):
+                try:
+                    have = torch.load(path, map_location="cpu", weights_only=True)
+                    same = list(have) == list(want) and all(
+                        torch.equal(have[k], v) for k, v in want.items()
+                    )
+                except Exception:  # cut short, not a state_dict: rewritten below
+                    same = False
+                if same:
+                    want = None
+                was = "not its final checkpoint's"
+        if want:
+            save_atomic(want, path)
+            print(
+                f"{run_dir} has finished its {epochs} epochs, but its backbone.pt was {was}: "
+                "rewrote it from the final checkpoint.pt; nothing else to do.",
+                flush=True,
+            )
+        else:
+            print(f"{run_dir} has finished its {epochs} epochs: nothing to do.", flush=True)
         return
     where = (
         f"epoch {ckpt['epoch'] + 1} step {at['step']}"
@@ -1979,17 +2010,29 @@ def check_run(args, method, check=None):
 
 
 def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a kill or a full disk leaves the old file whole."""
+    """Write to a temporary file, then rename: a kill or a full disk leaves the old file whole.
+    A full disk or quota is OSError ENOSPC or EDQUOT (main_of: exit EXIT_WRITE), also when torch's
+    serializer reports it as a RuntimeError ("unexpected pos ...")."""
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as fh:  # a file object: a full disk is OSError ENOSPC
+        with open(tmp, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())  # on disk before the rename: a node's crash leaves no empty file
         os.replace(tmp, path)
     except BaseException as e:
+        full = None
+        if isinstance(e, RuntimeError):  # the write's OSError, or a folder with no space left
+            cause = e.__cause__ or e.__context__
+            if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+                full = cause.errno
+            else:
+                fs = os.statvfs(os.path.dirname(os.path.abspath(path)))
+                full = errno.ENOSPC if fs.f_bavail * fs.f_frsize < 2**20 else None
         if os.path.exists(tmp):
             os.remove(tmp)
+        if full:
+            raise OSError(full, os.strerror(full), path) from e
         if isinstance(e, OSError):
             e.filename = path
         raise
@@ -2082,6 +2125,9 @@ class Run:
         )
         if self.rank == 0:
             os.makedirs(self.dir, exist_ok=True)
+            for name in ("checkpoint.pt.tmp", "backbone.pt.tmp"):  # a crash's, still holding disk
+                if os.path.isfile(os.path.join(self.dir, name)):
+                    os.remove(os.path.join(self.dir, name))
             with open(os.path.join(self.dir, "args.json"), "w") as fh:
                 json.dump(vars(args), fh, indent=2)
             self._tensorboard = tensorboard_writer(self.dir)
