@@ -346,29 +346,15 @@ def resume_note(ckpt, run_dir, world, batch_size):
     if not at and ckpt["epoch"] >= epochs:  # e.g. torchrun restarting a worker after the last one
         # Finished only when backbone.pt is the final checkpoint's backbone: a kill or a full
         # disk between the two writes of the last epoch's end left it old or missing.
-        model, path, was = ckpt.get("model"), os.path.join(run_dir, "backbone.pt"), "missing"
-        want = model and type(model)(
-            (k[len("backbone.") :], v) for k, v in model.items() if k.startswith("backbone.")
-        )
-        if want:
-            meta = getattr(model, "_metadata", None)  # the modules' versions, as state_dict has
-            if meta is not None:
-                want._metadata = type(meta)(
-                    (k[len("backbone.") :], v)
-                    for k, v in meta.items()
-                    if k == "backbone" or k.startswith("backbone.")
-                )
-            if os.path.isfile(path):
-                try:
-                    have = torch.load(path, map_location="cpu", weights_only=True)
-                    same = list(have) == list(want) and all(
-                        torch.equal(have[k], v) for k, v in want.items()
-                    )
-                except Exception:  # cut short, not a state_dict: rewritten below
-                    same = False
-                if same:
-                    want = None
-                was = "not its final checkpoint's"
+        model, path, was = ckpt.get("model") or {}, os.path.join(run_dir, "backbone.pt"), "missing"
+        want = {k[len("backbone.") :]: v for k, v in model.items() if k.startswith("backbone.")}
+        if want and os.path.isfile(path):
+            try:
+                have = torch.load(path, map_location="cpu", weights_only=True)
+                same = list(have) == list(want) and all(torch.equal(have[k], want[k]) for k in have)
+            except Exception:  # cut short, not a state_dict: rewritten below
+                same = False
+            want, was = (None if same else want), "not its final checkpoint's"
         if want:
             save_atomic(want, path)
             print(
@@ -1998,8 +1984,6 @@ def check_run(args, method, check=None):
             raise UserError(
                 f"{which} holds a {ckpt['args'].get('backbone')}, not --backbone {args.backbone}."
             )
-    elif args.run_dir and os.path.isfile(args.run_dir):
-        raise UserError(f"--run-dir '{args.run_dir}' is a file, not a folder.")
     check_writable(os.path.dirname(path) if path else args.run_dir or "runs")
     if check is not None:
         check(args, ckpt)
