@@ -1714,7 +1714,10 @@ class LARS(torch.optim.Optimizer):
           so that a layer's step min(eta ||w|| / (...), lr) is never larger than plain SGD's.
     SwAV's apex LARC (unclipped) uses the clip form's ratio without the cap; with SwAV's
     wd of 1e-6 that ratio and the official one differ by far less than a percent.
-    A zero ||w|| or ||g|| leaves the trust at 1. Momentum accumulates the scaled d."""
+    A zero ||w|| or ||g|| leaves the trust at 1. Momentum accumulates the scaled d.
+    A group's `lr_scale` (Run.schedule: its lr is the schedule's times lr_scale) acts after the
+    trust ratio in both forms: the clip compares eta ||w|| / (...) with the unscaled lr, so such a
+    group always steps lr_scale times what an unscaled group with the same norms would."""
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001, mode="official"):
         if mode not in ("official", "clip"):
@@ -1736,8 +1739,9 @@ class LARS(torch.optim.Optimizer):
                     d = d.add(p, alpha=g["weight_decay"])
                     if g["mode"] == "clip":
                         trust = g["eta"] * w_norm / (g_norm + g["weight_decay"] * w_norm)
-                        if g["lr"] > 0:
-                            trust = (trust / g["lr"]).clamp(max=1.0)
+                        lr = g["lr"] / g.get("lr_scale", 1.0)  # the schedule's lr
+                        if lr > 0:
+                            trust = (trust / lr).clamp(max=1.0)
                     else:
                         g_norm = d.norm()
                         trust = g["eta"] * w_norm / g_norm

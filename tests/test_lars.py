@@ -3,6 +3,7 @@ common.LARS, that every script uses (no copy of its own to drift)."""
 
 import importlib
 import inspect
+import types
 
 import pytest
 import torch
@@ -58,3 +59,32 @@ def test_every_script_uses_the_one_lars():
     for script in SCRIPTS:
         text = inspect.getsource(importlib.import_module(script))
         assert "common.LARS(" in text and "class LARS" not in text, f"{script}.py"
+
+
+@pytest.mark.parametrize("mode", ["official", "clip"])
+def test_a_groups_lr_scale_holds_after_the_trust_ratio(mode):
+    """The attention head's group (lr_scale, set by Run.schedule) steps lr_scale times what a core
+    group with the same weights and gradient steps, in both modes; in clip mode too, where the
+    cap used to compare the trust with the scaled lr, so the head got 0.42x the core's step at
+    ||g|| / ||w|| = 10 instead of 0.0083x (issue 34, point 3)."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 8)
+    g = torch.randn(16, 8)
+    g = g * (10 * w.norm() / g.norm())  # ||g|| / ||w|| = 10
+    core, head = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    scale = 0.03 / 3.6
+    opt = common.LARS(
+        [{"params": [core]}, {"params": [head], "lr_scale": scale}],
+        lr=0.0,
+        weight_decay=1e-4,
+        eta=0.02,
+        mode=mode,
+    )
+    run = types.SimpleNamespace(total=100, warmup=0, base_lr=0.4)
+    common.Run.schedule(run, opt, 0)  # as every script sets the lrs, each step
+    assert opt.param_groups[1]["lr"] == pytest.approx(scale * opt.param_groups[0]["lr"])
+    core.grad, head.grad = g.clone(), g.clone()
+    opt.step()
+    step_core, step_head = (w - core.detach()).norm(), (w - head.detach()).norm()
+    assert step_core > 0
+    assert (step_head / step_core).item() == pytest.approx(scale, rel=1e-4)
