@@ -1588,6 +1588,80 @@ def knn_top1(
     return correct / len(test_h)
 
 
+def random_init_knn(args, device=torch.device("cpu"), ks=(200,), test_limit=0, workers=0):
+    """The reference a trained backbone has to beat: kNN top-1 of the same architecture at its
+    random initialization, measured with a run's protocol. `args`: anything with the run flags
+    dataset, data_dir, backbone, image_size and knn_limit (a method script's args, or args.json
+    as a Namespace). The backbone is build_backbone(backbone, size <= 64) drawn under seed 0
+    (torchvision's default init; the caller's random state is left as it was), in eval mode as
+    every kNN here; the bank is knn_bank(..., knn_limit) of the training split, the queries the
+    test split (its fixed seed-0 subset of `test_limit` images when that is set, as eval_linear's
+    --test-limit); weighted votes at t = 0.1 for each k of `ks` (200: the online monitor; 20 and
+    200: eval_linear.py). Measured once per (data set, data folder, backbone, image side, bank
+    limit, test limit, k) and kept in random_init_knn.json under $CLEANSSL_CACHE (default
+    ~/.cache/cleanssl). Every process must call it (the features are gathered); process 0
+    decides whether the cache holds it and writes it. Returns {"knn_top1_k<k>": top-1 in [0, 1]
+    for each k, "n_bank": images in the bank, "n_test": test images}."""
+    size = args.image_size or IMAGE_SIZE[args.dataset]
+    limit = args.knn_limit
+    if limit is None:  # knn_bank's default
+        limit = KNN_LIMIT_FOLDER if args.dataset == "folder" else 0
+    where = "" if args.dataset == "digits" else os.path.abspath(args.data_dir)  # digits: built in
+    protocol = f"{args.dataset}|{where}|{args.backbone}|{size}px|bank {limit}|test {test_limit}"
+    keys = {k: f"{protocol}|k {k}" for k in ks}
+    folder = os.environ.get("CLEANSSL_CACHE") or os.path.expanduser("~/.cache/cleanssl")
+    path = os.path.join(folder, "random_init_knn.json")
+
+    def read_cache():
+        try:
+            with open(path) as fh:
+                return json.load(fh)
+        except (OSError, ValueError):  # none yet, or cut short: measured again
+            return {}
+
+    cache = read_cache() if rank() == 0 else {}
+    if world_size() > 1:  # every process must agree on whether to extract features
+        shared = [cache]
+        dist.broadcast_object_list(shared, 0)
+        cache = shared[0]
+    if any(key not in cache for key in keys.values()):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = build_backbone(args.backbone, size <= 64).to(device)
+        train = make_dataset(args.dataset, args.data_dir, train=True, download=False)
+        bank = knn_bank(args.dataset, args.data_dir, train, limit)
+        test = make_dataset(args.dataset, args.data_dir, train=False, download=False)
+        classes = len(test.classes)
+        if test_limit and test_limit < len(test):  # eval_linear's fixed_subset
+            keep = np.random.RandomState(0).permutation(len(test))[:test_limit]
+            test = torch.utils.data.Subset(test, np.sort(keep).tolist())
+        native, stats = IMAGE_SIZE[args.dataset], STATS[args.dataset]
+        bank_h, bank_y = extract_features(
+            net, bank, size, stats, native, device, workers=workers, precision="fp32"
+        )
+        test_h, test_y = extract_features(
+            net, test, size, stats, native, device, workers=workers, precision="fp32"
+        )
+        for k, key in keys.items():
+            top1 = knn_top1(bank_h, bank_y, test_h, test_y, classes, k=k)
+            cache[key] = {"top1": top1, "n_bank": len(bank), "n_test": len(test)}
+        if rank() == 0:
+            try:  # merged with what other jobs wrote meanwhile, then swapped in whole
+                os.makedirs(folder, exist_ok=True)
+                merged = {**read_cache(), **{key: cache[key] for key in keys.values()}}
+                with open(f"{path}.{os.getpid()}", "w") as fh:
+                    json.dump(merged, fh, indent=1, sort_keys=True)
+                os.replace(f"{path}.{os.getpid()}", path)
+            except OSError:  # a cache that cannot be written costs one pass next time
+                pass
+    first = cache[keys[ks[0]]]
+    return {
+        **{f"knn_top1_k{k}": cache[key]["top1"] for k, key in keys.items()},
+        "n_bank": first["n_bank"],
+        "n_test": first["n_test"],
+    }
+
+
 class PseudoLabels:
     """The k-means pseudo-labels of the spatial cross-attention add-on (Seyfi et al., Sec. 2.1):
     at the start of every `every`-th epoch the whole training set is embedded (`embed(model, x)`,
