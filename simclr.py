@@ -150,7 +150,12 @@ def nt_xent_loss(z1, z2, temperature=0.2):
 def add_addon_flags(p):
     add = p.add_argument  # the papers' values in parentheses; README explains each
     add("--qscore-lambda", type=float, default=0.0, help="Q-Score weight lambda (Eq. 4); 0: off")
-    add("--qscore-alpha-quantile", type=float, default=0.25, help="alpha: this batch quantile of Q")
+    add(
+        "--qscore-alpha-quantile",
+        type=float,
+        default=0.25,
+        help="alpha: this quantile of each batch's Q, a departure from Eq. 4; 0: --qscore-alpha",
+    )
     add("--qscore-alpha", type=float, default=0.2, help="with quantile 0: the fixed alpha (Eq. 4)")
     add("--qscore-eps", type=float, default=3.0, help="L_i: h_ij > mu_i + eps sigma_i (Eq. 2: 3)")
     add("--xattn", action="store_true", help="the spatial cross-attention add-on")
@@ -161,6 +166,12 @@ def add_addon_flags(p):
     add("--xattn-temp", type=float, default=0.05, help="classifier temperature tau_c (Eq. 6: 0.05)")
     add("--xattn-w-mask", type=float, default=0.05, help="weight w1 of L_mu (Eq. 7: 0.05)")
     add("--xattn-w-cls", type=float, default=0.1, help="weight w2 of L_cls (Eq. 7: 0.1)")
+    add(
+        "--xattn-mask",
+        default="eq3",
+        choices=["eq3", "cosine"],
+        help="mu: Eq. 3 (dot / D) over one batch scale; cosine: of channel vectors, a departure",
+    )
 
 
 def qscore(h, eps=3.0):
@@ -206,19 +217,28 @@ def qscore_stats(h, args):
     )[1]
 
 
-def correlation_mask(f_s, f_p):
+def correlation_mask(f_s, f_p, form="eq3"):
     """Correlation mask mu (Seyfi et al., Eq. 3 and 4), the attention head's target. f_s: (B, D,
-    H, W) the images' feature maps; f_p: (B, P, D, H', W') their P positives'. rho_ij = max over
-    (i', j') of cos(f_s[:, i, j], f'[:, i', j']), averaged over the positives. Eq. 3 divides the
-    raw inner product by D instead; the cosine keeps the best match's place and puts all images on
-    one scale, with no per-image rescaling, so an unrelated positive stays muted (Sec. 2.3).
-    No gradient (it supervises), float32. Returns mu (B, H, W)."""
+    H, W) the images' feature maps; f_p: (B, P, D, H', W') their P positives'. Eq. 3: rho_ij =
+    (1/D) max over (i', j') of <f_s[:, i, j], f'[:, i', j']>; Eq. 4: mu, the mean over the
+    positives. beta is a sigmoid, so mu is divided by one detached scale, its largest value in the
+    global batch (every process): mu lies in [0, 1] and keeps Eq. 3's relative levels across
+    positions, positives and images, so a weak, unrelated positive stays muted (never per image).
+    form "cosine" (--xattn-mask cosine, a departure): the cosine of the channel vectors, which puts
+    every position on one scale whatever its magnitude. No gradient (it supervises), float32.
+    Returns mu (B, H, W)."""
     with torch.no_grad(), torch.autocast(f_s.device.type, enabled=False):
-        b, _, hgt, wid = f_s.shape
-        s = F.normalize(f_s.float().flatten(2), dim=1)  # (B, D, HW): unit vectors (0 if all 0)
-        p = F.normalize(f_p.float().flatten(3), dim=2)  # (B, P, D, H'W')
-        corr = torch.einsum("bdi,bpdj->bpij", s, p)  # (B, P, HW, H'W'): cosines
-        return corr.max(dim=3).values.mean(dim=1).view(b, hgt, wid)  # best match, averaged
+        b, d, hgt, wid = f_s.shape
+        s, p = f_s.float().flatten(2), f_p.float().flatten(3)  # (B, D, HW), (B, P, D, H'W')
+        if form == "cosine":
+            s, p = F.normalize(s, dim=1), F.normalize(p, dim=2)  # unit vectors (0 if all 0)
+        corr = torch.einsum("bdi,bpdj->bpij", s, p)  # (B, P, HW, H'W'): inner products
+        mu = corr.max(dim=3).values.mean(dim=1).view(b, hgt, wid)  # best match, averaged
+        if form == "cosine":
+            return mu
+        mu = mu / d  # Eq. 3's 1/D (the batch scale below cancels it; kept to read as the paper)
+        scale = common.all_gather(mu.amax().view(1)).max()  # the global batch's largest, detached
+        return mu / scale.clamp_min(1e-12)
 
 
 class CrossAttentionHead(nn.Module):
@@ -239,12 +259,13 @@ class CrossAttentionHead(nn.Module):
         return beta, logits
 
 
-def xattn_losses(f, beta, logits, labels, positives):
+def xattn_losses(f, beta, logits, labels, positives, mask="eq3"):
     """L_mu (Eq. 5) and L_cls (Eq. 6). f: (B + B*P, D, H, W), anchors then their positives;
-    beta, logits: the head's outputs for those rows; labels: (B,) the anchors' pseudo-labels."""
+    beta, logits: the head's outputs for those rows; labels: (B,) the anchors' pseudo-labels;
+    mask: correlation_mask's form."""
     b = labels.shape[0]
     fs, fp = f[:b], f[b:].unflatten(0, (b, positives))  # (B, D, H, W), (B, P, D, H, W)
-    loss_mask = F.mse_loss(beta[:b, 0].float(), correlation_mask(fs, fp))
+    loss_mask = F.mse_loss(beta[:b, 0].float(), correlation_mask(fs, fp, mask))
     targets = torch.cat([labels, labels.repeat_interleave(positives)])  # positives share them
     return loss_mask, F.cross_entropy(logits.float(), targets)
 
@@ -276,7 +297,12 @@ def addon_losses(args, out, loss, pseudo, idx):
         qstats = qscore_stats(out["h"], a)
     if a.xattn:
         terms["loss_mask"], terms["loss_cls"] = xattn_losses(
-            out["f"], out["beta"], out["logits"], pseudo.labels[idx], a.xattn_positives
+            out["f"],
+            out["beta"],
+            out["logits"],
+            pseudo.labels[idx],
+            a.xattn_positives,
+            a.xattn_mask,
         )
         loss = loss + a.xattn_w_mask * terms["loss_mask"] + a.xattn_w_cls * terms["loss_cls"]
     return loss, terms, qstats

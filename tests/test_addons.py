@@ -64,24 +64,28 @@ def test_quantile_alpha_two_processes_equal_one_process():
 
 # --- correlation mask ---------------------------------------------------------------------
 def test_correlation_mask_keeps_absolute_levels():
+    """Eq. 3's dot product over one scale for the whole batch: an image whose positive matches
+    weakly (the same channels at 1/100 of the magnitude) gets a mask near 0 beside an image
+    whose positive matches strongly; a per-image scale, or the cosine, would lift it to 1."""
     g = torch.Generator().manual_seed(0)
     d = 64
     anchor = torch.zeros(2, d, 4, 4)
     anchor[:, : d // 2] = torch.rand(2, d // 2, 4, 4, generator=g)  # post-ReLU-like, channels 0-31
-    matching = anchor.flip(2, 3) * 5 + 0.01 * torch.rand(
-        2, d, 4, 4, generator=g
-    )  # the same parts elsewhere, brighter
+    noise = 0.01 * torch.rand(2, d, 4, 4, generator=g)
+    matching = anchor.flip(2, 3) * 5 + noise  # the same parts elsewhere, brighter
+    weak = anchor.flip(2, 3) / 100  # the same parts, faint
     unrelated = torch.zeros(2, d, 4, 4)
-    unrelated[:, d // 2 :] = torch.rand(
-        2, d // 2, 4, 4, generator=g
-    )  # nothing in common with the anchor
+    unrelated[:, d // 2 :] = torch.rand(2, d // 2, 4, 4, generator=g)  # nothing in common
+    pair = torch.stack([matching[0], weak[1]])[:, None]  # image 0: a strong match, 1: a faint one
+    mu = simclr.correlation_mask(anchor, pair)
+    assert mu[0].amax() == 1 and mu[1].amax() < 0.01  # muted, as Eq. 3 gives it
+    assert simclr.correlation_mask(anchor, pair, "cosine")[1].amin() > 0.9  # the cosine: not
+    assert simclr.correlation_mask(anchor, unrelated[:, None]).amax() == 0
+    # Eq. 4: the mean over the positives; an unrelated positive adds 0 to the sum, so it halves
+    # the raw mean, and the batch scale (half as large too) leaves mu as the match alone gives it
     mu_match = simclr.correlation_mask(anchor, matching[:, None])
-    mu_other = simclr.correlation_mask(anchor, unrelated[:, None])
-    assert (
-        mu_match.min() > 0.95 and mu_other.max() < 0.05
-    )  # per-image min-max scaling would give both [0, 1]
     both = simclr.correlation_mask(anchor, torch.stack([matching, unrelated], 1))
-    assert torch.allclose(both, (mu_match + mu_other) / 2)  # Eq. 4: the mean over the positives
+    assert torch.allclose(both, mu_match)
     assert ((0 <= both) & (both <= 1)).all()
     # float32 with autocast off: bf16 autocast on the CPU would otherwise run the einsum in bf16
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -91,6 +95,22 @@ def test_correlation_mask_keeps_absolute_levels():
         mu_auto,
         simclr.correlation_mask(anchor.bfloat16().float(), matching[:, None].bfloat16().float()),
     )
+
+
+def _ddp_mask(rank, world, fs, fp):
+    b = fs.shape[0] // world
+    return simclr.correlation_mask(fs[rank * b : (rank + 1) * b], fp[rank * b : (rank + 1) * b])
+
+
+def test_correlation_mask_scale_is_the_global_batchs_under_ddp():
+    """Two processes, one holding the strong matches and the other the faint ones: each divides
+    by the largest value of the whole batch, so together they give one process's mask."""
+    g = torch.Generator().manual_seed(1)
+    fs = torch.rand(4, 16, 3, 3, generator=g)
+    fp = fs.flip(2, 3)[:, None] * torch.tensor([1.0, 1.0, 0.1, 0.1]).view(4, 1, 1, 1, 1)
+    parts = spawn(_ddp_mask, fs, fp)
+    assert torch.allclose(torch.cat(parts), simclr.correlation_mask(fs, fp), atol=1e-6)
+    assert torch.cat(parts)[2:].amax() < 0.2  # process 1 alone would have scaled its own to 1
 
 
 # --- pseudo-labels across epochs ------------------------------------------------------------

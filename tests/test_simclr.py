@@ -114,21 +114,46 @@ def test_qscore_regularizer_raises_low_scores_and_leaves_high_ones():
 
 
 def test_correlation_mask_known_answer():
-    # anchor: location (0, 0) holds the shared feature, elsewhere zero; the positive holds it
-    # at (1, 1)
+    # anchor: location (0, 0) holds the shared feature (length 2), (1, 0) an orthogonal one; the
+    # positives hold the shared one at (1, 1) and at (0, 1), at lengths 1 and 0.5
     fs = torch.zeros(1, 4, 2, 2)
     fs[0, :, 0, 0] = torch.tensor([1.0, 0, 0, 0]) * 2
     fs[0, :, 1, 0] = torch.tensor([0.0, 1, 0, 0])
     fp = torch.zeros(1, 2, 4, 2, 2)
     fp[0, 0, :, 1, 1] = torch.tensor([1.0, 0, 0, 0])
-    fp[0, 1, :, 0, 1] = torch.tensor([1.0, 0, 0, 0])
+    fp[0, 1, :, 0, 1] = torch.tensor([0.5, 0, 0, 0])
+    # Eq. 3: rho(0, 0) = max dot / D = 2/4 and 1/4 for the two positives, Eq. 4: their mean 0.375;
+    # every other position 0; then over the batch's largest value, 0.375
     mu = simclr.correlation_mask(fs, fp)
-    # cosines: rho(0,0) = 1 in both positives, rho(1,0) = 0 (orthogonal), all-zero positions 0
     assert torch.allclose(mu, torch.tensor([[[1.0, 0.0], [0.0, 0.0]]]))
     assert not mu.requires_grad
+    # a second image, the first at a tenth of the magnitude (its positives too): Eq. 3's dot
+    # product is 100 times smaller, and one scale for the batch keeps it so (never per image)
+    two = simclr.correlation_mask(torch.cat([fs, fs / 10]), torch.cat([fp, fp / 10]))
+    assert torch.allclose(two[0], mu[0]) and torch.allclose(two[1], mu[0] / 100)
+    # the cosine form (a departure) puts both images on one scale: 1 at (0, 0) in each
+    cos = simclr.correlation_mask(torch.cat([fs, fs / 10]), torch.cat([fp, fp / 10]), "cosine")
+    assert torch.allclose(cos, torch.tensor([[[1.0, 0.0], [0.0, 0.0]]]).expand(2, 2, 2))
     fs2 = torch.rand(3, 8, 4, 4, requires_grad=True)
-    mu2 = simclr.correlation_mask(fs2, torch.rand(3, 2, 8, 4, 4))
-    assert mu2.shape == (3, 4, 4) and mu2.min() >= 0 and mu2.max() <= 1 and not mu2.requires_grad
+    for form in ("eq3", "cosine"):
+        mu2 = simclr.correlation_mask(fs2, torch.rand(3, 2, 8, 4, 4), form)
+        assert mu2.shape == (3, 4, 4) and mu2.min() >= 0 and mu2.max() <= 1
+        assert not mu2.requires_grad
+
+
+def test_correlation_mask_mutes_a_weak_position_as_eq3_does():
+    """Issue 34's measure: one position of the anchor scaled by 1e-3. Eq. 3's dot product falls
+    with it (mu there about 1e-3 of the others'); the cosine leaves it where it was."""
+    g = torch.Generator().manual_seed(0)
+    fs = torch.rand(1, 32, 4, 4, generator=g)  # post-ReLU-like: all channels positive
+    fp = fs.flip(2, 3)[:, None] + 0.05 * torch.rand(1, 1, 32, 4, 4, generator=g)
+    weak = fs.clone()
+    weak[0, :, 2, 1] *= 1e-3
+    eq3, cos = simclr.correlation_mask(weak, fp), simclr.correlation_mask(weak, fp, "cosine")
+    others = torch.ones(4, 4, dtype=torch.bool)
+    others[2, 1] = False
+    assert eq3[0, 2, 1] < 1e-2 * eq3[0][others].min()
+    assert cos[0, 2, 1] > 0.5 * cos[0][others].min()
 
 
 def test_cross_attention_head_and_losses():
