@@ -1625,9 +1625,6 @@ def random_init_knn(args, device=torch.device("cpu"), ks=(200,), test_limit=0, w
         dist.broadcast_object_list(shared, 0)
         cache = shared[0]
     if any(key not in cache for key in keys.values()):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            net = build_backbone(args.backbone, size <= 64).to(device)
         train = make_dataset(args.dataset, args.data_dir, train=True, download=False)
         bank = knn_bank(args.dataset, args.data_dir, train, limit)
         test = make_dataset(args.dataset, args.data_dir, train=False, download=False)
@@ -1636,12 +1633,16 @@ def random_init_knn(args, device=torch.device("cpu"), ks=(200,), test_limit=0, w
             keep = np.random.RandomState(0).permutation(len(test))[:test_limit]
             test = torch.utils.data.Subset(test, np.sort(keep).tolist())
         native, stats = IMAGE_SIZE[args.dataset], STATS[args.dataset]
-        bank_h, bank_y = extract_features(
-            net, bank, size, stats, native, device, workers=workers, precision="fp32"
-        )
-        test_h, test_y = extract_features(
-            net, test, size, stats, native, device, workers=workers, precision="fp32"
-        )
+        # the weights and the DataLoaders' seeds come from seed 0, not from the caller's stream
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = build_backbone(args.backbone, size <= 64).to(device)
+            bank_h, bank_y = extract_features(
+                net, bank, size, stats, native, device, workers=workers, precision="fp32"
+            )
+            test_h, test_y = extract_features(
+                net, test, size, stats, native, device, workers=workers, precision="fp32"
+            )
         for k, key in keys.items():
             top1 = knn_top1(bank_h, bank_y, test_h, test_y, classes, k=k)
             cache[key] = {"top1": top1, "n_bank": len(bank), "n_test": len(test)}
