@@ -135,6 +135,12 @@ def parse_args(argv=None):
         choices=["auto", "cpu", "cuda"],
         help="auto: cuda when there is one",
     )
+    p.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip the random-init reference (the kNN of the untrained architecture, measured "
+        "once per protocol and cached in $CLEANSSL_CACHE, default ~/.cache/cleanssl)",
+    )
     return p.parse_args(argv)
 
 
@@ -394,20 +400,45 @@ def to_rgb(ctx, x):
 
 
 # --- the sections: each returns (numbers, figure files) ---------------------------------
+DPI = 150  # the page shows a figure at 96 CSS px per inch (see `figure`): sharp on a HiDPI screen
+# A figure's text in points; at 96 px per inch 8 pt is 10.7 px, the least a page should show.
+FONTS = {
+    "font.size": 10,
+    "axes.titlesize": 10,
+    "axes.labelsize": 10,
+    "xtick.labelsize": 9,
+    "ytick.labelsize": 9,
+    "legend.fontsize": 9,
+    "figure.titlesize": 11,
+}
+CAM_ALPHA = 0.45  # Grad-CAM over the image: the image stays visible under the heatmap
+
+
 def plt_figure(*a, **k):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.rcParams.update(FONTS)
     return plt, plt.figure(*a, **k)
 
 
-def save(plt, fig, ctx, name):
-    fig.tight_layout()
-    fig.savefig(os.path.join(ctx["out"], name), dpi=90)
+def save(plt, fig, ctx, name, tight=True):
+    if tight:
+        fig.tight_layout()
+    fig.savefig(os.path.join(ctx["out"], name), dpi=DPI)
     plt.close(fig)
     return name
+
+
+def cam_colorbar(plt, fig, label="Grad-CAM (per image, 0 to its max)"):
+    """Lay the figure out, then one labelled colour scale for its Grad-CAM overlays at the right,
+    as see-through as the overlays. Save it with tight=False."""
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
+    cax = fig.add_axes((0.935, 0.15, 0.012, 0.7))
+    sm = plt.cm.ScalarMappable(cmap="jet", norm=plt.Normalize(0, 1))
+    fig.colorbar(sm, cax=cax, alpha=CAM_ALPHA, label=label)
 
 
 # What the page says about this section: title, introduction, the layout of its numbers
@@ -424,6 +455,13 @@ PAGE_QSCORE = {
             None,
             [
                 ("images evaluated", ["n"], "int", ""),
+                (
+                    "of these, mis-classified by the probe",
+                    ["n_misclassified"],
+                    "int",
+                    "the positives of the mistakes column below: with few mistakes, "
+                    "AUROC and AUPRC move a lot with a handful of images",
+                ),
                 (
                     "share classified correctly",
                     ["share_correct"],
@@ -517,8 +555,10 @@ def section_qscore(ctx):
         "misclassified": binary_curves(-q, ~correct),
     }  # low Q predicts errors
     size = ctx["mask"].sum(1)
+    sel_n = (int(correct.sum()), int((~correct).sum()))
     num = {
         "n": len(q),
+        "n_misclassified": sel_n[1],
         "share_correct": float(correct.mean()),
         "share_empty_L": float((size == 0).mean()),
     }
@@ -533,14 +573,14 @@ def section_qscore(ctx):
     ax1, ax2 = fig.add_subplot(121), fig.add_subplot(122)
     for name, c in cur.items():
         if c["auroc"] is not None:
-            who = "correct" if name == "correct" else "mistakes"
-            ax1.plot(
-                c["fpr"], c["tpr"], label=f"{who} as positive (AUROC {100 * c['auroc']:.1f} %)"
-            )
+            who = (
+                f"{sel_n[0]} correct" if name == "correct" else f"{sel_n[1]} mistakes"
+            ) + f" of {len(q)}"
+            ax1.plot(c["fpr"], c["tpr"], label=f"{who} as positive: AUROC {100 * c['auroc']:.1f} %")
             ax2.plot(
                 c["recall"],
                 c["precision"],
-                label=f"{who} as positive (AUPRC {100 * c['auprc']:.1f} %)",
+                label=f"{who} as positive: AUPRC {100 * c['auprc']:.1f} %",
             )
     ax1.plot([0, 1], [0, 1], "k:", lw=1)
     ax1.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC of Q-Score")
@@ -549,12 +589,15 @@ def section_qscore(ctx):
     ax2.set(
         xlabel="recall", ylabel="precision", title="precision-recall of Q-Score (dotted: chance)"
     )
-    ax1.legend(fontsize=8)
-    ax2.legend(fontsize=8)
+    ax1.legend()
+    ax2.legend()
     files = [save(plt, fig, ctx, "qscore_curves.png")]
     plt, fig = plt_figure(figsize=(11, 3.5))
-    for i, (key, label) in enumerate(
-        (("mean_L", "mean $|L_i|$"), ("mean_confidence", "mean confidence"))
+    for i, (key, label, unit) in enumerate(
+        (
+            ("mean_L", "mean $|L_i|$", "highly activating features per image"),
+            ("mean_confidence", "mean confidence", "max softmax of the probe"),
+        )
     ):
         ax = fig.add_subplot(1, 3, i + 1)
         ax.bar(
@@ -562,13 +605,14 @@ def section_qscore(ctx):
             [num[f"{key}_correct"] or 0, num[f"{key}_misclassified"] or 0],
             color=["C0", "C1"],
         )
-        ax.set_title(label)
+        ax.set(title=label, ylabel=unit)
+        ax.set_xticks([0, 1], [f"correct ({sel_n[0]})", f"mis-classified ({sel_n[1]})"])
     ax = fig.add_subplot(133)
     bins = np.linspace(q.min(), q.max(), 40)
-    ax.hist(q[correct], bins, alpha=0.6, density=True, label="correct")
-    ax.hist(q[~correct], bins, alpha=0.6, density=True, label="mis-classified")
-    ax.set(title="Q-Score", xlabel="$Q_i$")
-    ax.legend(fontsize=8)
+    ax.hist(q[correct], bins, alpha=0.6, density=True, label=f"correct ({sel_n[0]})")
+    ax.hist(q[~correct], bins, alpha=0.6, density=True, label=f"mis-classified ({sel_n[1]})")
+    ax.set(title="Q-Score", xlabel="$Q_i$", ylabel="density (each group's area is 1)")
+    ax.legend()
     files.append(save(plt, fig, ctx, "qscore_bars.png"))
     return num, files
 
@@ -637,15 +681,15 @@ def section_features(ctx, per_class=4, max_classes=20):
     for i, (k, g) in enumerate(grids.items()):
         ax = fig.add_subplot(1, 2, i + 1)
         im = ax.imshow(g, aspect="auto", cmap="Blues", vmin=0, vmax=top)
-        ax.set_yticks(range(len(shown)), [classes[c][:12] for c in shown], fontsize=7)
-        ax.set_xticks(range(len(cols)), cols, fontsize=5, rotation=90)
+        ax.set_yticks(range(len(shown)), [classes[c][:12] for c in shown])
+        step = max(1, -(-len(cols) // 40))  # at most 40 labelled columns: 8 pt text needs room
+        ax.set_xticks(range(0, len(cols), step), cols[::step], fontsize=8, rotation=90)
+        ax.set(xlabel="feature j of h", ylabel="class" if i == 0 else None)
         ax.set_title(
-            f"{'correct' if k == 'correct' else 'mis-classified'}: "
-            "mean of normalized h (blank: no image)",
-            fontsize=9,
+            f"{'correct' if k == 'correct' else 'mis-classified'} images (blank: none)",
         )
-    fig.colorbar(im, ax=fig.axes)
-    fig.savefig(os.path.join(ctx["out"], "features_heatmap.png"), dpi=90, bbox_inches="tight")
+    fig.colorbar(im, ax=fig.axes, label="mean of the L2-normalized $h_j$")
+    fig.savefig(os.path.join(ctx["out"], "features_heatmap.png"), dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return num, ["features_heatmap.png"]
 
@@ -760,7 +804,7 @@ def section_discriminative(ctx):
         ylabel="$A_j$ (% of images)",
         title="$A_j$ (Eq. 5)",
     )
-    ax.legend(fontsize=8)
+    ax.legend()
     ax = fig.add_subplot(122)
     for key in ("discriminative", "random", "pca"):
         have = [r for r in rows if r[key] is not None]
@@ -778,16 +822,19 @@ def section_discriminative(ctx):
         title="linear probe on feature subsets",
     )
     ticks = [r["k"] for r in rows if r["k"] != len(band)]
-    ax.set_xticks(ticks, [str(k) for k in ticks], fontsize=7)
+    ax.set_xticks(ticks, [str(k) for k in ticks])
     ax.minorticks_off()
-    ax.legend(fontsize=8)
+    ax.legend()
     return num, [save(plt, fig, ctx, "discriminative.png")]
 
 
 def overlay(ax, rgb, heat, title):
     ax.imshow(rgb)
-    ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-    ax.set_title(title, fontsize=7)
+    if np.max(heat) > 0:  # an all-zero heatmap (an empty L_i) is not painted blue
+        ax.imshow(heat, cmap="jet", alpha=CAM_ALPHA, vmin=0, vmax=1)
+    else:
+        title += "\n(no heatmap)" if "\n" not in title else " (none)"
+    ax.set_title(title, fontsize=9)
     ax.axis("off")
 
 
@@ -827,7 +874,7 @@ PAGE_GRADCAM = {
 }
 
 
-def section_gradcam(ctx, args, per_kind=8, top_images=6):
+def section_gradcam(ctx, args, per_kind=6, top_images=5):
     p, q, a, mask, classes = ctx["p"], ctx["q"], ctx["a"], ctx["mask"], ctx["classes"]
     correct = p["correct"].astype(bool)
     pool = sample_rows(ctx, args.max_images)
@@ -845,7 +892,8 @@ def section_gradcam(ctx, args, per_kind=8, top_images=6):
             f"{kind}: {classes[p['label'][r]][:8]}->{classes[p['prediction'][r]][:8]}\n"
             f"$|L_i|$={mask[r].sum()} $Q_i$={q[r]:.3f}",
         )
-    files = [save(plt, fig, ctx, "gradcam_samples.png")]
+    cam_colorbar(plt, fig)
+    files = [save(plt, fig, ctx, "gradcam_samples.png", tight=False)]
 
     # Fig. 2: per-class share of samples for which a feature is highly activating
     label, n_cls = p["label"], len(classes)
@@ -870,7 +918,7 @@ def section_gradcam(ctx, args, per_kind=8, top_images=6):
         band = discriminative_band(a)
         chosen = [int(j) for j in band[np.argsort(-hist[:, band].max(0), kind="stable")][:4]]
     hn = p["h"] / np.maximum(np.linalg.norm(p["h"], axis=1, keepdims=True), 1e-12)
-    plt, fig = plt_figure(figsize=(2 * (top_images + 2), 2.2 * len(chosen)))
+    plt, fig = plt_figure(figsize=(1.75 * (top_images + 2), 2.4 * len(chosen)))
     grid = fig.add_gridspec(len(chosen), top_images + 2)
     samples = [
         {
@@ -889,11 +937,10 @@ def section_gradcam(ctx, args, per_kind=8, top_images=6):
         hj = common.grad_cam(ctx["backbone"], xj, j).cpu().numpy()
         ax = fig.add_subplot(grid[f_i, :2])
         ax.bar(range(n_cls), hist[:, j], color="C0")
-        ax.set_title(f"feature {j}: $A_j$ = {a[j]:.1f} %", fontsize=8)
-        ax.set_ylabel("% of class highly activated", fontsize=7)
-        ax.set_xticks(
-            range(n_cls), [c[:8] for c in classes] if n_cls <= 20 else [], fontsize=7, rotation=90
-        )
+        ax.set_title(f"feature {j}: $A_j$ = {a[j]:.1f} %")
+        ax.set_ylabel("% of the class's images\nhighly activating it")
+        ax.set_xticks(range(n_cls), [c[:8] for c in classes] if n_cls <= 20 else [], rotation=90)
+        ax.set_xlabel("class")
         for t, r in enumerate(top):
             ax = fig.add_subplot(grid[f_i, 2 + t])
             overlay(ax, to_rgb(ctx, xj[t]), hj[t], f"{classes[label[r]][:10]} h={hn[r, j]:.3f}")
@@ -903,7 +950,8 @@ def section_gradcam(ctx, args, per_kind=8, top_images=6):
             "top_indices": [int(p["index"][r]) for r in top],
             "top_labels": [classes[label[r]] for r in top],
         }
-    files.append(save(plt, fig, ctx, "gradcam_features.png"))
+    cam_colorbar(plt, fig)
+    files.append(save(plt, fig, ctx, "gradcam_features.png", tight=False))
     return num, files
 
 
@@ -984,35 +1032,94 @@ PAGE_MIOU = {
                     "of these, images without a heatmap",
                     ["n_blank_heatmaps"],
                     "int",
-                    "an empty L_i has nothing to explain; left out of the mIoU",
+                    "an empty L_i (or a Grad-CAM that is 0 everywhere): the heatmap has no "
+                    "area, so its IoU with any mask is 0",
                 ),
             ],
         ),
         (
             ["mIoU", "correct", "mis-classified"],
             [
+                ("images with masks", ["n_correct", "n_misclassified"], "int", ""),
                 (
-                    "with core masks",
+                    "with core masks, all images (the paper's mIoU)",
                     ["miou_core_correct", "miou_core_misclassified"],
                     "pct",
+                    "the mean over all N images of Sec. 5; an image without a heatmap counts 0; "
                     "higher is better",
                 ),
                 (
-                    "with spurious masks",
+                    "with spurious masks, all images (the paper's mIoU)",
                     ["miou_spurious_correct", "miou_spurious_misclassified"],
                     "pct",
                     "lower is better; the paper finds core above spurious for every method",
+                ),
+                (
+                    "share of images with a heatmap",
+                    ["share_with_heatmap_correct", "share_with_heatmap_misclassified"],
+                    "pct",
+                    "the images the two rows below cover",
+                ),
+                (
+                    "with core masks, only images with a heatmap",
+                    ["miou_core_correct_with_heatmap", "miou_core_misclassified_with_heatmap"],
+                    "pct",
+                    "not the paper's form: where the features look when they are there",
+                ),
+                (
+                    "with spurious masks, only images with a heatmap",
+                    [
+                        "miou_spurious_correct_with_heatmap",
+                        "miou_spurious_misclassified_with_heatmap",
+                    ],
+                    "pct",
+                    "not the paper's form",
                 ),
             ],
         ),
         (None, [("overlap measure", ["soft_iou"], "text", "")]),
     ],
-    "miou.png": "Left: mIoU of the heatmaps with the core and with the spurious masks, for "
-    "correctly and wrongly classified images, as in Kalibhat et al. Fig. 8. Right: three images "
+    "miou.png": "Left: mIoU of the heatmaps with the core and with the spurious masks over all "
+    "images with masks (an image without a heatmap counts 0), for correctly and wrongly classified "
+    "images, as in Kalibhat et al. Fig. 8. Right: three images "
     "with their heatmap and their core and spurious masks, as in Fig. 7. Core bars above spurious "
     "bars mean the features look at the object; the paper also finds less core overlap for "
     "mistakes than for correct images.",
 }
+
+
+def miou_scores(heat, masks, correct):
+    """mIoU of Kalibhat et al. Sec. 5: mIoU = 1/N sum_i s(Ar_i ∩ M_i) / s(Ar_i ∪ M_i) over all N
+    images that have the mask, for the core and the spurious masks and for correct and
+    mis-classified images apart. An image whose L_i is empty has an all-zero heatmap: its area
+    Ar_i is empty and s(.) sums heatmap values, so s(Ar_i ∩ M_i) = s(Ar_i ∪ M_i) = 0, the IoU of an
+    empty area with a mask, which counts 0 (soft_iou's 0/0): it overlaps no mask. Beside the
+    paper's numbers, the mean over the images that have a heatmap only ("_with_heatmap"), with
+    the share of images it covers. heat (N, s, s) >= 0; masks: N pairs (core, spurious), each an
+    (s, s) bool or None; correct (N,) bool. Returns (numbers, IoU per image {kind: (N,) nan where
+    the image has no such mask})."""
+    correct = np.asarray(correct, bool)
+    blank = heat.reshape(len(heat), -1).max(1) <= 0
+    iou = {k: np.full(len(heat), np.nan) for k in ("core", "spurious")}
+    for i, pair in enumerate(masks):
+        for k, m in zip(("core", "spurious"), pair):
+            if m is not None:
+                iou[k][i] = soft_iou(heat[i], m)
+    num = {
+        "n_images": int(len(heat)),
+        "n_blank_heatmaps": int(blank.sum()),
+        "soft_iou": "heatmap mass inside the mask (Sec. 5, s = sum of heatmap values)",
+    }
+    for name, sel in (("correct", correct), ("misclassified", ~correct)):
+        num[f"n_{name}"] = int(sel.sum())
+        num[f"share_with_heatmap_{name}"] = float((~blank[sel]).mean()) if sel.any() else None
+        for k, v in iou.items():
+            every, shown = v[sel], v[sel & ~blank]
+            num[f"miou_{k}_{name}"] = float(np.nanmean(every)) if np.isfinite(every).any() else None
+            num[f"miou_{k}_{name}_with_heatmap"] = (
+                float(np.nanmean(shown)) if np.isfinite(shown).any() else None
+            )
+    return num, iou
 
 
 def section_miou(ctx, args):
@@ -1022,23 +1129,7 @@ def section_miou(ctx, args):
     rows = np.array(sorted(found))[: args.max_images]
     heat = heatmaps_of_l(ctx, rows)
     correct = ctx["p"]["correct"].astype(bool)[rows]
-    iou = {k: np.full(len(rows), np.nan) for k in ("core", "spurious")}
-    blank = (
-        heat.reshape(len(rows), -1).max(1) <= 0
-    )  # an empty L_i (or a Grad-CAM all below 0): no mass to place
-    for i, r in enumerate(rows):
-        for k, m in zip(("core", "spurious"), found[r]):
-            if m is not None and not blank[i]:
-                iou[k][i] = soft_iou(heat[i], m)
-    num = {
-        "n_images": int(len(rows)),
-        "n_blank_heatmaps": int(blank.sum()),
-        "soft_iou": "heatmap mass inside the mask (Sec. 5, s = sum of heatmap values)",
-    }
-    for k in iou:
-        for name, sel in (("correct", correct), ("misclassified", ~correct)):
-            v = iou[k][sel]
-            num[f"miou_{k}_{name}"] = float(np.nanmean(v)) if np.isfinite(v).any() else None
+    num, iou = miou_scores(heat, [found[r] for r in rows], correct)
     plt, fig = plt_figure(figsize=(12, 4))
     ax = fig.add_subplot(1, 4, 1)
     labels = ["core\ncorrect", "core\nwrong", "spurious\ncorrect", "spurious\nwrong"]
@@ -1046,8 +1137,7 @@ def section_miou(ctx, args):
         num[f"miou_{k}_{n}"] for k in ("core", "spurious") for n in ("correct", "misclassified")
     ]
     ax.bar(labels, [100 * (v or 0) for v in vals], color=["C0", "C1", "C0", "C1"])
-    ax.set(title="mIoU (%)")
-    ax.tick_params(labelsize=7)
+    ax.set(title="mIoU over all images with masks", ylabel="mIoU (%)")
     x = load_images(ctx, rows[:3])
     for i in range(len(x)):
         ax = fig.add_subplot(3, 4, 4 * i + 2)
@@ -1061,9 +1151,10 @@ def section_miou(ctx, args):
             ax = fig.add_subplot(3, 4, 4 * i + 3 + t)
             m = found[rows[i]][t]
             ax.imshow(np.zeros((ctx["size"],) * 2) if m is None else m, cmap="gray", vmin=0, vmax=1)
-            ax.set_title(f"{k} mask", fontsize=7)
+            ax.set_title(f"{k} mask", fontsize=9)
             ax.axis("off")
-    return num, [save(plt, fig, ctx, "miou.png")]
+    cam_colorbar(plt, fig)
+    return num, [save(plt, fig, ctx, "miou.png", tight=False)]
 
 
 PAGE_ADAI = {
@@ -1143,7 +1234,7 @@ def section_adai(ctx, args, batch=64):
     for i in range(len(x)):
         ax = fig.add_subplot(3, len(x), i + 1)
         ax.imshow(to_rgb(ctx, x[i]))
-        ax.set_title(f"{ctx['classes'][p['label'][r6[i]]][:10]} Y={y6[i]:.2f}", fontsize=7)
+        ax.set_title(f"{ctx['classes'][p['label'][r6[i]]][:10]} Y={y6[i]:.2f}", fontsize=9)
         ax.axis("off")
         overlay(
             fig.add_subplot(3, len(x), len(x) + i + 1),
@@ -1153,9 +1244,10 @@ def section_adai(ctx, args, batch=64):
         )
         ax = fig.add_subplot(3, len(x), 2 * len(x) + i + 1)
         ax.imshow(to_rgb(ctx, explained[i]))
-        ax.set_title(f"explanation O={o6[i]:.2f}", fontsize=7)
+        ax.set_title(f"explanation O={o6[i]:.2f}", fontsize=9)
         ax.axis("off")
-    return num, [save(plt, fig, ctx, "adai.png")]
+    cam_colorbar(plt, fig, "class activation map, 0 to 1")
+    return num, [save(plt, fig, ctx, "adai.png", tight=False)]
 
 
 # --- the page: names, numbers and words --------------------------------------------------
@@ -1177,6 +1269,29 @@ NUMBERS = {
     "offline_linear_top5": ("offline linear probe, top-5", "pct", "higher is better"),
     "knn_top1_k20": ("offline kNN top-1, k = 20", "pct", "{chance}higher is better"),
     "knn_top1_k200": ("offline kNN top-1, k = 200", "pct", "{chance}higher is better"),
+    "random_init_knn_top1_k20": (
+        "offline kNN top-1, k = 20, of the random-init backbone",
+        "pct",
+        "the same architecture at its seed-0 initialization, the same bank and test images: "
+        "what training has to beat",
+    ),
+    "random_init_knn_top1_k200": (
+        "offline kNN top-1, k = 200, of the random-init backbone",
+        "pct",
+        "the same, k = 200",
+    ),
+    "n_train": ("training images of the probe (the kNN bank)", "int", ""),
+    "n_test": (
+        "test images of the probe and the kNN",
+        "int",
+        "each top-1 above is a share of these",
+    ),
+    "random_init_online_knn_top1": (
+        "online kNN top-1 of the random-init backbone",
+        "pct",
+        "the online monitor's protocol (--knn-limit bank, k = 200, all test images): the "
+        "dashed line of the kNN panel",
+    ),
     # metrics.jsonl, one line per epoch
     "epoch": ("epochs trained", "int", ""),
     "lr": ("learning rate", "g3", "warm-up, then cosine decay"),
@@ -1413,40 +1528,96 @@ def training_keys(runs):
 
 
 STYLES = ("-", "--", ":", "-.")  # lines of runs that coincide stay visible
+# Quantities that can stay constant over a whole run by construction: drawn only when they move.
+# (An epoch's share under a quantile α is that quantile; bad_images is 0 on readable data.)
+FOLDABLE = ("qscore_under_alpha", "bad_images", "queue_used", "peak_mem_gb")
+FLOOR = 0.05  # a panel's y axis spans at least this share of its largest |value|
 
 
-def training_figure(runs, path):
-    """runs: [(label, metrics of read_metrics)]. One panel per key, one line per run, the same
-    colour for a run in every panel. Returns what was drawn, read back from the figure's
-    lines: {key: {run label: [[epoch, value], ...]}} (values as plotted)."""
+def constant_keys(runs, keys):
+    """{key: value} of the keys that are one constant value in every epoch of every run, among
+    FOLDABLE and any key with two or more points in some run: a flat panel says nothing the
+    value does not, so the page states the value instead of drawing it."""
+    out = {}
+    for k in keys:
+        ys = [m[k][1] for _, m in runs if k in m]
+        flat = np.concatenate(ys) if ys else np.array([])
+        if not len(flat) or not np.allclose(flat, flat[0], rtol=1e-6, atol=1e-12):
+            continue
+        if k in FOLDABLE or any(len(y) > 1 for y in ys):
+            out[k] = float(flat[0])
+    return out
+
+
+def honest_range(ax, values):
+    """Tiny changes are not stretched over the whole axis: the y axis spans at least FLOOR of
+    the largest |value|, and a note in the panel gives the span in numbers."""
+    values = np.asarray(values, float)
+    lo, hi, scale = values.min(), values.max(), np.abs(values).max()
+    if scale == 0 or hi - lo >= FLOOR * scale:
+        return
+    mid, half = (hi + lo) / 2, FLOOR * scale / 2
+    ax.set_ylim(mid - half, mid + half)
+    span = "constant" if hi == lo else f"all within {hi - lo:.2g} ({100 * (hi - lo) / scale:.2g} %)"
+    ax.text(0.02, 0.04, span, transform=ax.transAxes, fontsize=8, color="#555", va="bottom")
+
+
+def training_figure(runs, path, references=None, colors=None):
+    """runs: [(label, metrics of read_metrics)]. One panel per key, one line per run; colors[i]
+    (default i) is run i's colour index, the same in every panel (runs of one seed group share
+    one, with their own line styles). references: {key: [(value, label)]}, drawn as dashed grey
+    lines (the random-init kNN). Keys constant over every run (constant_keys) are not drawn.
+    Returns what was drawn, read back from the figure's lines: {key: {line label: [[epoch,
+    value], ...]}} (values as plotted; a reference line has its label and two end points)."""
     import textwrap
 
     from matplotlib.ticker import MaxNLocator
 
     keys = training_keys(runs)
+    folded = constant_keys(runs, keys)
+    keys = [k for k in keys if k not in folded]
     if not keys:
         return {}
+    colors = list(range(len(runs))) if colors is None else colors
+    references = references or {}
     cols = min(4, len(keys))
     rows = -(-len(keys) // cols)
     top = 0.4 if len(runs) > 1 else 0.0
-    plt, fig = plt_figure(figsize=(3.1 * cols, 2.5 * rows + top))
+    plt, fig = plt_figure(figsize=(3 * cols, 2.6 * rows + top))
     for i, k in enumerate(keys):
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.set_gid(k)
         pct = k in NUMBERS and NUMBERS[k][1] == "pct"
+        drawn = []
         for c, (label, m) in enumerate(runs):
             if k in m:
                 x, y = m[k]
+                y = 100 * y if pct else y
+                drawn.append(y)
                 ax.plot(
                     x,
-                    100 * y if pct else y,
+                    y,
                     ls=STYLES[c % 4],
                     marker="osD^"[c % 4] if len(x) <= 30 else None,
-                    ms=3,
+                    ms=4,
                     lw=1.5,
-                    color=f"C{c % 10}",
+                    color=f"C{colors[c] % 10}",
                     label=label,
                 )
+        for value, label in references.get(k, []):
+            v = 100 * value if pct else value
+            ax.axhline(v, color="#444", ls=(0, (4, 3)), lw=1.2, label=label)
+            ax.annotate(
+                f"{label} {v:.1f}{' %' if pct else ''}",
+                (1, v),
+                xycoords=("axes fraction", "data"),
+                xytext=(-3, 3),
+                textcoords="offset points",
+                ha="right",
+                fontsize=8,
+                color="#444",
+            )
+            drawn.append([v])
         name = (
             number_label(k)
             + (" (%)" if pct else "")
@@ -1461,26 +1632,26 @@ def training_figure(runs, path):
             lo, hi = ax.get_ylim()
             ax.set_ylim(max(lo, -2), min(hi, 102))
             ax.set_yticks([t for t in ax.get_yticks() if 0 <= t <= 100])
-        ax.set_title(MATH.sub(r"$\1_{\2}$", "\n".join(textwrap.wrap(name, 34))), fontsize=9)
-        ax.tick_params(labelsize=7)
+        else:
+            honest_range(ax, np.concatenate(drawn))
+        ax.set_title(MATH.sub(r"$\1_{\2}$", "\n".join(textwrap.wrap(name, 34))), fontsize=10)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if i >= len(keys) - cols:
-            ax.set_xlabel("epoch", fontsize=8)
+            ax.set_xlabel("epoch")
     if len(runs) > 1:
         fig.legend(
             [
-                plt.Line2D([], [], color=f"C{c % 10}", ls=STYLES[c % 4], lw=2)
+                plt.Line2D([], [], color=f"C{colors[c] % 10}", ls=STYLES[c % 4], lw=2)
                 for c in range(len(runs))
             ],
             [r[0] for r in runs],
             loc="upper center",
             ncol=min(len(runs), 4),
-            fontsize=9,
             frameon=False,
         )
-    fig.tight_layout(rect=(0, 0, 1, 1 - top / (2.5 * rows + top)))
-    fig.savefig(path, dpi=90)
+    fig.tight_layout(rect=(0, 0, 1, 1 - top / (2.6 * rows + top)))
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return {
         ax.get_gid(): {
@@ -1509,13 +1680,119 @@ def run_method(run_dir):
         return ""
 
 
+METHOD_NAMES = {
+    "simclr": "SimCLR",
+    "moco": "MoCo",
+    "byol": "BYOL",
+    "simsiam": "SimSiam",
+    "swav": "SwAV",
+    "dino": "DINO",
+}
+# a flag only one script has: the method of a run whose checkpoint.pt is gone
+METHOD_FLAGS = (
+    ("moco_version", "moco"),
+    ("sinkhorn_epsilon", "swav"),
+    ("student_temp", "dino"),
+    ("fix_pred_lr", "simsiam"),
+    ("loss_scale", "byol"),
+    ("proj_last_bn", "simclr"),
+)
+
+
+def method_title(saved, method=""):
+    """The method as its paper writes it ("MoCo v3", "SimCLR"), from the checkpoint's method name
+    or else from args.json; "" when neither tells."""
+    m = method or next((name for flag, name in METHOD_FLAGS if flag in (saved or {})), "")
+    title = METHOD_NAMES.get(m, m)
+    if m == "moco" and (saved or {}).get("moco_version"):
+        title += f" v{saved['moco_version']}"
+    return title
+
+
+def page_title(saved, method, run_dir):
+    """'SimCLR on digits' from the method and args.json's data set; the folder's name only when
+    args.json is missing."""
+    m, data = method_title(saved, method), (saved or {}).get("dataset")
+    if m and data:
+        return f"{m} on {data}"
+    return m or f"the run {os.path.basename(os.path.normpath(run_dir))}"
+
+
+def references(saved, linear, device, workers=0):
+    """The random-init reference (common.random_init_knn): kNN top-1 of the same architecture at
+    its seed-0 initialization with the online monitor's protocol (args.json: k = 200, the
+    --knn-limit bank) as "online", and with eval_linear.py's (linear.json: its training images as
+    the bank, its test images, k = 20 and 200) as "offline"; either is missing when its file is.
+    {"skipped": why} instead when the data set cannot be read here."""
+    ref = {}
+    try:
+        if saved.get("dataset"):
+            a = argparse.Namespace(
+                dataset=saved["dataset"],
+                data_dir=saved.get("data_dir", "data"),
+                backbone=saved.get("backbone", "resnet18"),
+                image_size=saved.get("image_size") or 0,
+                knn_limit=saved.get("knn_limit"),
+            )
+            ref["online"] = common.random_init_knn(a, device, ks=(200,), workers=workers)
+        if linear.get("dataset") and linear.get("backbone"):
+            recipe = linear.get("recipe", {})
+            a = argparse.Namespace(
+                dataset=linear["dataset"],
+                data_dir=linear.get("data_dir", "data"),
+                backbone=linear["backbone"],
+                image_size=linear.get("image_size") or 0,
+                knn_limit=recipe.get("train_limit") or 0,
+            )
+            ref["offline"] = common.random_init_knn(
+                a, device, ks=(20, 200), test_limit=recipe.get("test_limit") or 0, workers=workers
+            )
+    except common.UserError as e:
+        return {"skipped": str(e)}
+    return ref
+
+
+def against_random_init(linear, metrics, ref):
+    """[(measure, trained top-1, random-init top-1, test images)]: the kNN numbers of the trained
+    backbone beside its random initialization's, measured the same way."""
+    rows, off, on = [], ref.get("offline", {}), ref.get("online", {})
+    for k in (200, 20):
+        key = f"knn_top1_k{k}"
+        if isinstance(linear.get(key), (int, float)) and key in off:
+            rows.append((f"offline kNN top-1 (k = {k})", linear[key], off[key], off["n_test"]))
+    if metrics and "knn_top1" in metrics and "knn_top1_k200" in on:
+        last = float(metrics["knn_top1"][1][-1])
+        rows.append(("online kNN top-1 (last measured)", last, on["knn_top1_k200"], on["n_test"]))
+    return rows
+
+
+def verdict(rows):
+    """(sentence, True / False / None): does the backbone beat its random initialization?"""
+    if not rows:
+        return "There is no kNN number to hold against the random initialization.", None
+    above = [t > r for _, t, r, _ in rows]
+    parts = [
+        f"{what}: {100 * t:.1f} % against {100 * r:.1f} % at random init "
+        f"({round((t - r) * n):+d} of {n:,} test images)"
+        for what, t, r, n in rows
+    ]
+    if all(above):
+        head, ok = "Yes: the backbone beats its random initialization", True
+    elif not any(above):
+        head, ok = "No: the backbone is not better than its random initialization", False
+    else:
+        head, ok = "Mixed: the backbone beats its random initialization on some measures only", None
+    return f"{head}. " + "; ".join(parts) + ".", ok
+
+
 def settings_text(saved, method):
     """One line on how a run was trained, from args.json."""
     if not saved:
         return "no args.json in the run folder"
     g = saved.get
     parts = [
-        f"{method or 'a method script'} on {g('dataset', '?')}, {g('backbone', '?')}",
+        f"{method_title(saved, method) or 'a method script'} on {g('dataset', '?')}, "
+        f"{g('backbone', '?')}",
         f"{g('epochs', '?')} epochs"
         + (f" of {g('steps_per_epoch')} steps" if g("steps_per_epoch") else ""),
         f"batch {g('batch_size', '?')}",
@@ -1562,11 +1839,17 @@ def number_table(rows, header=None, chance=None):
 
 
 def figure(out, name, caption):
-    """A figure that exists, with its caption; nothing for one that does not."""
-    if not os.path.isfile(os.path.join(out, name)):
+    """A figure that exists, with its caption; nothing for one that does not. It is shown at
+    96 CSS px per inch of the figure, so that its text has its size in points (8 pt: 10.7 px) at
+    100 % zoom, and the page narrows a wider figure."""
+    path = os.path.join(out, name)
+    if not os.path.isfile(path):
         return ""
+    with Image.open(path) as im:
+        width = round(im.size[0] * 96 / DPI)
     return (
-        f"<figure><img src='{html.escape(name)}' alt='{html.escape(caption.split('. ')[0])}'>"
+        f"<figure><img src='{html.escape(name)}' style='width:{width}px' "
+        f"alt='{html.escape(caption.split('. ')[0])}'>"
         f"<figcaption>{prose(caption)}</figcaption></figure>"
     )
 
@@ -1702,23 +1985,70 @@ COLORS = [
     "#17becf",
 ]  # matplotlib's C0-C9, which the figures use
 STYLE = (
-    "<style>body{font-family:sans-serif;max-width:1150px;margin:1em auto;padding:0 1em;color:#222;"
+    "<style>body{font-family:sans-serif;max-width:1250px;margin:1em auto;padding:0 1em;color:#222;"
     "line-height:1.4}h2{margin-top:2em;border-bottom:1px solid #ccc}table{border-collapse:collapse;"
     "margin:.6em 0}th,td{padding:3px 10px;text-align:left;border-bottom:1px solid #eee;"
     "vertical-align:top}th{font-weight:600}td.hint{color:#666;font-size:.9em}td b{color:#060}"
     "figure{margin:1em 0}img{max-width:100%;border:1px solid #ccc}figcaption{font-size:.92em;"
     "color:#333;max-width:60em;margin-top:.3em}.note{color:#666}.nowrap{white-space:nowrap}"
-    "details{margin:.6em 0}summary{cursor:pointer;color:#246}</style>"
+    "details{margin:.6em 0}summary{cursor:pointer;color:#246}.verdict{padding:.6em 1em;"
+    "border-left:6px solid #999;background:#f5f5f5;font-size:1.05em;margin:.8em 0}"
+    ".verdict ul{margin:.3em 0;"
+    "padding-left:1.4em}.yes{border-color:#2a7}"
+    ".no{border-color:#c33}.mixed{border-color:#d90}.sub{color:#666;font-size:.85em}"
+    "td b{color:#060}code{font-size:.95em}td{min-width:7em}</style>"
 )
 
 
+def folded_note(folded, saved=None):
+    """The training quantities constant_keys left out of the figure, in words, with why."""
+    if not folded:
+        return ""
+    g = (saved or {}).get
+    parts = []
+    for k, v in folded.items():
+        kind = NUMBERS[k][1] if k in NUMBERS else "g3"
+        why = ""
+        if k == "qscore_under_alpha" and g("qscore_alpha_quantile"):
+            why = (
+                f" (α is each batch's {g('qscore_alpha_quantile')} quantile of Q_i, so this share "
+                "is that quantile by construction)"
+            )
+        parts.append(f"{number_label(k)}: {show(v, kind)}{why}")
+    return (
+        "<p class=note>Not drawn, because they are the same in every epoch"
+        + (" of every run" if saved is None else "")
+        + ": "
+        + prose("; ".join(parts))
+        + ".</p>"
+    )
+
+
+def verdict_html(rows):
+    sentence, ok = verdict(rows)
+    cls = {True: "yes", False: "no", None: "mixed"}[ok]
+    head, _, rest = sentence.partition(". ")
+    items = "".join(f"<li>{prose(part)}</li>" for part in rest.rstrip(".").split("; ") if part)
+    return f"<div class='verdict {cls}'><b>{prose(head)}.</b><ul>{items}</ul></div>"
+
+
 def write_html(
-    out, report, run_dir, training=None, metrics=None, saved=None, method="", classes=()
+    out,
+    report,
+    run_dir,
+    training=None,
+    metrics=None,
+    saved=None,
+    method="",
+    classes=(),
 ):
-    """index.html: the run, its training curves, then each section with its words, numbers and
-    figures. Only figures whose file exists are shown."""
+    """index.html: the run and whether it beats its random initialization, its training curves,
+    then each section with its words, numbers and figures. Only figures whose file exists are
+    shown."""
     chance = 1 / len(classes) if classes else None
     name = os.path.basename(os.path.normpath(run_dir))
+    title = page_title(saved, method, run_dir)
+    ref = report.get("reference", {})
     run = [
         (number_label(k), [v], kind_of(k, v), NUMBERS[k][2] if k in NUMBERS else "")
         for k, v in report.get("run", {}).items()
@@ -1726,26 +2056,51 @@ def write_html(
     ]
     parts = [
         "<!doctype html><meta charset='utf-8'>",
-        f"<title>interpret: {html.escape(name)}</title>",
+        f"<title>{html.escape(title)}: what the backbone learned</title>",
         STYLE,
-        f"<h1>What the backbone of {html.escape(name)} learned</h1>",
-        f"<p>{html.escape(settings_text(saved or {}, method))}. This page is written by "
-        "interpret.py from the run's backbone.pt and metrics.jsonl and from the predictions of "
-        "eval_linear.py; every number on it is also in interpret.json.</p>",
+        f"<h1>{html.escape(title)}: what the backbone learned</h1>",
+        f"<p>{html.escape(settings_text(saved or {}, method))}; run folder "
+        f"<code>{html.escape(name)}</code>. This page is written by interpret.py from the run's "
+        "backbone.pt and metrics.jsonl and from the predictions of eval_linear.py; every number "
+        "on it is also in interpret.json.</p>",
+        "<h2>Does the backbone beat its random initialization?</h2>",
+        verdict_html(against_random_init(report.get("run", {}), metrics, ref)),
+        "<p class=note>The reference is the same architecture with its seed-0 random weights and "
+        "no training, measured exactly as the trained one (same images, bank and k): a random "
+        "ResNet is already a fair kNN feature extractor on small images, so beating chance is "
+        "not enough."
+        + (f" Not measured here: {html.escape(ref['skipped'])}" if "skipped" in ref else "")
+        + "</p>",
         number_table(run, chance=chance),
         f"<h2>{PAGE_TRAINING['title']}</h2><p>{prose(PAGE_TRAINING['intro'])}</p>",
     ]
     if training:
         parts.append(figure(out, training, PAGE_TRAINING["caption"]))
+        parts.append(
+            folded_note(
+                constant_keys([(name, metrics)], training_keys([(name, metrics)])), saved or {}
+            )
+        )
     else:
         parts.append("<p class=note>No metrics.jsonl in the run folder, so no training curves.</p>")
     if metrics:
         rows = final_rows(
             [{"metrics": metrics, "linear": {}, "interpret": {}}], training_keys([(name, metrics)])
         )
+        rows = [row[:4] for row in rows]
+        if "online" in ref:
+            rows.insert(
+                next((i + 1 for i, r in enumerate(rows) if r[0].startswith("online kNN")), 1),
+                (
+                    number_label("random_init_online_knn_top1"),
+                    [ref["online"]["knn_top1_k200"]],
+                    "pct",
+                    NUMBERS["random_init_online_knn_top1"][2],
+                ),
+            )
         parts.append(
             "<details><summary>The last epoch's numbers</summary>"
-            + number_table([row[:4] for row in rows], chance=chance)
+            + number_table(rows, chance=chance)
             + "</details>"
         )
     for sec_name in SECTIONS:
@@ -1773,12 +2128,192 @@ def run_labels(dirs):
     return [f"{i + 1}: {d}" for i, d in enumerate(dirs)]  # the same folder twice
 
 
+# What a rate is a share of, per run: (count, out of, noun) or None, e.g. (15, 360, "mistakes").
+def _n_test(r):
+    n = r["linear"].get("n_test")
+    return (n, None, "test images") if n else None
+
+
+def _n_online(r):
+    n = r.get("reference", {}).get("online", {}).get("n_test")
+    return (n, None, "test images") if n else None
+
+
+def _n_mistakes(r):
+    q = r["interpret"].get("qscore", {})
+    n, share = q.get("n"), q.get("share_correct")
+    m = q.get("n_misclassified", None if n is None or share is None else round(n * (1 - share)))
+    return (m, n, "mistakes") if m is not None else None
+
+
+def _n_qscore(r):
+    n = r["interpret"].get("qscore", {}).get("n")
+    return (n, None, "test images") if n else None
+
+
+def _n_miou(r):
+    n = r["interpret"].get("miou", {}).get("n_correct")
+    return (n, None, "correct images with masks") if n else None
+
+
+def _n_adai(r):
+    n = r["interpret"].get("adai", {}).get("n_images")
+    return (n, None, "images") if n else None
+
+
+# The compare table after metrics.jsonl: (label, source, key, kind, how to read, +1 if higher is
+# better, -1 if lower, 0 if neither, what a rate is a share of); a row no run has is left out.
+COMPARE_FINAL = [
+    (
+        "offline linear probe, top-1",
+        "linear",
+        "offline_linear_top1",
+        "pct",
+        "{chance}higher is better",
+        1,
+        _n_test,
+    ),
+    (
+        "offline linear probe, top-5",
+        "linear",
+        "offline_linear_top5",
+        "pct",
+        "higher is better",
+        1,
+        _n_test,
+    ),
+    (
+        "offline kNN top-1, k = 20",
+        "linear",
+        "knn_top1_k20",
+        "pct",
+        "{chance}higher is better",
+        1,
+        _n_test,
+    ),
+    (
+        "offline kNN top-1, k = 200",
+        "linear",
+        "knn_top1_k200",
+        "pct",
+        "{chance}higher is better",
+        1,
+        _n_test,
+    ),
+    (
+        "offline kNN top-1, k = 200, of the random-init backbone",
+        "reference",
+        "offline.knn_top1_k200",
+        "pct",
+        "the same architecture untrained (seed 0), measured the same way: the bar to clear",
+        0,
+        _n_test,
+    ),
+    (
+        "Q-Score AUROC for the probe's outcome",
+        "interpret",
+        "qscore.auroc_correct_positive",
+        "pct",
+        "Kalibhat et al. Fig. 4; chance 50 %, higher is better; few mistakes make it noisy",
+        1,
+        _n_mistakes,
+    ),
+    (
+        "Q-Score AUPRC, mistakes as positives",
+        "interpret",
+        "qscore.auprc_misclassified_positive",
+        "pct",
+        "chance: the share of mistakes; higher is better",
+        1,
+        _n_mistakes,
+    ),
+    (
+        "mean |L_i|, all evaluation images",
+        "interpret",
+        "all.mean_L",
+        "f2",
+        "Kalibhat et al. Fig. 5 (left): rises with Q-Score regularization",
+        1,
+        _n_qscore,
+    ),
+    (
+        "images with an empty L_i",
+        "interpret",
+        "qscore.share_empty_L",
+        "pct",
+        "|L_i| counts 0 there",
+        0,
+        _n_qscore,
+    ),
+    (
+        "mean confidence of the probe, all evaluation images",
+        "interpret",
+        "all.mean_confidence",
+        "pct",
+        "Fig. 5 (right): rises with Q-Score regularization",
+        1,
+        _n_qscore,
+    ),
+    (
+        "discriminative features (30th-85th percentile band)",
+        "interpret",
+        "discriminative.band_size",
+        "int",
+        "App. A.1",
+        0,
+        None,
+    ),
+    (
+        "mIoU with core masks, correct images (all, as the paper)",
+        "interpret",
+        "miou.miou_core_correct",
+        "pct",
+        "Kalibhat et al. Fig. 8, over all N images (no heatmap counts 0); higher is better",
+        1,
+        _n_miou,
+    ),
+    (
+        "mIoU with spurious masks, correct images (all, as the paper)",
+        "interpret",
+        "miou.miou_spurious_correct",
+        "pct",
+        "lower is better",
+        -1,
+        _n_miou,
+    ),
+    (
+        "Average Drop",
+        "interpret",
+        "adai.average_drop",
+        "pct100",
+        "Seyfi et al. Table 4; lower is better",
+        -1,
+        _n_adai,
+    ),
+    (
+        "Average Increase",
+        "interpret",
+        "adai.average_increase",
+        "pct100",
+        "Seyfi et al. Table 4; higher is better",
+        1,
+        _n_adai,
+    ),
+]
+BETTER = {"knn_top1": 1}  # the training quantities with a direction worth ranking
+MACHINE = ("images_per_s", "seconds", "peak_mem_gb")  # set by the machine and its load
+
+
 def final_value(run, source, key):
-    """A number of linear.json (source "linear") or interpret.json ("interpret", key
-    "section.key"; "all.<quantity>": the mean over all evaluation images of a quantity that
-    interpret.json gives for correct and mis-classified images, the population of Fig. 5)."""
+    """A number of linear.json (source "linear"), of the run's random-init reference
+    ("reference", key "offline.<name>") or of interpret.json ("interpret", key "section.key";
+    "all.<quantity>": the mean over all evaluation images of a quantity that interpret.json gives
+    for correct and mis-classified images, the population of Fig. 5)."""
     if source == "linear":
         v = run["linear"].get(key)
+    elif source == "reference":
+        part, name = key.split(".")
+        v = run.get("reference", {}).get(part, {}).get(name)
     elif key.startswith("all."):
         q, name = run["interpret"].get("qscore", {}), key[4:]
         share, c, m = (
@@ -1801,107 +2336,12 @@ def final_value(run, source, key):
     return v if isinstance(v, (int, float)) else None
 
 
-# The compare table after metrics.jsonl: (label, source, key, kind, how to read, +1 if higher is
-# better, -1 if lower, 0 if neither); a row no run has is left out.
-COMPARE_FINAL = [
-    (
-        "offline linear probe, top-1",
-        "linear",
-        "offline_linear_top1",
-        "pct",
-        "{chance}higher is better",
-        1,
-    ),
-    ("offline linear probe, top-5", "linear", "offline_linear_top5", "pct", "higher is better", 1),
-    ("offline kNN top-1, k = 20", "linear", "knn_top1_k20", "pct", "{chance}higher is better", 1),
-    ("offline kNN top-1, k = 200", "linear", "knn_top1_k200", "pct", "{chance}higher is better", 1),
-    (
-        "Q-Score AUROC for the probe's outcome",
-        "interpret",
-        "qscore.auroc_correct_positive",
-        "pct",
-        "Kalibhat et al. Fig. 4; chance 50 %, higher is better",
-        1,
-    ),
-    (
-        "Q-Score AUPRC, mistakes as positives",
-        "interpret",
-        "qscore.auprc_misclassified_positive",
-        "pct",
-        "chance: the share of mistakes; higher is better",
-        1,
-    ),
-    (
-        "mean |L_i|, all evaluation images",
-        "interpret",
-        "all.mean_L",
-        "f2",
-        "Kalibhat et al. Fig. 5 (left): rises with Q-Score regularization",
-        1,
-    ),
-    (
-        "images with an empty L_i",
-        "interpret",
-        "qscore.share_empty_L",
-        "pct",
-        "|L_i| counts 0 there",
-        0,
-    ),
-    (
-        "mean confidence of the probe, all evaluation images",
-        "interpret",
-        "all.mean_confidence",
-        "pct",
-        "Fig. 5 (right): rises with Q-Score regularization",
-        1,
-    ),
-    (
-        "discriminative features (30th-85th percentile band)",
-        "interpret",
-        "discriminative.band_size",
-        "int",
-        "App. A.1",
-        0,
-    ),
-    (
-        "mIoU with core masks, correct images",
-        "interpret",
-        "miou.miou_core_correct",
-        "pct",
-        "Kalibhat et al. Fig. 8; higher is better",
-        1,
-    ),
-    (
-        "mIoU with spurious masks, correct images",
-        "interpret",
-        "miou.miou_spurious_correct",
-        "pct",
-        "lower is better",
-        -1,
-    ),
-    (
-        "Average Drop",
-        "interpret",
-        "adai.average_drop",
-        "pct100",
-        "Seyfi et al. Table 4; lower is better",
-        -1,
-    ),
-    (
-        "Average Increase",
-        "interpret",
-        "adai.average_increase",
-        "pct100",
-        "Seyfi et al. Table 4; higher is better",
-        1,
-    ),
-]
-BETTER = {"knn_top1": 1, "images_per_s": 1, "seconds": -1, "peak_mem_gb": -1}
-
-
 def final_rows(runs, keys):
-    """(label, values per run, kind, how to read, better): the last epoch of each metrics.jsonl
-    key (the last measured one for kNN; SUMMARY's over all epochs), then COMPARE_FINAL."""
+    """(label, values per run, kind, how to read, better, counts per run): the last epoch of each
+    metrics.jsonl key (the last measured one for kNN; SUMMARY's over all epochs), the online
+    random-init reference after the online kNN, then COMPARE_FINAL. Machine-dependent numbers
+    (MACHINE) have no direction: they are never ranked."""
+    none = [None] * len(runs)
     rows = [
         (
             "epochs trained",
@@ -1909,6 +2349,7 @@ def final_rows(runs, keys):
             "int",
             "",
             0,
+            none,
         )
     ]
     for k in keys:
@@ -1921,30 +2362,97 @@ def final_rows(runs, keys):
         )
         vals = [float(agg(r["metrics"][k][1])) if k in r["metrics"] else None for r in runs]
         kind, how = NUMBERS[k][1:] if k in NUMBERS else ("g3", "")
-        rows.append((label, vals, kind, how, BETTER.get(k, 0)))
-    for label, source, key, kind, how, better in COMPARE_FINAL:
+        if k in MACHINE:
+            how = (how + "; " if how else "") + "depends on the machine and its load: not ranked"
+        counts = [_n_online(r) for r in runs] if k == "knn_top1" else none
+        rows.append((label, vals, kind, how, BETTER.get(k, 0), counts))
+        if k == "knn_top1":
+            ref = [r.get("reference", {}).get("online", {}).get("knn_top1_k200") for r in runs]
+            if any(v is not None for v in ref):
+                label, kind, how = NUMBERS["random_init_online_knn_top1"]
+                rows.append((label, ref, kind, how, 0, counts))
+    for label, source, key, kind, how, better, count in COMPARE_FINAL:
         vals = [final_value(r, source, key) for r in runs]
         if any(v is not None for v in vals):
-            rows.append((label, vals, kind, how, better))
+            counts = [count(r) if count else None for r in runs]
+            rows.append((label, vals, kind, how, better, counts))
     return rows
 
 
-def compare_cells(vals, kind, better):
-    """A row's numbers as printed, the best in bold when a direction is known and the runs differ
-    as printed."""
-    shown = [show(v, kind) for v in vals]
-    have = [v for v in vals if v is not None]
-    best = show(max(have) if better > 0 else min(have), kind) if better and have else None
-    bold = best is not None and len({t for t, v in zip(shown, vals) if v is not None}) > 1
-    return "".join(
-        f"<td><b>{html.escape(t)}</b></td>" if bold and t == best else f"<td>{html.escape(t)}</td>"
-        for t in shown
+def count_text(counts):
+    """What a rate is a share of, for one run or over a group's runs: "on 15 mistakes of 360",
+    "on 12-15 mistakes of 360"; "" when unknown."""
+    have = [c for c in counts if c and c[0] is not None]
+    if not have:
+        return ""
+    ns, of = sorted({c[0] for c in have}), sorted({c[1] for c in have if c[1]})
+    n = f"{ns[0]:,}" if len(ns) == 1 else f"{ns[0]:,}-{ns[-1]:,}"
+    total = "" if not of else f" of {of[0]:,}" if len(of) == 1 else f" of {of[0]:,}-{of[-1]:,}"
+    return f"on {n} {have[0][2]}{total}"
+
+
+def seed_groups(runs):
+    """Lists of run indices: runs of one method whose args.json differ in --seed only (and in
+    flags that do not change what is computed, IGNORED_FLAGS) form a group, in the order of their
+    first run. A run without args.json is a group of its own."""
+    groups = {}
+    for i, r in enumerate(runs):
+        key = r["dir"]
+        if r["saved"]:
+            flags = {k: v for k, v in r["saved"].items() if k not in IGNORED_FLAGS + ("seed",)}
+            key = json.dumps([method_title(r["saved"], r["method"]), flags], sort_keys=True)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
+def group_stats(vals):
+    """Mean, smallest, largest and number of the values that exist; None when none does."""
+    have = [float(v) for v in vals if isinstance(v, (int, float))]
+    if not have:
+        return None
+    return {"mean": float(np.mean(have)), "min": min(have), "max": max(have), "n": len(have)}
+
+
+def better_group(stats, better):
+    """The index of the group whose every seed beats every seed of every other group in the
+    row's direction: the difference exceeds the seed range. None when there is no direction, or
+    fewer than two groups have the number, or any of them has fewer than two seeds (no noise
+    estimate: then nothing is ranked), or the ranges overlap."""
+    have = [(i, st) for i, st in enumerate(stats) if st]
+    if not better or len(have) < 2 or any(st["n"] < 2 for _, st in have):
+        return None
+    for i, st in have:
+        others = [o for j, o in have if j != i]
+        if better > 0 and all(st["min"] > o["max"] for o in others):
+            return i
+        if better < 0 and all(st["max"] < o["min"] for o in others):
+            return i
+    return None
+
+
+def group_cell(st, kind, count, bold):
+    """A group's number as a table cell: the mean, and under it the seed range and the count."""
+    if st is None:
+        return "<td>–</td>"
+    main = html.escape(show(st["mean"], kind))
+    main = f"<b title='better beyond the seed range'>{main}</b>" if bold else main
+    sub = []
+    if st["n"] > 1:
+        lo, hi = show(st["min"], kind), show(st["max"], kind)
+        sub.append(f"{st['n']} seeds: {lo} to {hi}" if lo != hi else f"{st['n']} seeds, all {lo}")
+    if count:
+        sub.append(count)
+    return (
+        f"<td>{main}"
+        + "".join(f"<br><span class=sub>{html.escape(t)}</span>" for t in sub)
+        + "</td>"
     )
 
 
 def compare(args):
     """interpret.py --compare RUN [RUN ...]: training curves on shared axes and a table of the
-    final numbers, into OUT/index.html (and compare.json: what the figure drew and the table)."""
+    final numbers, runs that differ only in --seed gathered into one column (mean and range),
+    into OUT/index.html (and compare.json: what the figure drew, the groups and the table)."""
     dirs = ([args.run_dir] if args.run_dir else []) + list(args.compare)
     for d in dirs:
         if not os.path.isdir(d):
@@ -1955,25 +2463,54 @@ def compare(args):
             )
     out = args.out or os.path.join("runs", f"compare_{int(time.time())}")
     os.makedirs(out, exist_ok=True)
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
     runs = []
     for d, label in zip(dirs, run_labels(dirs)):
         page = os.path.join(d, "interpret", "index.html")
+        saved, linear = (
+            read_json(os.path.join(d, "args.json")),
+            read_json(os.path.join(d, "linear.json")),
+        )
         runs.append(
             {
                 "label": label,
                 "dir": d,
                 "metrics": read_metrics(d),
                 "method": run_method(d),
-                "saved": read_json(os.path.join(d, "args.json")),
-                "linear": read_json(os.path.join(d, "linear.json")),
+                "saved": saved,
+                "linear": linear,
                 "interpret": read_json(os.path.join(d, "interpret", "interpret.json")),
+                "reference": {} if args.no_reference else references(saved, linear, device),
                 "page": os.path.relpath(page, out) if os.path.isfile(page) else "",
             }
         )
+    groups = seed_groups(runs)
+    group_of = {i: g for g, members in enumerate(groups) for i in members}
+    glabels = []
+    for members in groups:
+        names = [runs[i]["label"] for i in members]
+        glabels.append(
+            " + ".join(names) if len(names) <= 3 else f"{names[0]} and {len(names) - 1} more"
+        )
+    seeds = [[runs[i]["saved"].get("seed") for i in members] for members in groups]
+    online = {}  # random-init online kNN value -> labels of the runs it is the reference of
+    for r in runs:
+        v = r["reference"].get("online", {}).get("knn_top1_k200")
+        if v is not None:
+            online.setdefault(v, []).append(r["label"])
+    lines = [
+        (v, "random init" if len(online) == 1 else f"random init ({', '.join(names)})")
+        for v, names in online.items()
+    ]
+    series = [(r["label"], r["metrics"]) for r in runs]
     curves = training_figure(
-        [(r["label"], r["metrics"]) for r in runs], os.path.join(out, "training.png")
+        series,
+        os.path.join(out, "training.png"),
+        references={"knn_top1": lines},
+        colors=[group_of[i] for i in range(len(runs))],
     )
-    rows = final_rows(runs, training_keys([(r["label"], r["metrics"]) for r in runs]))
+    rows = final_rows(runs, training_keys(series))
     n_classes = {len(r["linear"]["classes"]) for r in runs if r["linear"].get("classes")}
     chance = 1 / n_classes.pop() if len(n_classes) == 1 else None
 
@@ -1981,7 +2518,7 @@ def compare(args):
     differ = [k for k in flags if len({json.dumps(r["saved"].get(k)) for r in runs}) > 1]
     parts = [
         "<!doctype html><meta charset='utf-8'>",
-        "<title>runs side by side</title>",
+        f"<title>{len(runs)} runs side by side</title>",
         STYLE,
         f"<h1>{len(runs)} runs side by side</h1>",
         "<p>The training curves of each run from its metrics.jsonl, then its final numbers, from "
@@ -1989,44 +2526,83 @@ def compare(args):
         "(interpret.py) where these exist. A dash marks a number a run does not have. Every number "
         "is also in compare.json.</p>",
         "<table><tr><th>run</th><th>folder</th><th>how it was trained</th><th>flags that "
-        "differ</th><th>page</th></tr>",
+        "differ</th><th>beats its random init (kNN)?</th><th>page</th></tr>",
     ]
     for c, r in enumerate(runs):
         diff = (
             " ".join(f"--{k.replace('_', '-')} {r['saved'].get(k, '–')}" for k in differ) or "none"
         )
         link = f"<a href='{html.escape(r['page'])}'>interpret page</a>" if r["page"] else "–"
-        swatch = f"<span style='color:{COLORS[c % 10]}'>■</span>"  # the run's colour in the figure
+        swatch = f"<span style='color:{COLORS[group_of[c] % 10]}'>■</span>"  # colour in the figure
+        sentence, ok = verdict(against_random_init(r["linear"], r["metrics"], r["reference"]))
+        beats = {True: "yes", False: "no", None: "mixed" if "Mixed" in sentence else "–"}[ok]
         parts.append(
             f"<tr><th class=nowrap>{swatch} {html.escape(r['label'])}</th><td>"
             f"{html.escape(r['dir'])}</td><td>"
             f"{html.escape(settings_text(r['saved'], r['method']))}</td><td class=nowrap>"
-            f"{html.escape(diff)}</td><td class=nowrap>{link}</td></tr>"
+            f"{html.escape(diff)}</td><td title='{html.escape(sentence)}'>{beats}</td>"
+            f"<td class=nowrap>{link}</td></tr>"
         )
     parts.append("</table>")
     parts.append(f"<h2>{PAGE_TRAINING['title']}</h2>")
     if curves:
         parts.append(figure(out, "training.png", PAGE_TRAINING["compare"]))
+        parts.append(folded_note(constant_keys(series, training_keys(series))))
     else:
         parts.append(
             "<p class=note>None of the runs has a metrics.jsonl, "
             "so there are no training curves.</p>"
         )
+    several = any(len(m) > 1 for m in groups)
     parts.append(
         "<h2>Final numbers</h2><p>The last epoch of training, then the offline evaluation and the "
-        "analyses of the finished backbones. Where a direction is known (the last column), the "
-        "best run's number is in bold.</p>"
+        "analyses of the finished backbones. "
+        + (
+            "Runs that differ only in --seed share a column: its number is their mean, with the "
+            "range over the seeds under it. "
+            if several
+            else "Each run is one seed, so nothing tells the seed-to-seed noise apart from a real "
+            "difference: no number is marked better. "
+        )
+        + "A number is in bold only where its group is better than every other group beyond the "
+        "seed range (its worst seed beats their best), which needs two or more seeds in every "
+        "group; speed, time and memory depend on the machine and its load and are never "
+        "ranked. Under each rate: what it is a share of (a few mistakes make an AUROC noisy).</p>"
     )
     head = (
         "<tr><th></th>"
-        + "".join(f"<th>{html.escape(r['label'])}</th>" for r in runs)
+        + "".join(
+            f"<th><span style='color:{COLORS[g % 10]}'>■</span> {html.escape(glabels[g])}"
+            + (
+                f"<br><span class=sub>seeds {html.escape(', '.join(map(str, seeds[g])))}</span>"
+                if len(groups[g]) > 1
+                else ""
+            )
+            + "</th>"
+            for g in range(len(groups))
+        )
         + "<th>how to read</th></tr>"
     )
-    body = []
-    for label, vals, kind, how, better in rows:
+    body, table = [], []
+    for label, vals, kind, how, better, counts in rows:
+        stats = [group_stats([vals[i] for i in members]) for members in groups]
+        best = better_group(stats, better)
+        cells = "".join(
+            group_cell(st, kind, count_text([counts[i] for i in members]), g == best)
+            for g, (st, members) in enumerate(zip(stats, groups))
+        )
         body.append(
-            f"<tr><th>{prose(label)}</th>{compare_cells(vals, kind, better)}"
-            f"<td class=hint>{prose(hint(how, chance))}</td></tr>"
+            f"<tr><th>{prose(label)}</th>{cells}<td class=hint>{prose(hint(how, chance))}</td></tr>"
+        )
+        table.append(
+            {
+                "label": label,
+                "values": dict(zip([r["label"] for r in runs], vals)),
+                "counts": {r["label"]: count_text([c]) for r, c in zip(runs, counts) if c},
+                "groups": dict(zip(glabels, stats)),
+                "better": None if best is None else glabels[best],
+                "ranked": bool(better),
+            }
         )
     parts.append(f"<table>{head}{''.join(body)}</table>")
     with open(os.path.join(out, "index.html"), "w") as fh:
@@ -2035,44 +2611,96 @@ def compare(args):
         json.dump(
             {
                 "runs": [
-                    {"label": r["label"], "run_dir": r["dir"], "method": r["method"]} for r in runs
+                    {
+                        "label": r["label"],
+                        "run_dir": r["dir"],
+                        "method": r["method"],
+                        "group": glabels[group_of[i]],
+                        "reference": r["reference"],
+                    }
+                    for i, r in enumerate(runs)
+                ],
+                "groups": [
+                    {"label": glabels[g], "runs": [runs[i]["label"] for i in m], "seeds": seeds[g]}
+                    for g, m in enumerate(groups)
                 ],
                 "curves": curves,
-                "final": [
-                    {"label": label, "values": dict(zip([r["label"] for r in runs], vals))}
-                    for label, vals, _, _, _ in rows
-                ],
+                "final": table,
             },
             fh,
             indent=2,
         )
-    print(f"-> {os.path.join(out, 'index.html')}", flush=True)
+    print(
+        f"compared {len(runs)} runs in {len(groups)} group(s) of runs that differ only in --seed"
+        f" -> {os.path.join(out, 'index.html')}",
+        flush=True,
+    )
     return 0
 
 
-def scalars(d, prefix="", deep=True):
-    """The flat numbers of a section: all of them for the HTML tables; without the per-class
-    and per-feature details (deep=False) for the printed table."""
-    out = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            if deep or k not in ("classes", "features"):
-                out += scalars(v, f"{prefix}{k}.", deep)
-        elif isinstance(v, (int, float, str)) or v is None:
-            out.append((prefix + k, v))
-        elif k == "accuracy":  # the subset table of the discriminative section
-            out += [
-                (
-                    f"top1@{r['k']} disc/random/pca",
-                    " / ".join(fmt(r[key]) for key in ("discriminative", "random", "pca")),
-                )
-                for r in v
-            ]
-    return out
+def pct(v):
+    return show(v, "pct")
 
 
-def fmt(v):
-    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+def summary_lines(report, metrics, title, ran):
+    """What the terminal says at the end: whether the backbone beats its random initialization,
+    the probe, and a sentence for each section that ran (`ran`), without raw keys."""
+    import textwrap
+
+    run, ref = report.get("run", {}), report.get("reference", {})
+    lines = [f"{title}: what the backbone learned"]
+    sentence, _ = verdict(against_random_init(run, metrics, ref))
+    lines.append("  " + sentence)
+    if "skipped" in ref:
+        lines.append(f"  (no random-init reference: {ref['skipped']})")
+    if "offline_linear_top1" in run:
+        n = f" on {run['n_test']:,} test images" if run.get("n_test") else ""
+        lines.append(f"  offline linear probe: top-1 {pct(run['offline_linear_top1'])}{n}")
+    for name in ran:
+        sec = report.get(name, {})
+        if "skipped" in sec:
+            lines.append(f"  {name}: not computed ({sec['skipped']})")
+        elif name == "qscore":
+            auroc = sec.get("auroc_correct_positive")
+            lines.append(
+                f"  Q-Score: AUROC {pct(auroc)} as a predictor of the probe's "
+                f"{sec.get('n_misclassified', '?')} mistakes of {sec['n']:,} images (chance 50 %); "
+                f"{pct(sec['share_empty_L'])} of the images have an empty L_i"
+            )
+        elif name == "features":
+            lines.append(
+                f"  mean representations: {sec['n_classes_shown']} classes by "
+                f"{sec['n_features_shown']} features drawn"
+            )
+        elif name == "discriminative":
+            lines.append(
+                f"  discriminative features: {sec['band_size']} of the "
+                f"{sec['n_active_features']} features that are highly activating at least once"
+            )
+        elif name == "gradcam":
+            lines.append(
+                f"  Grad-CAM: {len(sec.get('samples', []))} images and features "
+                f"{sec.get('features_chosen', '')}"
+            )
+        elif name == "miou":
+            lines.append(
+                f"  mIoU over all {sec['n_images']} images with masks (the paper's form), correct "
+                f"images: core {pct(sec.get('miou_core_correct'))}, spurious "
+                f"{pct(sec.get('miou_spurious_correct'))}; over the "
+                f"{pct(sec.get('share_with_heatmap_correct'))} of them with a heatmap: core "
+                f"{pct(sec.get('miou_core_correct_with_heatmap'))}, spurious "
+                f"{pct(sec.get('miou_spurious_correct_with_heatmap'))}"
+            )
+        elif name == "adai":
+            lines.append(
+                f"  Average Drop {sec['average_drop']:.1f} %, Average Increase "
+                f"{sec['average_increase']:.1f} % on {sec['n_images']} images"
+            )
+    return [
+        wrapped
+        for line in lines
+        for wrapped in textwrap.wrap(line, 100, subsequent_indent="    ", break_on_hyphens=False)
+    ]
 
 
 def main(args):
@@ -2090,16 +2718,31 @@ def main(args):
     if os.path.isfile(path):  # a section run alone keeps the others' results
         with open(path) as fh:
             report = json.load(fh)
-    lin = ctx["linear"]
+    saved, lin = read_json(os.path.join(args.run_dir, "args.json")), ctx["linear"]
+    if not args.no_reference:
+        print("random-init reference: the kNN of the untrained architecture (cached)", flush=True)
+    ref = {} if args.no_reference else references(saved, lin, ctx["device"])
+    off = ref.get("offline", {})
+    report["reference"] = ref
     report["run"] = {
         "run_dir": args.run_dir,
         "dataset": args.dataset,
         "image_size": ctx["size"],
         "eps": args.eps,
         **{
-            k: lin[k]
-            for k in ("offline_linear_top1", "offline_linear_top5", "knn_top1_k20", "knn_top1_k200")
-            if k in lin
+            k: v
+            for k, v in (
+                ("offline_linear_top1", lin.get("offline_linear_top1")),
+                ("offline_linear_top5", lin.get("offline_linear_top5")),
+                ("knn_top1_k20", lin.get("knn_top1_k20")),
+                ("random_init_knn_top1_k20", off.get("knn_top1_k20")),
+                ("knn_top1_k200", lin.get("knn_top1_k200")),
+                ("random_init_knn_top1_k200", off.get("knn_top1_k200")),
+                ("n_train", lin.get("n_train")),
+                ("n_test", lin.get("n_test")),
+                ("random_init_online_knn_top1", ref.get("online", {}).get("knn_top1_k200")),
+            )
+            if v is not None
         },
     }
     runners = {
@@ -2110,36 +2753,29 @@ def main(args):
         "miou": lambda c: section_miou(c, args),
         "adai": lambda c: section_adai(c, args),
     }
-    for name in SECTIONS:
-        if name not in ctx["only"]:
-            continue
+    ran = [name for name in SECTIONS if name in ctx["only"]]
+    for i, name in enumerate(ran):
         t0 = time.time()
         num, files = runners[name](ctx)
         report[name] = {**num, "seconds": time.time() - t0, "figures": files}
-        print(f"== {name}", flush=True)
-        for k, v in scalars(report[name], deep=False):
-            print(f"  {k:<40s} {fmt(v)}", flush=True)
+        took = "skipped" if "skipped" in num else f"{time.time() - t0:.1f} s"
+        print(f"[{i + 1}/{len(ran)}] {name}: {took}", flush=True)
     with open(path, "w") as fh:
         json.dump(report, fh, indent=2)
     metrics = read_metrics(args.run_dir)
     training = None
     if metrics:
         training = "training.png"
+        online = ref.get("online", {}).get("knn_top1_k200")
         training_figure(
             [(os.path.basename(os.path.normpath(args.run_dir)), metrics)],
             os.path.join(out, training),
+            references={"knn_top1": [(online, "random init")]} if online is not None else {},
         )
-    write_html(
-        out,
-        report,
-        args.run_dir,
-        training,
-        metrics,
-        read_json(os.path.join(args.run_dir, "args.json")),
-        run_method(args.run_dir),
-        ctx["classes"],
-    )
-    print(f"-> {os.path.join(out, 'index.html')}", flush=True)
+    method = run_method(args.run_dir)
+    write_html(out, report, args.run_dir, training, metrics, saved, method, ctx["classes"])
+    print("\n".join(summary_lines(report, metrics, page_title(saved, method, args.run_dir), ran)))
+    print(f"-> {os.path.join(out, 'index.html')} (every number in interpret.json)", flush=True)
     return 0
 
 

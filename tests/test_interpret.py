@@ -2,6 +2,7 @@
 percentile band, soft IoU, AD/AI on a toy model, the whole pipeline end to end, the page a person
 reads (captions, readable names), --compare on two runs, bad input."""
 
+import html
 import html.parser
 import json
 import os
@@ -18,6 +19,12 @@ import common
 import interpret
 import simclr
 from conftest import REPO, TINY, read_metrics, run
+
+
+@pytest.fixture(autouse=True)
+def _reference_cache(tmp_path_factory, monkeypatch):
+    """The random-init reference is cached in a folder of this session, never in ~/.cache."""
+    monkeypatch.setenv("CLEANSSL_CACHE", str(tmp_path_factory.getbasetemp() / "cleanssl_cache"))
 
 
 def test_qscore_agrees_with_simclr():
@@ -165,7 +172,7 @@ def test_end_to_end_every_file_and_an_html_page_of_existing_files(trained, tmp_p
     )
     report = json.loads((out / "interpret.json").read_text())
     for name in interpret.SECTIONS:
-        assert name in report and f"== {name}" in p.stdout
+        assert name in report and f"] {name}: " in p.stdout
         for f in report[name]["figures"]:
             assert (out / f).stat().st_size > 1000  # a real PNG
     assert len(report["miou"]["figures"]) == 1 and report["miou"]["n_images"] == 24
@@ -186,9 +193,29 @@ def test_end_to_end_every_file_and_an_html_page_of_existing_files(trained, tmp_p
     share = q["share_correct"]
     parts = [(share, q["share_empty_L_correct"]), (1 - share, q["share_empty_L_misclassified"])]
     assert q["share_empty_L"] == pytest.approx(sum(w * v for w, v in parts if v is not None))
-    assert report["miou"]["n_blank_heatmaps"] >= 0
+    # mIoU over all N (Sec. 5): an image without a heatmap counts 0, so the paper's mean is the
+    # mean over images with a heatmap times their share; the restricted mean comes with its share
+    m = report["miou"]
+    assert m["n_blank_heatmaps"] >= 0 and m["n_correct"] + m["n_misclassified"] == 24
     for k in ("miou_core_correct", "miou_spurious_correct"):
-        assert 0 <= report["miou"][k] <= 1
+        assert 0 <= m[k] <= 1
+        assert m[k] == pytest.approx(m["share_with_heatmap_correct"] * m[f"{k}_with_heatmap"])
+    text = html.unescape(page)
+    assert "the paper's mIoU" in text and "only images with a heatmap" in text
+    # the terminal: a short summary in words, no raw keys, no time for a skipped section
+    assert "share_empty_L" not in p.stdout and "seconds" not in p.stdout
+    assert "mIoU over all 24 images" in p.stdout
+    # the reference: the random-init kNN, same protocol, beside the trained one and in words
+    ref = report["reference"]
+    assert set(ref) == {"online", "offline"} and ref["offline"]["n_bank"] == 320
+    assert report["run"]["random_init_knn_top1_k200"] == ref["offline"]["knn_top1_k200"]
+    assert "offline kNN top-1, k = 200, of the random-init backbone" in page
+    assert "Does the backbone beat its random initialization?" in page
+    assert re.search(r"<div class='verdict (yes|no|mixed)'><b>(Yes|No|Mixed)", page)
+    assert "random init" in p.stdout
+    # the title: the method and data set from args.json, not the folder's name
+    assert "<h1>SimCLR on digits: what the backbone learned</h1>" in page
+    assert "<title>SimCLR on digits" in page
     assert 0 <= report["adai"]["average_drop"] <= 100 and report["adai"]["n_images"] == 32
     # a section run alone rewrites its own numbers and keeps the others'
     (out / "adai.png").unlink()
@@ -316,7 +343,11 @@ def test_compare_two_runs_one_page_with_both_curves(trained, regularized, tmp_pa
     knn = whole_lines(regularized)[1][
         "knn_top1"
     ]  # measured at the last epoch only, drawn in percent
-    assert data["curves"]["knn_top1"] == {"simclr_qscore": [[2.0, pytest.approx(100 * knn)]]}
+    assert data["curves"]["knn_top1"]["simclr_qscore"] == [[2.0, pytest.approx(100 * knn)]]
+    # the random-init kNN of the same protocol (both runs are TINY's), a dashed line on the panel
+    ref = 100 * data["runs"][1]["reference"]["online"]["knn_top1_k200"]
+    assert data["curves"]["knn_top1"]["random init"] == [[0.0, ref], [1.0, ref]]
+    assert data["runs"][0]["reference"]["online"] == data["runs"][1]["reference"]["online"]
     assert data["curves"]["teacher_spread_x"]["simclr_qscore"] == [
         [1.0, 0.5],
         [2.0, 1.0],
