@@ -1901,7 +1901,7 @@ def details_tables(sec, classes):
             for c, v in ((e(c), v) for c, v in sec["classes"].items())
         ]
         parts.append(
-            "<details><summary>Per class: images and mean |L_i|, correct and "
+            "<details><summary>Per class: images and mean |L<sub>i</sub>|, correct and "
             "mis-classified</summary>"
             + html_table(
                 rows,
