@@ -11,8 +11,8 @@ RECIPES.md compares both, flag for flag.
     python simclr.py --dataset cifar10 --data-dir data            # 1000 epochs, 1 GPU
     torchrun --nproc_per_node=8 simclr.py --dataset folder --data-dir /imagenet \
         --backbone resnet50 --epochs 100 --batch-size 4096 --lr 0.3 --weight-decay 1e-4 \
-        --lars-mode official --lars-eta 0.001 --temperature 0.1 --proj-dim 128 --proj-last-bn \
-        --no-per-view-bn --zero-init-residual
+        --lars-mode official --lars-eta 0.001 --temperature 0.1 --proj-dim 128 \
+        --projector official --no-per-view-bn --zero-init-residual
 """
 
 import argparse
@@ -26,6 +26,7 @@ import common
 
 METHOD = "simclr"
 BOOL = argparse.BooleanOptionalAction  # --flag / --no-flag
+HEADS = ["solo-learn", "official", "lightly"]  # --projector: whose 2-layer head
 
 
 def parse_args(argv=None):
@@ -41,7 +42,9 @@ def parse_args(argv=None):
     add("--temperature", type=float, default=0.2, help="NT-Xent temperature tau (Eq. 1)")
     add("--proj-hidden", type=int, default=2048, help="projector hidden width")
     add("--proj-dim", type=int, default=256, help="projector output width")
-    add("--proj-last-bn", action=BOOL, default=False, help="end the projector in BN (official)")
+    add(
+        "--projector", default="solo-learn", choices=HEADS, help="the head's form (SimCLR.__init__)"
+    )
     add("--crop-min-scale", type=float, default=0.08, help="smallest crop area")
     add("--jitter-strength", type=float, default=1.0, help="colour distortion strength s")
     add("--blur-prob", type=float, default=0.5, help="Gaussian blur probability per view")
@@ -64,16 +67,19 @@ class SimCLR(nn.Module):
             args.backbone, small_images, zero_init_residual=zero_init
         )
         d, hidden, out = self.backbone.dim, args.proj_hidden, args.proj_dim
-        # the 2-layer MLP head, BN in its hidden layer; --proj-last-bn ends it in a bias-free Linear
-        # and BN, as the official code does (z starts centred and standardized per dimension)
-        last = (
-            [nn.Linear(hidden, out, bias=False), nn.BatchNorm1d(out)]
-            if args.proj_last_bn
-            else [nn.Linear(hidden, out)]
-        )
-        self.projector = nn.Sequential(
-            nn.Linear(d, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), *last
-        )
+        # the projection head g (Sec. 2.1), an MLP with one hidden layer, in the form --projector
+        # names: solo-learn's CIFAR recipe, Linear -> ReLU -> Linear with biases and no BN;
+        # official (google-research/simclr, model_util.py), bias-free Linears with BN after each,
+        # z's BN without a learned shift (center=False); lightly's, z's BN with one
+        if args.projector == "solo-learn":
+            layers = [nn.Linear(d, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out)]
+        else:
+            z_bn = nn.BatchNorm1d(out)
+            if args.projector == "official":  # scale, no shift: the bias stays 0, untrained
+                z_bn.bias.requires_grad_(False)
+            layers = [nn.Linear(d, hidden, bias=False), nn.BatchNorm1d(hidden)]
+            layers += [nn.ReLU(inplace=True), nn.Linear(hidden, out, bias=False), z_bn]
+        self.projector = nn.Sequential(*layers)
         self.xattn = (
             CrossAttentionHead(d, args.xattn_clusters, args.xattn_temp) if args.xattn else None
         )

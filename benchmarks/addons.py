@@ -14,12 +14,10 @@ for each seed, one run at a time. Each run is then measured three ways:
     images (Fig. 5's quantities), the share of empty L_i, and Average Drop / Average Increase of the
     class explanation maps (Seyfi et al., Eq. 8; lower AD and higher AI are better).
 
-    python benchmarks/addons.py simclr --seeds 0 1 --images 16000 --batch-size 64 \
---warmup-images 1600 \\
-        --workers 2 --extra "--proj-last-bn --lars-mode official"
-    python benchmarks/addons.py byol --seeds 0 1 --images 16000 --batch-size 64 \
---warmup-images 1600 \\
-        --workers 2 --extra "--lars-mode official"
+    python benchmarks/addons.py simclr --seeds 0 1 --images 16000 --batch-size 64 \\
+        --warmup-images 1600 --workers 2 --extra "--projector lightly --lars-mode official"
+    python benchmarks/addons.py byol --seeds 0 1 --images 16000 --batch-size 64 \\
+        --warmup-images 1600 --workers 2 --extra "--lars-mode official"
     python benchmarks/addons.py simclr --table     # the table of what --out holds, and the verdicts
 
 Resumable as a queue: a (config, seed) whose summary.json exists is not run again, so the same

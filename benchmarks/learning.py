@@ -63,8 +63,8 @@ Run folders (checkpoints) go to --out/runs/ (git-ignored). JSON is written atomi
 Where the lightly half differs from the script, by method (the JSON says it per run):
 | method  | lightly classes | differences beyond the common ones below |
 | ---     | ---             | ---                                      |
-| simclr  | SimCLRTransform, SimCLRProjectionHead, NTXentLoss, LARS | lightly's head ends in a \
-bias-free Linear and BatchNorm1d; CleanSSL's in a Linear with bias unless --proj-last-bn |
+| simclr  | SimCLRTransform, SimCLRProjectionHead, NTXentLoss, LARS | the head unless \
+--projector lightly (CleanSSL's default is solo-learn's, Linear-ReLU-Linear without BN) |
 | mocov2  | MoCoV2Transform, MoCoProjectionHead, NTXentLoss(memory_bank_size), update_momentum, \
 cosine_schedule | one NTXentLoss call on both directions (the same symmetric mean) enqueues the \
 keys of both views, 2B a step; CleanSSL enqueues view 2's, B a step |
@@ -937,14 +937,14 @@ def lightly_simclr(a, views, stats, total, spe):
         loss=loss,
         optimizer=_lars(_groups([backbone, head], wd=a.weight_decay), a),
         classes=["SimCLRTransform", "SimCLRProjectionHead", "NTXentLoss", "LARS"],
-        reads=["temperature", "proj_hidden", "proj_dim", "proj_last_bn", "lars_eta"],
+        reads=["temperature", "proj_hidden", "proj_dim", "projector", "lars_eta"],
         differences=(
             []
-            if getattr(a, "proj_last_bn", False)
+            if getattr(a, "projector", "") == "lightly"
             else [
-                "lightly's SimCLRProjectionHead ends in a bias-free Linear and BatchNorm1d; "
-                "CleanSSL's projector ends in a Linear with bias (pass --proj-last-bn for "
-                "lightly's end)"
+                "lightly's SimCLRProjectionHead has bias-free Linears and BatchNorm1d after each; "
+                f"CleanSSL's projector is --projector {getattr(a, 'projector', '?')} "
+                "(pass --projector lightly for lightly's head)"
             ]
         )
         + [LARS_NOTE]

@@ -167,25 +167,33 @@ def test_cross_attention_head_and_losses():
     assert lm.item() >= 0 and lc.item() > 0 and f.grad.abs().sum() > 0
 
 
-def test_proj_last_bn_ends_the_head_as_the_official_code():
-    args = simclr.parse_args(["--backbone", "resnet18"])
-    assert isinstance(
-        simclr.SimCLR(args, True).projector[-1], torch.nn.Linear
-    )  # solo-learn: Linear with bias
-    model = simclr.SimCLR(simclr.parse_args(["--proj-last-bn", "--proj-dim", "16"]), True)
-    last_linear, bn = model.projector[-2], model.projector[-1]
-    assert (
-        isinstance(bn, torch.nn.BatchNorm1d) and bn.num_features == 16 and last_linear.bias is None
-    )
-    model.train()
-    z = model([torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)])[
-        "z"
-    ]  # (16, 16): centred per dimension
-    assert (
-        z.shape == (16, 16)
-        and z.mean(0).abs().max() < 1e-5
-        and torch.allclose(z.var(0, unbiased=False), torch.ones(16), atol=1e-2)
-    )
+def test_the_three_projector_forms():
+    """--projector: solo-learn's head (the default: Linear -> ReLU -> Linear, biases, no BN), the
+    official one (bias-free Linears, BN after each, z's BN scaling without a shift) and lightly's
+    (the same with a learned shift); only the trainable parameters reach the optimizer."""
+    kinds = lambda m: [type(x).__name__ for x in m.projector]
+    tiny = ["--backbone", "resnet18-eighth", "--proj-hidden", "32", "--proj-dim", "16"]
+    solo = simclr.SimCLR(simclr.parse_args(tiny), True)
+    assert kinds(solo) == ["Linear", "ReLU", "Linear"]
+    assert all(x.bias is not None for x in solo.projector if isinstance(x, torch.nn.Linear))
+    for form in ("official", "lightly"):
+        model = simclr.SimCLR(simclr.parse_args(tiny + ["--projector", form]), True)
+        assert kinds(model) == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+        assert model.projector[0].bias is None and model.projector[3].bias is None
+        z_bn = model.projector[-1]
+        assert z_bn.bias.requires_grad == (form == "lightly")  # official: center=False
+        trained = {id(p) for g in common.param_groups(model) for p in g["params"]}
+        assert (id(z_bn.bias) in trained) == (form == "lightly")
+        model.train()
+        z = model([torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)])["z"]  # (16, 16)
+        assert z.shape == (16, 16) and z.mean(0).abs().max() < 1e-5  # centred per dimension
+        assert torch.allclose(z.var(0, unbiased=False), torch.ones(16), atol=1e-2)
+        if form == "official":  # a step moves the scale but never the shift
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+            simclr.nt_xent_loss(z[:8], z[8:]).backward()
+            opt.step()
+            assert torch.equal(z_bn.bias, torch.zeros(16))
+            assert not torch.equal(z_bn.weight, torch.ones(16))
 
 
 def test_one_sgd_step_lowers_the_loss():
@@ -221,7 +229,8 @@ def test_one_sgd_step_lowers_the_loss():
         assert set(terms) == {"loss_ssl", "loss_qscore", "loss_mask", "loss_cls"}
         return loss
 
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    # lr 0.01: with the BN-free default head (--projector solo-learn) a step of 0.05 overshoots
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
     before = loss_of(model([x1, x2], pos))
     opt.zero_grad()
     before.backward()
