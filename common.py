@@ -304,8 +304,18 @@ def checkpoint_to_resume(resume, run_dir):
 def check_resume(saved, args, path):
     """UserError when a flag that changes what the run computes differs from the checkpoint's: every
     flag but RESUME_FREE (--data-dir only for --dataset folder, where it is the data set itself
-    and not a download folder). Flags unknown to the checkpoint (added since) are not compared."""
+    and not a download folder). A checkpoint that lacks a flag of this version (one added since
+    it was written, such as --projector or --xattn-mask) is refused too: what the run computed
+    under that flag's default then is unknown, and resuming would switch to today's silently."""
     now = vars(args)
+    missing = [k for k in now if k not in saved and k not in RESUME_FREE]
+    if missing:
+        raise UserError(
+            f"the checkpoint '{path}' was written before "
+            f"{', '.join('--' + k.replace('_', '-') for k in missing)} existed, so this version "
+            "cannot continue it as it ran: continue it with the CleanSSL version that wrote it, "
+            "or start another --run-dir."
+        )
     differ = [
         k
         for k in saved
@@ -2064,6 +2074,12 @@ def check_run(args, method, check=None):
                 f"{which} holds a {ckpt['args'].get('backbone')}, not --backbone {args.backbone}."
             )
     check_writable(os.path.dirname(path) if path else args.run_dir or "runs")
+    if ckpt is not None and ckpt["args"].get("xattn") and "centroids" not in ckpt:
+        raise UserError(
+            f"{which} holds no k-means centroids (it was written before they were saved), so a "
+            "resumed --xattn run would renumber its clusters under the trained classifier: "
+            "continue it with the CleanSSL version that wrote it, or start another --run-dir."
+        )
     if check is not None:
         check(args, ckpt)
     if ckpt is None:

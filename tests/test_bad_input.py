@@ -239,3 +239,39 @@ def test_eval_linear_and_interpret_exit_2_on_a_corrupt_backbone(kind, tmp_path):
     for script in ("eval_linear.py", "interpret.py"):
         p = run([script, str(d), "--device", "cpu"], check=False)
         assert "backbone.pt" in one_line_exit_2(p), script
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_checkpoint_from_before_a_flag_is_one_sentence(script, tmp_path):
+    """A checkpoint written before a flag of this version existed (issue 34, point 5: one from
+    before the add-on changes lacks --xattn-mask, --qscore-alpha-quantile...) is refused by name,
+    not resumed under today's defaults."""
+    mod = importlib.import_module(script)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    args = mod.parse_args(TINY + ["--run-dir", str(run_dir)])
+    old = {k: v for k, v in vars(args).items() if k not in ("xattn_mask", "qscore_alpha_quantile")}
+    torch.save({"method": script, "args": old, "epoch": 1, "at": None}, run_dir / "checkpoint.pt")
+    with pytest.raises(common.UserError) as e:
+        common.check_run(args, script)
+    msg = str(e.value)
+    assert "--xattn-mask" in msg and "--qscore-alpha-quantile" in msg and "\n" not in msg
+    assert "written before" in msg
+
+
+def test_an_xattn_checkpoint_without_centroids_is_one_sentence(tmp_path):
+    """An --xattn checkpoint from before the k-means centroids were saved would re-seed k-means on
+    resume (renumbered clusters under a trained classifier): exit 2, one line."""
+    import simclr
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    args = simclr.parse_args(TINY + ["--xattn", "--run-dir", str(run_dir)])
+    ckpt = {"method": "simclr", "args": vars(args), "epoch": 1, "at": None, "pseudo_labels": None}
+    torch.save(ckpt, run_dir / "checkpoint.pt")
+    with pytest.raises(common.UserError, match="holds no k-means centroids"):
+        common.check_run(args, "simclr")
+    p = run(["simclr.py"] + TINY + ["--xattn", "--run-dir", str(run_dir)], check=False)
+    assert "centroids" in one_line_exit_2(p)
+    torch.save({**ckpt, "centroids": None}, run_dir / "checkpoint.pt")  # saved, even if None
+    assert common.check_run(args, "simclr")[0]["epoch"] == 1
