@@ -1695,7 +1695,8 @@ METHOD_FLAGS = (
     ("student_temp", "dino"),
     ("fix_pred_lr", "simsiam"),
     ("loss_scale", "byol"),
-    ("proj_last_bn", "simclr"),
+    ("projector", "simclr"),
+    ("proj_last_bn", "simclr"),  # before --projector
 )
 
 

@@ -69,6 +69,19 @@ def _drop_weights_after_module(tmp_path_factory):
     drop_weights(tmp_path_factory.getbasetemp())
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _reference_cache_in_tmp(tmp_path_factory):
+    """interpret.py's random-init reference (common.random_init_knn) caches in $CLEANSSL_CACHE:
+    the suite's in its own temporary folder, never the user's ~/.cache (scripts inherit it)."""
+    before = os.environ.get("CLEANSSL_CACHE")
+    os.environ["CLEANSSL_CACHE"] = str(tmp_path_factory.getbasetemp() / "cleanssl_cache")
+    yield
+    if before is None:
+        os.environ.pop("CLEANSSL_CACHE", None)
+    else:
+        os.environ["CLEANSSL_CACHE"] = before
+
+
 # The suite runs in 2 pytest-xdist workers (pyproject.toml's addopts), one per core: each worker
 # and the scripts it starts then compute on one thread, so that the two workers share the 2 cores
 # instead of fighting over them. Alone (-n 0), a test and its scripts use 2 threads.
