@@ -380,7 +380,7 @@ def main(args):
     def embed(m, x):  # the memory bank holds the online projections z, not p (Seyfi et al. 2.1)
         return m.projector(m.backbone(x)[1])
 
-    for epoch in run.epochs(state):
+    for epoch in run.epochs(state, model.backbone):
         if args.xattn:
             pseudo.new_epoch(run, model, embed)
         model.train()

@@ -352,6 +352,23 @@ def resume_note(ckpt, run_dir, world, batch_size):
         if len(keep) < len(lines):
             with open(path, "w") as fh:
                 fh.writelines(keep)
+    path = os.path.join(run_dir, "steps.jsonl")  # and the per-step lines after its position
+    if os.path.isfile(path):
+        with open(path) as fh:
+            lines = fh.readlines()
+        done = (ckpt["epoch"], (ckpt.get("at") or {}).get("step", 0))  # (epochs, steps) done
+
+        def before(line):
+            try:
+                m = json.loads(line)
+            except ValueError:
+                return False
+            return (m["epoch"] - 1, m["step"]) <= done
+
+        keep = [line for line in lines if before(line)]
+        if len(keep) < len(lines):
+            with open(path, "w") as fh:
+                fh.writelines(keep)
     at, epochs = ckpt.get("at") or {}, ckpt["args"].get("epochs", math.inf)
     if not at and ckpt["epoch"] >= epochs:  # e.g. torchrun restarting a worker after the last one
         # Finished only when backbone.pt is the final checkpoint's backbone: a kill or a full
@@ -2117,19 +2134,43 @@ def save_atomic(obj, path):
         raise
 
 
-def tensorboard_writer(run_dir):
-    """Each epoch's metrics as TensorBoard events in the run folder (`tensorboard --logdir runs`)
-    when the optional tensorboard package is installed; else a function that does nothing."""
+def tensorboard_tag(key):
+    """A metric's TensorBoard tag, grouped by kind: loss/, knn/, qscore/, speed/, schedule/ (lr and
+    the methods' momenta and temperatures), monitor/ (collapse, bad images)."""
+    if key.startswith("loss"):
+        return f"loss/{key}"
+    for kind in ("knn", "qscore"):
+        if key.startswith(kind):
+            return f"{kind}/{key}"
+    if key in ("images_per_s", "seconds", "peak_mem_gb"):
+        return f"speed/{key}"
+    if key in ("collapse_std", "bad_images"):
+        return f"monitor/{key}"
+    return f"schedule/{key}"
+
+
+def tensorboard_writer(run_dir, flags=None):
+    """TensorBoard events in the run folder (`tensorboard --logdir runs`) when the optional
+    tensorboard package is installed, else a function that does nothing. Returns write(scalars,
+    x): each name under tensorboard_tag(name) at x (the epoch for an epoch's metrics, the
+    iteration for the per-step loss). `flags` (the run's args) go to the HPARAMS tab, beside the
+    final kNN."""
     try:
         from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
     except ImportError:
-        return lambda metrics: None
+        return lambda scalars, x: None
     writer = SummaryWriter(run_dir)
+    if flags:
+        plain = {
+            k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flags.items()
+        }
+        for summary in hparams(plain, {"knn/knn_top1": 0.0}):  # the metric's name, not a value
+            writer.file_writer.add_summary(summary)
 
-    def write(metrics):
-        for k, v in metrics.items():
-            if k != "epoch":
-                writer.add_scalar(k, v, metrics["epoch"])  # step: the epoch
+    def write(scalars, x):
+        for k, v in scalars.items():
+            writer.add_scalar(tensorboard_tag(k), v, x)
         writer.flush()
 
     return write
@@ -2143,6 +2184,9 @@ def epoch_line(m, epochs):
         if k.startswith("loss_")
     )
     knn = f"  online-knn {m['knn_top1']:.3f}" if "knn_top1" in m else ""
+    if "knn_random_init" in m:  # the same architecture at its random init, the same protocol
+        below = ", below it" if m["knn_top1"] < m["knn_random_init"] else ""
+        knn += f" (random init {m['knn_random_init']:.3f}{below})"
     mem = f"  {m['peak_mem_gb']:.1f} GB" if m["peak_mem_gb"] else ""
     return (
         f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.3f} ({terms}){knn}  "
@@ -2160,7 +2204,8 @@ class Run:
         loader = run.loader(views, positive)    # the TrainLoader; run.epoch_steps, the schedule
         ...the model, its optimizer...
         saved = run.resume()                    # the checkpoint's contents ({} for a new run)
-        for epoch in run.epochs(state):         # state(): the method's part of a checkpoint
+        for epoch in run.epochs(state, model.backbone):  # state(): the method's part of a
+                                                # checkpoint; backbone: the kNN's
             for step, it, crops, idx, positives in run.steps():
                 lr = run.schedule(optimizer, it)
                 ...forward, loss, backward, step...
@@ -2178,6 +2223,7 @@ class Run:
     def __init__(self, args, method, check=None):
         self.ckpt, resume_dir = check_run(args, method, check)
         self.args, self.method = args, method
+        self.knn_init = self.random_init = None  # kNN before the first step; the reference's
         self.distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
         self.cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         if self.cuda:
@@ -2209,7 +2255,7 @@ class Run:
                     os.remove(os.path.join(self.dir, name))
             with open(os.path.join(self.dir, "args.json"), "w") as fh:
                 json.dump(vars(args), fh, indent=2)
-            self._tensorboard = tensorboard_writer(self.dir)
+            self._tensorboard = tensorboard_writer(self.dir, vars(args))
         if args.sync_bn and self.distributed and not self.cuda and self.rank == 0:
             print(
                 "note: SyncBatchNorm needs CUDA; on CPU each process normalizes its own share of "
@@ -2267,12 +2313,15 @@ class Run:
         if self.ckpt is None:
             return {}
         self.start_epoch, self.resume_at = self.ckpt["epoch"], self.ckpt.get("at") or {}
+        self.knn_init = self.ckpt.get("knn_init")
         return self.ckpt
 
-    def epochs(self, state, title=None, details=""):
+    def epochs(self, state, backbone=None, title=None, details=""):
         """The run's header, then each epoch to train, with its data order and randomness seeded
         (a resumed epoch replays them). state(): the method's part of a checkpoint (model,
-        optimizer, momentum copies, queues...), called on every process at each checkpoint."""
+        optimizer, momentum copies, queues...), called on every process at each checkpoint.
+        backbone: the network the online kNN measures; a new run measures it once before its
+        first step (epoch 1's "knn_top1_init"), beside the random-init reference."""
         a = self.args
         if self.rank == 0:
             print(
@@ -2284,6 +2333,18 @@ class Run:
             if self.ckpt is not None:
                 resume_note(self.ckpt, self.dir, self.world, a.batch_size)
         self.state = state
+        if backbone is not None and a.knn_every and self.ckpt is None:
+            was = backbone.training
+            self.knn_init = self._knn(backbone.eval(), f"epoch 0/{a.epochs}")
+            backbone.train(was)
+            if self.rank == 0:
+                print(
+                    f"epoch 0/{a.epochs}  online-knn {self.knn_init:.3f} before the first step "
+                    f"(random init of {a.backbone} under seed 0: {self._random_init():.3f})",
+                    flush=True,
+                )
+            else:
+                self._random_init()
         self.control = RunControl(a.checkpoint_every_min)  # stop signals, checkpoint clock
         for epoch in range(self.start_epoch, a.epochs):
             torch.manual_seed(a.seed * 1000 + epoch)  # a resumed epoch replays the same randomness
@@ -2383,27 +2444,11 @@ class Run:
                 dist.all_reduce(v)
                 v = v / self.world
             metrics[k] = v.item() / self.epoch_steps
+        if self.knn_init is not None and epoch == 0:  # the kNN before the first step
+            metrics["knn_top1_init"] = self.knn_init
         if a.knn_every and ((epoch + 1) % a.knn_every == 0 or epoch + 1 == a.epochs):
-            # The BN running statistics each process updated from its own share in the last
-            # step: process 0's, which backbone.pt holds and DDP's next forward broadcasts anyway
-            for b in backbone.buffers() if self.distributed else ():
-                dist.broadcast(b, 0)
-            features = functools.partial(
-                extract_features,
-                backbone,
-                size=self.size,
-                stats=self.stats,
-                native=self.native,
-                device=self.device,
-                workers=a.workers,
-                data_path=a.data_path,
-                precision=a.precision,
-            )
-            htr, ytr = features(self.knn_train, gather=False)  # this process's share of the bank
-            hte, yte = features(self.knn_test)
-            metrics["knn_top1"] = knn_top1(
-                htr, ytr, hte, yte, len(self.knn_test.classes), sharded=True
-            )
+            metrics["knn_top1"] = self._knn(backbone, f"epoch {epoch + 1}/{a.epochs}")
+            metrics["knn_random_init"] = self._random_init()
         metrics.update(
             images_per_s=self.seen / seconds,
             seconds=seconds,
@@ -2416,7 +2461,7 @@ class Run:
         self.checkpoint(epoch + 1)
         if self.rank == 0:
             save_atomic(backbone.state_dict(), os.path.join(self.dir, "backbone.pt"))
-            self._tensorboard(metrics)
+            self._tensorboard({k: v for k, v in metrics.items() if k != "epoch"}, epoch + 1)
             print(epoch_line(metrics, a.epochs), flush=True)
         if self.distributed:
             dist.barrier()
@@ -2424,8 +2469,54 @@ class Run:
             return self.control.stop(f"at the end of epoch {epoch + 1}", self.dir)
         return None
 
+    def _knn(self, backbone, when):
+        """Online kNN top-1 of `backbone` (eval mode; the bank and the test split), with a line
+        first: the pass takes a while on a large bank."""
+        if self.rank == 0:
+            print(
+                f"{when}: online kNN of {len(self.knn_test)} test images against a bank of "
+                f"{len(self.knn_train)} ...",
+                flush=True,
+            )
+        # The BN running statistics each process updated from its own share in the last
+        # step: process 0's, which backbone.pt holds and DDP's next forward broadcasts anyway
+        for b in backbone.buffers() if self.distributed else ():
+            dist.broadcast(b, 0)
+        a = self.args
+        features = functools.partial(
+            extract_features,
+            backbone,
+            size=self.size,
+            stats=self.stats,
+            native=self.native,
+            device=self.device,
+            workers=a.workers,
+            data_path=a.data_path,
+            precision=a.precision,
+        )
+        htr, ytr = features(self.knn_train, gather=False)  # this process's share of the bank
+        hte, yte = features(self.knn_test)
+        return knn_top1(htr, ytr, hte, yte, len(self.knn_test.classes), sharded=True)
+
+    def _random_init(self):
+        """The reference: this architecture's kNN at its random init (random_init_knn, measured
+        once per protocol and cached)."""
+        if self.random_init is None:
+            self.random_init = random_init_knn(self.args, self.device, workers=self.args.workers)
+        return self.random_init["knn_top1_k200"]
+
     def finish(self):
-        """The end of a run that trained every epoch: exit code 0."""
+        """The end of a run that trained every epoch: where its outputs are, what to run next;
+        exit code 0."""
+        if self.rank == 0:
+            print(
+                f"done: {self.dir} holds backbone.pt (the trained backbone), metrics.jsonl "
+                "(each epoch), steps.jsonl (the loss every --log-every steps), args.json and "
+                "checkpoint.pt. Next:\n"
+                f"  python eval_linear.py {self.dir}    # linear probe and kNN of the backbone\n"
+                f"  python interpret.py {self.dir}      # the report page: Q-Score, heatmaps",
+                flush=True,
+            )
         if self.distributed:
             dist.destroy_process_group()
         return 0
@@ -2443,6 +2534,7 @@ class Run:
                     "world": self.world,
                     "epoch": epoch,
                     "at": at,
+                    "knn_init": self.knn_init,
                     **state,
                 },
                 os.path.join(self.dir, "checkpoint.pt"),
@@ -2468,12 +2560,18 @@ class Run:
         a, step = self.args, self.step
         el = time.time() - self.t0
         left = el / (step + 1) * ((a.epochs - self.epoch) * self.epoch_steps - step - 1)
+        value = loss.item()
         print(
             f"epoch {self.epoch + 1}/{a.epochs}  step {step + 1}/{self.epoch_steps}  "
-            f"loss {loss.item():.4f}  lr {self.lr:.4g}  {self.seen / el:.1f} img/s  "
+            f"loss {value:.4f}  lr {self.lr:.4g}  {self.seen / el:.1f} img/s  "
             f"{duration(left)} left",
             flush=True,
         )
+        it = self.epoch * self.epoch_steps + step + 1  # steps done
+        line = {"epoch": self.epoch + 1, "step": step + 1, "it": it, "loss": value, "lr": self.lr}
+        with open(os.path.join(self.dir, "steps.jsonl"), "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+        self._tensorboard({"loss_step": value, "lr_step": self.lr}, it)
         self.next_line = time.time() + a.log_seconds
 
 

@@ -453,7 +453,7 @@ def main(args):
         z, _ = m.head(h)
         return z
 
-    for epoch in run.epochs(state):
+    for epoch in run.epochs(state, model.backbone):
         if args.xattn:
             pseudo.new_epoch(run, model, embed)
         model.train()

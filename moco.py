@@ -467,7 +467,9 @@ def main(args):
         s.update(key_encoder=key_encoder.state_dict(), queue=queue, queue_ptr=ptr)
         return {**s, "momentum_step": run.steps_done, **pseudo.state()}
 
-    for epoch in run.epochs(state, title=f"{METHOD} v{args.moco_version}", details=f"BN {bn}, "):
+    for epoch in run.epochs(
+        state, model.backbone, title=f"{METHOD} v{args.moco_version}", details=f"BN {bn}, "
+    ):
         if args.xattn:
             pseudo.new_epoch(run, model, embed)
         model.train()

@@ -417,7 +417,7 @@ def main(args):
     def embed(m, x):  # the memory bank holds the normalized projections z that the prototypes score
         return F.normalize(m.projector(m.backbone(x)[1]), dim=1)
 
-    for epoch in run.epochs(state):
+    for epoch in run.epochs(state, model.backbone):
         if args.xattn:
             pseudo.new_epoch(run, model, embed)
         model.train()

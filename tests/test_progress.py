@@ -5,6 +5,7 @@ that cannot put the processes of a DDP run out of step."""
 import importlib
 import importlib.util
 import inspect
+import json
 import os
 import re
 import sys
@@ -43,7 +44,8 @@ PROGRESS = re.compile(
     r"\d+\.\d img/s  \d+(\.\d)? (s|min|h) left$"
 )
 EPOCH = re.compile(
-    r"epoch 1/1  loss -?\d+\.\d{3} \(ssl -?\d+\.\d{3}\)  online-knn [01]\.\d{3}  "
+    r"epoch 1/1  loss -?\d+\.\d{3} \(ssl -?\d+\.\d{3}\)  online-knn [01]\.\d{3} "
+    r"\(random init [01]\.\d{3}(, below it)?\)  "
     r"qscore -?\d\.\d{3} \|L\| \d+\.\d under-alpha \d+%  collapse-std \d\.\d{3}  "
     r"\d+\.\d img/s  \d+(\.\d)? (s|min|h)$"
 )
@@ -91,10 +93,11 @@ def test_logging_lives_once_in_the_harness():
 class FakeWriter:
     """Stands in for torch.utils.tensorboard.SummaryWriter, which needs the tensorboard package."""
 
-    made, scalars = [], []
+    made, scalars, summaries = [], [], []
 
     def __init__(self, log_dir):
         FakeWriter.made.append(log_dir)
+        self.file_writer = types.SimpleNamespace(add_summary=FakeWriter.summaries.append)
 
     def add_scalar(self, tag, value, step):
         FakeWriter.scalars.append((tag, value, step))
@@ -103,31 +106,74 @@ class FakeWriter:
         pass
 
 
-def test_tensorboard_gets_the_metrics_of_every_epoch(tmp_path, monkeypatch):
+def test_tensorboard_gets_grouped_metrics_the_per_step_loss_and_the_flags(tmp_path, monkeypatch):
+    """Each epoch's metrics under tags grouped by kind (loss/, knn/, qscore/, speed/...), the
+    loss and lr of every progress line at its iteration (also in steps.jsonl), the flags once."""
     monkeypatch.setitem(
         sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter)
     )
+    monkeypatch.setitem(
+        sys.modules,
+        "torch.utils.tensorboard.summary",
+        types.SimpleNamespace(hparams=lambda flags, metrics: [("hparams", flags, metrics)]),
+    )
+    import common
     import simclr
 
-    args = simclr.parse_args(
-        TINY
-        + SMALL["simclr.py"]
-        + [
-            "--epochs",
-            "2",
-            "--steps-per-epoch",
-            "2",
-            "--knn-every",
-            "0",
-            "--run-dir",
-            str(tmp_path),
-        ]
-    )
+    flags = ["--epochs", "2", "--steps-per-epoch", "2", "--knn-every", "0", "--log-every", "1"]
+    args = simclr.parse_args(TINY + SMALL["simclr.py"] + flags + ["--run-dir", str(tmp_path)])
     assert simclr.main(args) == 0
     assert FakeWriter.made == [str(tmp_path)]
-    assert FakeWriter.scalars == [
-        (k, v, m["epoch"]) for m in read_metrics(tmp_path) for k, v in m.items() if k != "epoch"
+    ((_, hp, metric),) = FakeWriter.summaries
+    assert hp["lr"] == args.lr and hp["backbone"] == args.backbone and "knn/knn_top1" in metric
+    epochs = [(tag, v, x) for tag, v, x in FakeWriter.scalars if not tag.endswith("_step")]
+    assert epochs == [
+        (common.tensorboard_tag(k), v, m["epoch"])
+        for m in read_metrics(tmp_path)
+        for k, v in m.items()
+        if k != "epoch"
     ]
+    tags = {tag for tag, _, _ in epochs}
+    assert {"loss/loss", "loss/loss_ssl", "qscore/qscore", "speed/images_per_s"} <= tags
+    assert "schedule/lr" in tags and "monitor/collapse_std" in tags
+    with open(tmp_path / "steps.jsonl") as fh:
+        steps = [json.loads(line) for line in fh]
+    assert [(s["epoch"], s["step"], s["it"]) for s in steps] == [
+        (1, 1, 1),
+        (1, 2, 2),
+        (2, 1, 3),
+        (2, 2, 4),
+    ]
+    per_step = [(tag, v, x) for tag, v, x in FakeWriter.scalars if tag.endswith("_step")]
+    assert per_step == [
+        t
+        for s in steps
+        for t in (("loss/loss_step", s["loss"], s["it"]), ("schedule/lr_step", s["lr"], s["it"]))
+    ]
+
+
+def test_a_run_says_its_reference_its_knn_pass_and_what_to_run_next(tmp_path):
+    """The kNN before the first step and the random-init reference, a line before each kNN pass,
+    and at the end where the outputs are and the next commands."""
+    p = run(
+        ["simclr.py"] + TINY + SMALL["simclr.py"] + ["--epochs", "1", "--run-dir", str(tmp_path)]
+    )
+    out = p.stdout
+    init = re.search(
+        r"epoch 0/1  online-knn ([01]\.\d{3}) before the first step \(random init of "
+        r"resnet18-eighth under seed 0: ([01]\.\d{3})\)",
+        out,
+    )
+    assert init, out
+    (m,) = read_metrics(tmp_path)
+    assert f"{m['knn_top1_init']:.3f}" == init.group(1)
+    assert f"{m['knn_random_init']:.3f}" == init.group(2)
+    below = m["knn_top1"] < m["knn_random_init"]
+    assert ("below it)" in out) == below, out
+    assert re.search(r"epoch 1/1: online kNN of \d+ test images against a bank of 256 \.\.\.", out)
+    assert out.index("epoch 1/1: online kNN") < out.index("epoch 1/1  loss")
+    assert f"python eval_linear.py {tmp_path}" in out and f"python interpret.py {tmp_path}" in out
+    assert out.rstrip().splitlines()[-1].strip().startswith("python interpret.py")
 
 
 # Rank 1's clock runs a thousand times slower than rank 0's: rank 0 is due for a line by time
