@@ -40,8 +40,8 @@ the function that evaluates lightly and random ("final_knn_recheck"): the protoc
 --impl cleanssl|lightly runs one half; --lightly-python PATH picks lightly's interpreter (default:
 this one if it imports lightly, else ../lightly-venv/bin/python beside the checkout, else the
 lightly half is skipped and says why). Make that environment with
-    python3 -m venv ../lightly-venv && ../lightly-venv/bin/pip install torch==2.14.1 \
-torchvision==0.29.1 lightly
+    python3 -m venv ../lightly-venv
+    ../lightly-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 lightly scikit-learn
 
 Budget knobs. `--extra "..."` goes to the script as is (last, so it wins; a single flag with no
 value takes the = form, `--extra=--xattn`, since argparse reads a lone `--xattn` as its own \
@@ -586,7 +586,7 @@ def run_cleanssl(b, plan, random_knn, run_root):
 def find_lightly(requested):
     """(python, versions) of an interpreter that imports lightly, or (None, why not)."""
     probe = (
-        "import lightly, torch, torchvision; "
+        "import lightly, sklearn, torch, torchvision; "  # sklearn: common's digits
         "print(lightly.__version__, torch.__version__, torchvision.__version__)"
     )
     candidates = [requested] if requested else [sys.executable, LIGHTLY_PYTHON]

@@ -10,9 +10,9 @@ simclr (simclr.py against lightly's SimCLR):
               by default (--per-view-bn), so this rung changes something only with --no-per-view-bn
   3 optimizer lightly.utils.lars.LARS (unclipped, lr * eta ||w|| / (||g|| + wd ||w||)) instead of
               CleanSSL's LARS in the script's --lars-mode
-  4 head      lightly's SimCLRProjectionHead (ends in a bias-free Linear and BatchNorm1d) instead of
-              CleanSSL's projector (ends in a Linear with bias); its weights are copied where the
-              shapes match, so only the last layer's bias and BatchNorm are new
+  4 head      lightly's SimCLRProjectionHead (bias-free Linears, BatchNorm1d after each) instead of
+              CleanSSL's projector (--projector; solo-learn's by default: Linear-ReLU-Linear with
+              biases, no BN); the Linears' weights (and BNs', where both have them) are copied
 
 swav (swav.py against lightly's SwAV; no queue: the learning study's budgets end before \
 --queue-start):
@@ -127,14 +127,13 @@ def build_simclr(rung, init, a, b):
     model = copy.deepcopy(init)
     if rung >= 4:  # lightly's head, with CleanSSL's weights where the layers agree
         head = SimCLRProjectionHead(model.backbone.dim, a.proj_hidden, a.proj_dim)
-        ours = [
-            m for m in model.projector if isinstance(m, (torch.nn.Linear, torch.nn.BatchNorm1d))
-        ]
-        theirs = [m for m in head.layers if isinstance(m, (torch.nn.Linear, torch.nn.BatchNorm1d))]
-        for o, t in zip(ours, theirs):  # Linear, BN, Linear: the last Linear's weight, not its bias
-            t.weight.data.copy_(o.weight.data)
-            if isinstance(o, torch.nn.BatchNorm1d):
-                t.bias.data.copy_(o.bias.data)
+        for kind in (torch.nn.Linear, torch.nn.BatchNorm1d):  # in order, layer kind by kind
+            ours = [m for m in model.projector if isinstance(m, kind)]
+            theirs = [m for m in head.layers if isinstance(m, kind)]
+            for o, t in zip(ours, theirs):  # a BN that --projector solo-learn lacks stays new
+                t.weight.data.copy_(o.weight.data)
+                if o.bias is not None and t.bias is not None:  # lightly's Linears have none
+                    t.bias.data.copy_(o.bias.data)
         model.projector = head
     ntxent = NTXentLoss(temperature=a.temperature)
 

@@ -480,7 +480,7 @@ def test_a_loss_non_finite_in_epoch_2_stops_and_keeps_epoch_1s_checkpoint(
         f"stays in {d}."
     )
     assert {f: (d / f).read_bytes() for f in kept} == kept  # not rewritten: the same bytes
-    files = ["args.json", "backbone.pt", "checkpoint.pt", "metrics.jsonl"]
+    files = ["args.json", "backbone.pt", "checkpoint.pt", "metrics.jsonl", "steps.jsonl"]
     assert sorted(p.name for p in d.iterdir()) == files  # no temporary file left
     ckpt = load(d / "checkpoint.pt")
     assert ckpt["epoch"] == 1 and ckpt["at"] is None

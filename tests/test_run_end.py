@@ -39,8 +39,11 @@ def finished(tmp_path_factory):
 
 
 def rerun(run_dir):
+    """What the command says about the run, the line before the closing 'done: ...' block."""
     p = run(["simclr.py"] + ONE_EPOCH + ["--run-dir", str(run_dir)])
-    return p.stdout.strip().splitlines()[-1]
+    lines = p.stdout.strip().splitlines()
+    done = max(i for i, line in enumerate(lines) if line.startswith("done: "))
+    return lines[done - 1]
 
 
 def test_a_finished_run_without_backbone_pt_rewrites_it_from_its_checkpoint(finished, tmp_path):
