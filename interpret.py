@@ -1317,6 +1317,11 @@ NUMBERS = {
         "pct",
         "{chance}higher is better; the script's monitor on --knn-limit images",
     ),
+    "loss_step": (
+        "loss at each progress line (steps.jsonl)",
+        "g4",
+        "one batch each, so noisier than the epoch's mean; between epochs at its step's place",
+    ),
     "collapse_std": (
         "collapse monitor (std of normalized z)",
         "g3",
@@ -1360,6 +1365,7 @@ SUMMARY = {
 }
 TRAINING_FIRST = (
     "loss",
+    "loss_step",
     "loss_ssl",
     "loss_qscore",
     "loss_mask",
@@ -1498,7 +1504,45 @@ def read_metrics(run_dir):
             out[k] = (np.array([p[0] for p in pts]), np.array([p[1] for p in pts]))
     if by_epoch:
         out["epoch"] = (np.array(sorted(by_epoch)), np.array(sorted(by_epoch), dtype=float))
+    # the kNN before the first step (common.Run, a new run with --knn-every): epoch 0 of the curve
+    if "knn_top1_init" in out and "knn_top1" in out:
+        x, y = out["knn_top1"]
+        out["knn_top1"] = (
+            np.concatenate([[0], x]),
+            np.concatenate([out["knn_top1_init"][1][:1], y]),
+        )
+    out.pop("knn_top1_init", None)
+    out.pop("knn_random_init", None)  # drawn as the reference line, not as a panel of its own
+    steps = read_steps(run_dir)
+    if steps is not None:
+        out["loss_step"] = steps
     return out
+
+
+def read_steps(run_dir):
+    """steps.jsonl (the loss of every progress line) as (epochs, losses), each step at its place
+    in its epoch: epoch e, step s of S sits at e - 1 + s / S (S: the largest step logged, an
+    epoch's last step always is). None without the file or with fewer than 2 lines."""
+    path = os.path.join(run_dir, "steps.jsonl")
+    if not os.path.isfile(path):
+        return None
+    rows = {}
+    with open(path) as fh:
+        for line in fh:
+            try:
+                r = json.loads(line)
+                rows[(int(r["epoch"]), int(r["step"]))] = float(r["loss"])
+            except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+                continue
+    rows = {k: v for k, v in rows.items() if np.isfinite(v)}
+    if len(rows) < 2:
+        return None
+    per_epoch = max(s for _, s in rows)
+    keys = sorted(rows)
+    return (
+        np.array([e - 1 + s / per_epoch for e, s in keys]),
+        np.array([rows[k] for k in keys]),
+    )
 
 
 def training_keys(runs):

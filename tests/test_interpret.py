@@ -340,10 +340,15 @@ def test_compare_two_runs_one_page_with_both_curves(trained, regularized, tmp_pa
         assert [y for _, y in loss[n]] == pytest.approx([r["loss"] for r in whole_lines(d)])
     assert sorted(data["curves"]["collapse_std"]) == names
     assert list(data["curves"]["loss_qscore"]) == ["simclr_qscore"]  # a term only one run has
-    knn = whole_lines(regularized)[1][
-        "knn_top1"
-    ]  # measured at the last epoch only, drawn in percent
-    assert data["curves"]["knn_top1"]["simclr_qscore"] == [[2.0, pytest.approx(100 * knn)]]
+    # measured before the first step (epoch 0) and at the last epoch only, drawn in percent
+    init, knn = (
+        whole_lines(regularized)[0]["knn_top1_init"],
+        whole_lines(regularized)[1]["knn_top1"],
+    )
+    assert data["curves"]["knn_top1"]["simclr_qscore"] == [
+        [0.0, pytest.approx(100 * init)],
+        [2.0, pytest.approx(100 * knn)],
+    ]
     # the random-init kNN of the same protocol (both runs are TINY's), a dashed line on the panel
     ref = 100 * data["runs"][1]["reference"]["online"]["knn_top1_k200"]
     assert data["curves"]["knn_top1"]["random init"] == [[0.0, ref], [1.0, ref]]

@@ -202,3 +202,30 @@ def test_tiny_ranges_are_not_stretched_over_the_axis(tmp_path):
     assert hi - lo == pytest.approx(interpret.FLOOR * 1.22e-3)  # 2e-5 fills 1/3 of the axis
     assert "all within 2e-05" in ax.texts[0].get_text()
     plt.close("all")
+
+
+def test_the_curves_start_at_the_kNN_before_the_first_step_and_draw_the_per_step_loss(tmp_path):
+    """metrics.jsonl's knn_top1_init is the kNN curve's epoch-0 point (common.Run measures it
+    before the first step); steps.jsonl's losses are a panel of their own, each at its step's
+    place in its epoch; the random-init value is the reference line, not a panel."""
+    lines = [
+        {"epoch": 1, "lr": 0.1, "loss": 5.0, "knn_top1_init": 0.30, "knn_top1": 0.35},
+        {"epoch": 2, "lr": 0.05, "loss": 4.0, "knn_top1": 0.40, "knn_random_init": 0.3},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    steps = [(1, 2, 5.5), (1, 4, 5.1), (2, 2, 4.4), (2, 4, 3.9)]
+    (tmp_path / "steps.jsonl").write_text(
+        "".join(
+            json.dumps({"epoch": e, "step": s, "it": 0, "loss": v, "lr": 0}) + "\n"
+            for e, s, v in steps
+        )
+        + '{"epoch": 3, "st'  # a line cut short by a kill
+    )
+    m = interpret.read_metrics(tmp_path)
+    assert list(m["knn_top1"][0]) == [0, 1, 2] and list(m["knn_top1"][1]) == [0.30, 0.35, 0.40]
+    assert "knn_top1_init" not in m and "knn_random_init" not in m
+    assert list(m["loss_step"][0]) == [0.5, 1.0, 1.5, 2.0]
+    assert list(m["loss_step"][1]) == [5.5, 5.1, 4.4, 3.9]
+    drawn = interpret.training_figure([("run", m)], tmp_path / "t.png")
+    assert drawn["loss_step"]["run"] == [[0.5, 5.5], [1.0, 5.1], [1.5, 4.4], [2.0, 3.9]]
+    assert drawn["knn_top1"]["run"][0] == [0.0, 30.0]  # in percent, at epoch 0
