@@ -3,8 +3,8 @@
 One method, one budget (the learning study's: benchmarks/learning.py, RESULTS.md), trained as
   baseline   the method script with the study's flags (--extra),
   qscore     the same plus --qscore-lambda 0.1 (Kalibhat et al., Eq. 4),
-  xattn      the same plus --xattn (Seyfi et al., Eq. 7), clustering every \
---xattn-cluster-every epochs,
+  xattn      the same plus --xattn (Seyfi et al., Eq. 7), clustering every
+             --xattn-cluster-every epochs,
 for each seed, one run at a time. Each run is then measured three ways:
   - online kNN top-1 at the end (learning.py's protocol: k = 200, t = 0.1, the fixed 10,000-image
     bank, the whole test split) and the training images/s;

@@ -18,8 +18,8 @@ Prints one pass/fail table and writes JSON (--out). On a machine without CUDA it
 runs the checks that mean something there (precision, data_path, compile) on the CPU.
 
     python benchmarks/gpu_check.py --out benchmarks/results/gpu_check.json
-    python benchmarks/gpu_check.py --methods simclr --checks precision,data_path --image-size 16 \
---steps 2   # CPU smoke
+    python benchmarks/gpu_check.py --methods simclr --checks precision,data_path --image-size 16 \\
+        --steps 2   # CPU smoke
 """
 
 import argparse

@@ -7,9 +7,9 @@ a direction that the K vectors have (almost) left out, and z lying along it. Thi
 checkpoint, embeds --images test images in train mode (as training sees them), and reports:
 
   smallest_singular_values  of the (K, d) matrix of unit directions: one near 0 is the left-out one
-  abs_cos_z_null            mean |cos(z, v_min)|, v_min the right singular vector of the \
-smallest one
-                            (random z: about 1/sqrt(d); 1: every z lies in the null direction)
+  abs_cos_z_null            mean |cos(z, v_min)|, v_min the right singular vector of the
+                            smallest one (random z: about 1/sqrt(d); 1: every z lies in the null
+                            direction)
   score_std_over_k          per image, the std of s over the K directions, averaged over images
   score_std_over_images     per direction, the std of s over the images, averaged over directions
   mean_pairwise_cos_z       how alike the images' embeddings are (1: all one point)
@@ -18,8 +18,8 @@ smallest one
 For DINO the student and the teacher are both reported. A run's checkpoint.pt, or any file of
 the same form (the scripts' checkpoints). Nothing here trains.
 
-    python benchmarks/head_probe.py \
-benchmarks/results/learning_64k/runs/dino_cleanssl/checkpoint.pt \\
+    python benchmarks/head_probe.py \\
+        benchmarks/results/learning_64k/runs/dino_cleanssl/checkpoint.pt \\
         --data-dir ../shared/data/cifar10 --out probe.json
 """
 

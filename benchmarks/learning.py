@@ -6,8 +6,8 @@ evaluated with one kNN protocol beside a random ResNet-18:
 
   cleanssl  the method script itself, in a subprocess, exactly as a user runs it:
                 python METHOD.py --dataset folder --data-dir DIR --image-size 32 --batch-size B
-                    --epochs E --steps-per-epoch S --warmup-epochs W --knn-every K \
---knn-limit 10000 ...
+                    --epochs E --steps-per-epoch S --warmup-epochs W --knn-every K
+                    --knn-limit 10000 ...
             A budget of N images is T = N // B steps, cut into E = P * K script "epochs" of S steps;
             the script's own kNN every K epochs gives the P points of the curve (its metrics.jsonl).
   lightly   lightly's implementation of the same method (lightly's heads, loss, momentum updates,
@@ -25,17 +25,17 @@ whole test split, k = 200, t = 0.1. The final CleanSSL backbone.pt is evaluated 
 the function that evaluates lightly and random ("final_knn_recheck"): the protocols are one.
 
     python benchmarks/learning.py simclr  --images 500000 --batch-size 256
-    python benchmarks/learning.py mocov2  --images 500000 --batch-size 256 \
---extra "--queue-size 4096"
+    python benchmarks/learning.py mocov2  --images 500000 --batch-size 256 \\
+        --extra "--queue-size 4096"
     python benchmarks/learning.py mocov3  --images 500000 --batch-size 256   # lightly has none
     python benchmarks/learning.py byol    --images 500000 --batch-size 256
     python benchmarks/learning.py simsiam --images 500000 --batch-size 256
-    python benchmarks/learning.py swav    --images 500000 --batch-size 256 \
---extra "--prototypes 1000"
+    python benchmarks/learning.py swav    --images 500000 --batch-size 256 \\
+        --extra "--prototypes 1000"
     python benchmarks/learning.py dino    --images 500000 --batch-size 256
     python benchmarks/learning.py --table          # every result in --out, one Markdown table
-    python benchmarks/learning.py simclr --dataset digits --images 64 --batch-size 16  \
-# plumbing only
+    python benchmarks/learning.py simclr --dataset digits --images 64 \\
+        --batch-size 16  # plumbing only
 
 --impl cleanssl|lightly runs one half; --lightly-python PATH picks lightly's interpreter (default:
 this one if it imports lightly, else ../lightly-venv/bin/python beside the checkout, else the
@@ -44,15 +44,14 @@ lightly half is skipped and says why). Make that environment with
     ../lightly-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 lightly scikit-learn
 
 Budget knobs. `--extra "..."` goes to the script as is (last, so it wins; a single flag with no
-value takes the = form, `--extra=--xattn`, since argparse reads a lone `--xattn` as its own \
-option), e.g. --queue-size,
---queue-start, --prototypes, --teacher-momentum, --lr; the lightly half reads the same resolved
-flags, so a knob lightly also has reaches both halves; one it has not is listed in "differences".
-The scripts count some knobs in epochs of a 1000-epoch recipe (--warmup-epochs, --queue-start,
---freeze-prototypes-epochs, --warmup-teacher-temp-epochs, --freeze-last-layer). Unless --extra sets
-them, each becomes the recipe's fraction of training, in the E epochs of this budget (rounded where
-the flag takes whole epochs; --epochs-per-point sets the resolution); --warmup-images overrides the
-warm-up. The JSON records every value ("knobs").
+value takes the = form, `--extra=--xattn`, since argparse reads a lone `--xattn` as its own option),
+e.g. --queue-size, --queue-start, --prototypes, --teacher-momentum, --lr; the lightly half reads the
+same resolved flags, so a knob lightly also has reaches both halves; one it has not is listed in
+"differences". The scripts count some knobs in epochs of a 1000-epoch recipe (--warmup-epochs,
+--queue-start, --freeze-prototypes-epochs, --warmup-teacher-temp-epochs, --freeze-last-layer).
+Unless --extra sets them, each becomes the recipe's fraction of training, in the E epochs of this
+budget (rounded where the flag takes whole epochs; --epochs-per-point sets the resolution);
+--warmup-images overrides the warm-up. The JSON records every value ("knobs").
 
 Outputs in --out: <method>_cleanssl.json and <method>_lightly.json (budget, commands, curve
 [images seen, kNN top-1], final kNN, minutes, img/s, machine, date, git commit, versions,
@@ -61,38 +60,40 @@ knobs, differences), <method>.png (kNN against images seen), random_*.json; a Ma
 Run folders (checkpoints) go to --out/runs/ (git-ignored). JSON is written atomically.
 
 Where the lightly half differs from the script, by method (the JSON says it per run):
-| method  | lightly classes | differences beyond the common ones below |
-| ---     | ---             | ---                                      |
-| simclr  | SimCLRTransform, SimCLRProjectionHead, NTXentLoss, LARS | the head unless \
---projector lightly (CleanSSL's default is solo-learn's, Linear-ReLU-Linear without BN) |
-| mocov2  | MoCoV2Transform, MoCoProjectionHead, NTXentLoss(memory_bank_size), update_momentum, \
-cosine_schedule | one NTXentLoss call on both directions (the same symmetric mean) enqueues the \
-keys of both views, 2B a step; CleanSSL enqueues view 2's, B a step |
-| mocov3  | -               | lightly has none: a MoCoProjectionHead that can take v3's shape, but \
-no v3 transform, predictor or loss |
-| byol    | BYOLTransform, BYOLProjectionHead, BYOLPredictionHead, NegativeCosineSimilarity, \
-update_momentum, cosine_schedule, LARS | lightly's loss 0.5 (ncs(p1, z2) + ncs(p2, z1)) is 1/4 of \
-BYOL's summed 2 - 2 cos: same optimum, 4x smaller gradients, so weight decay weighs 4x more and \
-the LARS-free biases and norms move 4x slower (byol.py --loss-scale 0.25 takes lightly's scale) |
-| simsiam | SimSiamTransform, SimSiamProjectionHead, SimSiamPredictionHead, \
-NegativeCosineSimilarity | none beyond the common ones (SGD, predictor at the fixed base LR, as \
-the script) |
-| swav    | SwaVTransform, SwaVProjectionHead, SwaVPrototypes, SwaVLoss, MemoryBankModule, LARS | \
-prototypes have a bias in lightly; one blur probability for every crop and no solarization in \
-SwaVTransform; no max-shift in lightly's Sinkhorn |
-| dino    | DINOTransform, DINOProjectionHead, DINOLoss, update_momentum, cosine_schedule, LARS | \
-last layer weight-normalized (weight_v optimized, g fixed at 1) instead of normalized in the \
-forward pass; the teacher head is a second DINOProjectionHead loaded with the student's weights \
-(deepcopy cannot copy weight_norm) |
+  method    lightly classes
+              differences beyond the common ones below
+  simclr    SimCLRTransform, SimCLRProjectionHead, NTXentLoss, LARS
+              the head unless --projector lightly (CleanSSL's default is solo-learn's,
+              Linear-ReLU-Linear without BN)
+  mocov2    MoCoV2Transform, MoCoProjectionHead, NTXentLoss(memory_bank_size), update_momentum,
+            cosine_schedule
+              one NTXentLoss call on both directions (the same symmetric mean) enqueues the keys of
+              both views, 2B a step; CleanSSL enqueues view 2's, B a step
+  mocov3    -
+              lightly has none: a MoCoProjectionHead that can take v3's shape, but no v3 transform,
+              predictor or loss
+  byol      BYOLTransform, BYOLProjectionHead, BYOLPredictionHead, NegativeCosineSimilarity,
+            update_momentum, cosine_schedule, LARS
+              lightly's loss 0.5 (ncs(p1, z2) + ncs(p2, z1)) is 1/4 of BYOL's summed 2 - 2 cos: same
+              optimum, 4x smaller gradients, so weight decay weighs 4x more and the LARS-free biases
+              and norms move 4x slower (byol.py --loss-scale 0.25 takes lightly's scale)
+  simsiam   SimSiamTransform, SimSiamProjectionHead, SimSiamPredictionHead, NegativeCosineSimilarity
+              none beyond the common ones (SGD, predictor at the fixed base LR, as the script)
+  swav      SwaVTransform, SwaVProjectionHead, SwaVPrototypes, SwaVLoss, MemoryBankModule, LARS
+              prototypes have a bias in lightly; one blur probability for every crop and no
+              solarization in SwaVTransform; no max-shift in lightly's Sinkhorn
+  dino      DINOTransform, DINOProjectionHead, DINOLoss, update_momentum, cosine_schedule, LARS
+              last layer weight-normalized (weight_v optimized, g fixed at 1) instead of normalized
+              in the forward pass; the teacher head is a second DINOProjectionHead loaded with the
+              student's weights (deepcopy cannot copy weight_norm)
 Common to all: lightly's examples pass each view through the network on its own (BatchNorm
-statistics per view), as the two-view scripts do by default (--per-view-bn), while swav.py and \
-dino.py
-concatenate the crops of one size; data order and augmentation
-randomness come from a torch DataLoader over whole passes of the data, not from common.TrainLoader's
-fresh permutation every S steps; lightly's crops resample bilinearly (DINO's bicubically, as
-CleanSSL), its blur is PIL's GaussianBlur(radius=sigma), not a kernel of common.blur_kernel taps;
-lightly's cosine schedules end one step earlier (max_steps - 1); lightly's LARS trust ratio is
-eta ||w|| / (||g|| + wd ||w||), CleanSSL's eta ||w|| / ||g + wd w||; no add-ons (Q-Score, xattn).
+statistics per view), as the two-view scripts do by default (--per-view-bn), while swav.py and
+dino.py concatenate the crops of one size; data order and augmentation randomness come from a torch
+DataLoader over whole passes of the data, not from common.TrainLoader's fresh permutation every S
+steps; lightly's crops resample bilinearly (DINO's bicubically, as CleanSSL), its blur is PIL's
+GaussianBlur(radius=sigma), not a kernel of common.blur_kernel taps; lightly's cosine schedules end
+one step earlier (max_steps - 1); lightly's LARS trust ratio is eta ||w|| / (||g|| + wd ||w||),
+CleanSSL's eta ||w|| / ||g + wd w||; no add-ons (Q-Score, xattn).
 """
 
 import argparse

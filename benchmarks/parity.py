@@ -14,26 +14,24 @@ simclr (simclr.py against lightly's SimCLR):
               CleanSSL's projector (--projector; solo-learn's by default: Linear-ReLU-Linear with
               biases, no BN); the Linears' weights (and BNs', where both have them) are copied
 
-swav (swav.py against lightly's SwAV; no queue: the learning study's budgets end before \
+swav (swav.py against lightly's SwAV; no queue: the learning study's budgets end before
 --queue-start):
-  1 loss      lightly.loss.SwaVLoss (its Sinkhorn and swapped prediction) instead of \
-assign_codes and
-              swav_loss on the same scores                                (expected: identical)
+  1 loss      lightly.loss.SwaVLoss (its Sinkhorn and swapped prediction) instead of assign_codes
+              and swav_loss on the same scores                            (expected: identical)
   2 views     each crop through the network on its own (lightly's examples and the learning study's
               lightly half); swav.py passes the crops of one size as one batch, so BatchNorm sees 2b
   3 optimizer lightly.utils.lars.LARS instead of CleanSSL's LARS in the script's --lars-mode
-  4 head      lightly's SwaVProjectionHead and SwaVPrototypes: the weights are copied (the head's \
-first
-              Linear has no bias in lightly, which the BatchNorm after it cancels), but lightly's
-              prototypes are a Linear with a bias, kept at its initialization, and are held by
-              lightly's own step counter (n_steps_frozen_prototypes) instead of a dropped gradient
+  4 head      lightly's SwaVProjectionHead and SwaVPrototypes: the weights are copied (the head's
+              first Linear has no bias in lightly, which the BatchNorm after it cancels), but
+              lightly's prototypes are a Linear with a bias, kept at its initialization, and are
+              held by lightly's own step counter (n_steps_frozen_prototypes) instead of a dropped
+              gradient
   Prototypes are held for --freeze-steps steps on every rung (default 0, so that they move).
 
-byol (byol.py against lightly's BYOL; the target's tau follows a schedule of --schedule-steps \
-steps):
-  1 loss      lightly.loss.NegativeCosineSimilarity as 4 + 4 x 0.5 (ncs(p1, z2) + ncs(p2, z1)), \
-which
-              is BYOL's summed 2 - 2 cos                                  (expected: identical)
+byol (byol.py against lightly's BYOL; the target's tau follows a schedule of
+--schedule-steps steps):
+  1 loss      lightly.loss.NegativeCosineSimilarity as 4 + 4 x 0.5 (ncs(p1, z2) + ncs(p2, z1)),
+              which is BYOL's summed 2 - 2 cos                            (expected: identical)
   2 scale     lightly's 0.5 (ncs(p1, z2) + ncs(p2, z1)) as it is: a quarter of BYOL's gradient, so
               weight decay weighs 4x more against it in the trust ratio and the biases and norms
               (plain SGD, no LARS) take 4x smaller steps

@@ -11,7 +11,7 @@ Backbones run in train mode (BatchNorm batch statistics, as the regularizer sees
 training) on batches of --batch-size eval-transformed images, without gradient, and again in
 eval mode. Images: a fixed seed-0 random subset of the training split.
 
-    python benchmarks/qscore_distribution.py --data-dir ../shared/data/cifar10 \
+    python benchmarks/qscore_distribution.py --data-dir ../shared/data/cifar10 \\
         --trained runs/simclr_digits_s0_1700000000/backbone.pt
 """
 

@@ -19,12 +19,11 @@ so scripts that land later are measured too) and each variant (plain, --qscore-l
 Writes JSON (--out) and prints the Markdown table of BENCHMARKS.md; --grid writes a PNG of
 augmented views from both data paths for a person to look at.
 
-    python benchmarks/throughput.py --dataset cifar10 --data-dir data --batch-size 512 \
---lightly   # GPU
-    python benchmarks/throughput.py --dataset folder --data-dir ../shared/data/cifar10 \
---image-size 32 \\
-        --batch-size 64 --steps 3 --train-limit 1024 --methods simclr \
---lightly                  # CPU
+    python benchmarks/throughput.py --dataset cifar10 --data-dir data --batch-size 512 \\
+        --lightly   # GPU
+    python benchmarks/throughput.py --dataset folder --data-dir ../shared/data/cifar10 \\
+        --image-size 32 --batch-size 64 --steps 3 --train-limit 1024 --methods simclr \\
+        --lightly   # CPU
 lightly is not a CleanSSL dependency: install it in the benchmark's own environment only
 (see BENCHMARKS.md).
 """
