@@ -151,6 +151,7 @@ def main(argv=None):
         common.fail(str(e))
     print(json.dumps(out, indent=1))
     if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out + ".tmp", "w") as fh:
             json.dump(out, fh, indent=1)
         os.replace(args.out + ".tmp", args.out)

@@ -81,7 +81,7 @@ def _tiny_checkpoint(method, tmp_path):
 def test_probe_reads_dino_and_swav_checkpoints(tmp_path):
     for method in ("dino", "swav"):
         ckpt = _tiny_checkpoint(method, tmp_path)
-        out = tmp_path / f"{method}.json"
+        out = tmp_path / "new folder" / f"{method}.json"  # --out's folder is made
         run(
             [SCRIPT, str(ckpt), "--images", "16", "--batch-size", "8", "--out", str(out)],
             timeout=300,
