@@ -333,42 +333,34 @@ def check_resume(saved, args, path):
         )
 
 
+def keep_lines(path, keep):
+    """Rewrite a JSON-lines file (if there is one) with only the lines for which keep(line's
+    object) holds; a line cut short by a kill is dropped."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as fh:
+        lines = fh.readlines()
+
+    def kept(line):
+        try:
+            return keep(json.loads(line))
+        except ValueError:
+            return False
+
+    left = [line for line in lines if kept(line)]
+    if len(left) < len(lines):
+        with open(path, "w") as fh:
+            fh.writelines(left)
+
+
 def resume_note(ckpt, run_dir, world, batch_size):
-    """Process 0, on resume: drop the metrics.jsonl lines of epochs after the checkpoint's (a kill
-    between an epoch's line and its checkpoint would repeat them), and say in one line where the
+    """Process 0, on resume: drop the metrics.jsonl lines of epochs after the checkpoint's, and the
+    steps.jsonl lines after its position (a kill between a line and its checkpoint would repeat
+    them), and say in one line where the
     run continues and, when the number of processes changed, that the global batch did not."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.isfile(path):
-        with open(path) as fh:
-            lines = fh.readlines()
-
-        def kept(line):
-            try:
-                return json.loads(line)["epoch"] <= ckpt["epoch"]
-            except ValueError:  # a line cut short by the kill
-                return False
-
-        keep = [line for line in lines if kept(line)]
-        if len(keep) < len(lines):
-            with open(path, "w") as fh:
-                fh.writelines(keep)
-    path = os.path.join(run_dir, "steps.jsonl")  # and the per-step lines after its position
-    if os.path.isfile(path):
-        with open(path) as fh:
-            lines = fh.readlines()
-        done = (ckpt["epoch"], (ckpt.get("at") or {}).get("step", 0))  # (epochs, steps) done
-
-        def before(line):
-            try:
-                m = json.loads(line)
-            except ValueError:
-                return False
-            return (m["epoch"] - 1, m["step"]) <= done
-
-        keep = [line for line in lines if before(line)]
-        if len(keep) < len(lines):
-            with open(path, "w") as fh:
-                fh.writelines(keep)
+    done = (ckpt["epoch"], (ckpt.get("at") or {}).get("step", 0))  # (epochs, steps) done
+    keep_lines(os.path.join(run_dir, "metrics.jsonl"), lambda m: m["epoch"] <= done[0])
+    keep_lines(os.path.join(run_dir, "steps.jsonl"), lambda m: (m["epoch"] - 1, m["step"]) <= done)
     at, epochs = ckpt.get("at") or {}, ckpt["args"].get("epochs", math.inf)
     if not at and ckpt["epoch"] >= epochs:  # e.g. torchrun restarting a worker after the last one
         # Finished only when backbone.pt is the final checkpoint's backbone: a kill or a full
@@ -2339,17 +2331,14 @@ class Run:
                 resume_note(self.ckpt, self.dir, self.world, a.batch_size)
         self.state = state
         if backbone is not None and a.knn_every and self.ckpt is None:
-            was = backbone.training
-            self.knn_init = self._knn(backbone.eval(), f"epoch 0/{a.epochs}")
-            backbone.train(was)
+            self.knn_init = self._knn(backbone, f"epoch 0/{a.epochs}")  # eval mode, then as it was
+            reference = self._random_init()  # on every process: its features are gathered
             if self.rank == 0:
                 print(
                     f"epoch 0/{a.epochs}  online-knn {self.knn_init:.3f} before the first step "
-                    f"(random init of {a.backbone} under seed 0: {self._random_init():.3f})",
+                    f"(random init of {a.backbone} under seed 0: {reference:.3f})",
                     flush=True,
                 )
-            else:
-                self._random_init()
         self.control = RunControl(a.checkpoint_every_min)  # stop signals, checkpoint clock
         for epoch in range(self.start_epoch, a.epochs):
             torch.manual_seed(a.seed * 1000 + epoch)  # a resumed epoch replays the same randomness

@@ -155,13 +155,8 @@ def train_views(args, size):
 def add_addon_flags(p):
     add = p.add_argument  # the papers' values in parentheses; README explains each
     add("--qscore-lambda", type=float, default=0.0, help="Q-Score weight lambda (Eq. 4); 0: off")
-    add(
-        "--qscore-alpha-quantile",
-        type=float,
-        default=0.25,
-        help="alpha: this quantile of each batch's Q, a departure from Eq. 4; 0: --qscore-alpha",
-    )
-    add("--qscore-alpha", type=float, default=0.2, help="with quantile 0: the fixed alpha (Eq. 4)")
+    add("--qscore-alpha-quantile", type=float, default=0.25, help="quantile alpha: a departure")
+    add("--qscore-alpha", type=float, default=0.2, help="with quantile 0: Eq. 4's fixed alpha")
     add("--qscore-eps", type=float, default=3.0, help="L_i: h_ij > mu_i + eps sigma_i (Eq. 2: 3)")
     add("--xattn", action="store_true", help="the spatial cross-attention add-on")
     add("--xattn-lr-scale", type=float, default=0.03 / 3.6, help="head lr / backbone lr (0.03/3.6)")
@@ -171,12 +166,7 @@ def add_addon_flags(p):
     add("--xattn-temp", type=float, default=0.05, help="classifier temperature tau_c (Eq. 6: 0.05)")
     add("--xattn-w-mask", type=float, default=0.05, help="weight w1 of L_mu (Eq. 7: 0.05)")
     add("--xattn-w-cls", type=float, default=0.1, help="weight w2 of L_cls (Eq. 7: 0.1)")
-    add(
-        "--xattn-mask",
-        default="eq3",
-        choices=["eq3", "cosine"],
-        help="mu: Eq. 3 (dot / D) over one batch scale; cosine: of channel vectors, a departure",
-    )
+    add("--xattn-mask", default="eq3", choices=["eq3", "cosine"], help="mu; cosine: a departure")
 
 
 def qscore(h, eps=3.0):
@@ -233,17 +223,15 @@ def correlation_mask(f_s, f_p, form="eq3"):
     every position on one scale whatever its magnitude. No gradient (it supervises), float32.
     Returns mu (B, H, W)."""
     with torch.no_grad(), torch.autocast(f_s.device.type, enabled=False):
-        b, d, hgt, wid = f_s.shape
+        b, _, hgt, wid = f_s.shape
         s, p = f_s.float().flatten(2), f_p.float().flatten(3)  # (B, D, HW), (B, P, D, H'W')
         if form == "cosine":
             s, p = F.normalize(s, dim=1), F.normalize(p, dim=2)  # unit vectors (0 if all 0)
         corr = torch.einsum("bdi,bpdj->bpij", s, p)  # (B, P, HW, H'W'): inner products
         mu = corr.max(dim=3).values.mean(dim=1).view(b, hgt, wid)  # best match, averaged
-        if form == "cosine":
-            return mu
-        mu = mu / d  # Eq. 3's 1/D (the batch scale below cancels it; kept to read as the paper)
-        scale = common.all_gather(mu.amax().view(1)).max()  # the global batch's largest, detached
-        return mu / scale.clamp_min(1e-12)
+        if form == "eq3":  # over the global batch's largest value (Eq. 3's 1/D cancels in it)
+            mu = mu / common.all_gather(mu.amax().view(1)).max().clamp_min(1e-12)
+        return mu
 
 
 class CrossAttentionHead(nn.Module):
@@ -301,13 +289,9 @@ def addon_losses(args, out, loss, pseudo, idx):
     else:
         qstats = qscore_stats(out["h"], a)
     if a.xattn:
+        f, beta, logits = out["f"], out["beta"], out["logits"]
         terms["loss_mask"], terms["loss_cls"] = xattn_losses(
-            out["f"],
-            out["beta"],
-            out["logits"],
-            pseudo.labels[idx],
-            a.xattn_positives,
-            a.xattn_mask,
+            f, beta, logits, pseudo.labels[idx], a.xattn_positives, a.xattn_mask
         )
         loss = loss + a.xattn_w_mask * terms["loss_mask"] + a.xattn_w_cls * terms["loss_cls"]
     return loss, terms, qstats

@@ -21,12 +21,6 @@ import simclr
 from conftest import REPO, TINY, read_metrics, run
 
 
-@pytest.fixture(autouse=True)
-def _reference_cache(tmp_path_factory, monkeypatch):
-    """The random-init reference is cached in a folder of this session, never in ~/.cache."""
-    monkeypatch.setenv("CLEANSSL_CACHE", str(tmp_path_factory.getbasetemp() / "cleanssl_cache"))
-
-
 def test_qscore_agrees_with_simclr():
     g = torch.Generator().manual_seed(0)
     h = torch.cat(
