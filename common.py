@@ -1607,6 +1607,50 @@ def knn_top1(
     return correct / len(test_h)
 
 
+def reference_cache_path(name):
+    """A file of the random-init references' cache: $CLEANSSL_CACHE, default ~/.cache/cleanssl."""
+    folder = os.environ.get("CLEANSSL_CACHE") or os.path.expanduser("~/.cache/cleanssl")
+    return os.path.join(folder, name)
+
+
+def read_reference_cache(name):
+    """{protocol: measurement} of one cache file, the same on every process (process 0 reads it
+    and sends it: every process must agree on whether to measure); {} when there is none yet."""
+    cache = {}
+    if rank() == 0:
+        try:
+            with open(reference_cache_path(name)) as fh:
+                cache = json.load(fh)
+        except (OSError, ValueError):  # none yet, or cut short: measured again
+            cache = {}
+    if world_size() > 1:
+        shared = [cache]
+        dist.broadcast_object_list(shared, 0)
+        cache = shared[0]
+    return cache
+
+
+def write_reference_cache(name, entries):
+    """Process 0 merges `entries` with what other jobs wrote meanwhile and swaps the file in whole;
+    a cache that cannot be written costs one measurement next time."""
+    if rank() != 0:
+        return
+    path = reference_cache_path(name)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            with open(path) as fh:
+                merged = json.load(fh)
+        except (OSError, ValueError):
+            merged = {}
+        merged.update(entries)
+        with open(f"{path}.{os.getpid()}", "w") as fh:
+            json.dump(merged, fh, indent=1, sort_keys=True)
+        os.replace(f"{path}.{os.getpid()}", path)
+    except OSError:
+        pass
+
+
 def random_init_knn(args, device=torch.device("cpu"), ks=(200,), test_limit=0, workers=0):
     """The reference a trained backbone has to beat: kNN top-1 of the same architecture at its
     random initialization, measured with a run's protocol. `args`: anything with the run flags
@@ -1628,21 +1672,7 @@ def random_init_knn(args, device=torch.device("cpu"), ks=(200,), test_limit=0, w
     where = "" if args.dataset == "digits" else os.path.abspath(args.data_dir)  # digits: built in
     protocol = f"{args.dataset}|{where}|{args.backbone}|{size}px|bank {limit}|test {test_limit}"
     keys = {k: f"{protocol}|k {k}" for k in ks}
-    folder = os.environ.get("CLEANSSL_CACHE") or os.path.expanduser("~/.cache/cleanssl")
-    path = os.path.join(folder, "random_init_knn.json")
-
-    def read_cache():
-        try:
-            with open(path) as fh:
-                return json.load(fh)
-        except (OSError, ValueError):  # none yet, or cut short: measured again
-            return {}
-
-    cache = read_cache() if rank() == 0 else {}
-    if world_size() > 1:  # every process must agree on whether to extract features
-        shared = [cache]
-        dist.broadcast_object_list(shared, 0)
-        cache = shared[0]
+    cache = read_reference_cache("random_init_knn.json")
     if any(key not in cache for key in keys.values()):
         train = make_dataset(args.dataset, args.data_dir, train=True, download=False)
         bank = knn_bank(args.dataset, args.data_dir, train, limit)
@@ -1665,15 +1695,7 @@ def random_init_knn(args, device=torch.device("cpu"), ks=(200,), test_limit=0, w
         for k, key in keys.items():
             top1 = knn_top1(bank_h, bank_y, test_h, test_y, classes, k=k)
             cache[key] = {"top1": top1, "n_bank": len(bank), "n_test": len(test)}
-        if rank() == 0:
-            try:  # merged with what other jobs wrote meanwhile, then swapped in whole
-                os.makedirs(folder, exist_ok=True)
-                merged = {**read_cache(), **{key: cache[key] for key in keys.values()}}
-                with open(f"{path}.{os.getpid()}", "w") as fh:
-                    json.dump(merged, fh, indent=1, sort_keys=True)
-                os.replace(f"{path}.{os.getpid()}", path)
-            except OSError:  # a cache that cannot be written costs one pass next time
-                pass
+        write_reference_cache("random_init_knn.json", {key: cache[key] for key in keys.values()})
     first = cache[keys[ks[0]]]
     return {
         **{f"knn_top1_k{k}": cache[key]["top1"] for k, key in keys.items()},

@@ -20,7 +20,10 @@ Recipe of the probe (also written to linear.json):
 The evaluation split (the test or val split) always uses the eval transform.
 
 Outputs, in --out (default: RUN_DIR, or the folder of --weights):
-  linear.json        every number, named (offline_linear_top1/top5, knn_top1_k20/k200), the recipe
+  linear.json        every number, named (offline_linear_top1/top5, knn_top1_k20/k200), the recipe,
+                     and random_init: the same numbers of the same architecture at its seed-0
+                     random initialization through the same probe (what training has to beat;
+                     measured once per protocol, cached in $CLEANSSL_CACHE; --no-reference skips it)
   predictions.npz    for the evaluation split in data-set order: index, label, prediction,
                      confidence (max softmax), correct, logits (N, C), h (N, D) float32
   linear_head.pt     {"state_dict": nn.Linear(D, C), "mean": (D,), "std": (D,)}:
@@ -141,6 +144,12 @@ def parse_args(argv=None):
         type=int,
         default=0,
         help="evaluate on this many images (fixed subset); 0: all",
+    )
+    p.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip the random-init reference: the same probe and kNN of the architecture at its "
+        "seed-0 initialization (measured once per protocol, cached in $CLEANSSL_CACHE)",
     )
     p.add_argument(
         "--check-data",
@@ -383,11 +392,10 @@ def main(args):
 
     faults = []  # unreadable images replaced, per extraction (common.load_image)
 
-    def features(
-        dataset, label=""
-    ):  # (N, D) float32 h, not normalized, and labels (N,), identical on every process
+    def features(net, dataset, label="", faults=faults):
+        # (N, D) float32 h, not normalized, and labels (N,), identical on every process
         return common.extract_features(
-            backbone,
+            net,
             dataset,
             size,
             stats,
@@ -400,51 +408,96 @@ def main(args):
             progress=label,
         )
 
-    htr, ytr = features(
-        train_set, "train features"
-    )  # progress lines every 30 s: minutes on a large split
-    hte, yte = features(test_set, "test features")
+    def probe(net, label="", faults=faults):
+        """kNN and the linear probe of one frozen eval-mode backbone: a dict of its numbers, the
+        head, the standardization, and the test split's h, labels and logits; None when a stop
+        signal came during the probe."""
+        # progress lines every 30 s: minutes on a large split
+        htr, ytr = features(net, train_set, f"{label}train features", faults)
+        hte, yte = features(net, test_set, f"{label}test features", faults)
+        # kNN on the raw h (knn_predict normalizes it), the same bank the probe trains on
+        numbers = {
+            f"knn_top1_k{k}": common.knn_top1(htr, ytr, hte, yte, num_classes, k=k, t=0.1)
+            for k in (20, 200)
+        }
+        # linear probe on standardized features; eps: a dead feature is divided by 1e-3, not 0
+        mean, std = htr.mean(0), (htr.var(0, unbiased=False) + 1e-6).sqrt()
+        features_at = None
+        if args.augment:
+            augmented = RandomCrops(train_set, size)
 
-    # kNN on the raw h (knn_predict normalizes it), the same bank the probe trains on
-    knn = {
-        f"knn_top1_k{k}": common.knn_top1(htr, ytr, hte, yte, num_classes, k=k, t=0.1)
-        for k in (20, 200)
-    }
+            def features_at(epoch):
+                # a different draw per process and epoch; extract_features' all_gather joins them
+                torch.manual_seed(args.seed * 100003 + epoch * 1009 + rank)
+                return (features(net, augmented, "", faults)[0] - mean) / std
 
-    # linear probe on standardized features
-    mean = htr.mean(0)
-    std = (
-        htr.var(0, unbiased=False) + 1e-6
-    ).sqrt()  # eps: a dead feature is divided by 1e-3, not 0
-    features_at = None
-    if args.augment:
-        augmented = RandomCrops(train_set, size)
+        head = train_linear(
+            (htr - mean) / std,
+            ytr,
+            num_classes,
+            args.epochs,
+            args.batch_size,
+            args.lr,
+            args.weight_decay,
+            args.seed,
+            features_at,
+            stop=lambda: control.poll()[0] is not None,
+            progress=f"{label}linear probe",
+        )
+        if head is None:
+            return None
+        with torch.no_grad():
+            logits = head((hte - mean) / std)  # (N, C)
+        numbers["offline_linear_top1"] = topk_accuracy(logits, yte, 1)
+        numbers["offline_linear_top5"] = topk_accuracy(logits, yte, 5)
+        return numbers, head, mean, std, hte, yte, logits
 
-        def features_at(epoch):
-            # a different draw per process and epoch; all_gather inside extract_features joins them
-            torch.manual_seed(args.seed * 100003 + epoch * 1009 + rank)
-            return (features(augmented)[0] - mean) / std
-
-    head = train_linear(
-        (htr - mean) / std,
-        ytr,
-        num_classes,
-        args.epochs,
-        args.batch_size,
-        args.lr,
-        args.weight_decay,
-        args.seed,
-        features_at,
-        stop=lambda: control.poll()[0] is not None,
-        progress="linear probe",
-    )
-    if head is None:
+    done = probe(backbone)
+    if done is None:
         return control.stop("during the linear probe")
-    with torch.no_grad():
-        logits = head((hte - mean) / std)  # (N, C)
+    knn, head, mean, std, hte, yte, logits = done
+    top1, top5 = knn.pop("offline_linear_top1"), knn.pop("offline_linear_top5")
     prob = logits.softmax(1)
     confidence, prediction = prob.max(1)
-    top1, top5 = topk_accuracy(logits, yte, 1), topk_accuracy(logits, yte, 5)
+
+    # the reference: the same probe of the same architecture at its seed-0 random initialization
+    reference = {}
+    if not args.no_reference:
+        where = "" if args.dataset == "digits" else os.path.abspath(args.data_dir)
+        protocol = "|".join(
+            str(v)
+            for v in (
+                args.dataset,
+                where,
+                args.backbone,
+                f"{size}px",
+                f"train {args.train_limit}",
+                f"test {args.test_limit}",
+                f"epochs {args.epochs}",
+                f"batch {args.batch_size}",
+                f"lr {args.lr}",
+                f"wd {args.weight_decay}",
+                f"augment {args.augment}",
+                f"seed {args.seed}",
+                f"bf16 {common.use_bf16(args.precision, device)}",
+            )
+        )
+        cache = common.read_reference_cache("random_init_probe.json")
+        if protocol not in cache:
+            if rank == 0:
+                print("random-init reference: the same probe of the untrained network", flush=True)
+            with torch.random.fork_rng(devices=[]):  # the weights from seed 0, not the stream
+                torch.manual_seed(0)
+                net = common.build_backbone(args.backbone, size <= 64).to(device).eval()
+            for p in net.parameters():
+                p.requires_grad_(False)
+            done = probe(net, "random init: ", faults=[])
+            if done is None:
+                return control.stop("during the random-init reference")
+            n = {"n_train": len(train_set), "n_bank": len(train_set), "n_test": len(test_set)}
+            cache[protocol] = {**done[0], **n}
+            common.write_reference_cache("random_init_probe.json", {protocol: cache[protocol]})
+        reference = {**cache[protocol], "protocol": protocol}
 
     recipe = {
         "features": "pooled backbone output h, eval transform, backbone frozen in eval mode",
@@ -477,6 +530,7 @@ def main(args):
         "n_train": len(train_set),
         "n_test": len(test_set),
         "classes": classes,
+        "random_init": reference,
         "bad_images": sum(faults),
         "seconds": time.time() - t0,
     }
@@ -524,6 +578,14 @@ def main(args):
             f"{result['seconds']:.0f} s",
             flush=True,
         )
+        if reference:
+            r, below = reference, top1 <= reference["offline_linear_top1"]
+            print(
+                f"random init (the same probe, seed-0 weights): linear top-1 "
+                f"{r['offline_linear_top1']:.4f}, kNN top-1 k=200 {r['knn_top1_k200']:.4f}"
+                + (" | the trained backbone's probe is not above it" if below else ""),
+                flush=True,
+            )
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

@@ -1269,6 +1269,12 @@ NUMBERS = {
     "offline_linear_top5": ("offline linear probe, top-5", "pct", "higher is better"),
     "knn_top1_k20": ("offline kNN top-1, k = 20", "pct", "{chance}higher is better"),
     "knn_top1_k200": ("offline kNN top-1, k = 200", "pct", "{chance}higher is better"),
+    "random_init_offline_linear_top1": (
+        "offline linear probe, top-1, of the random-init backbone",
+        "pct",
+        "the same architecture at its seed-0 initialization through eval_linear.py's same probe: "
+        "what training has to beat",
+    ),
     "random_init_knn_top1_k20": (
         "offline kNN top-1, k = 20, of the random-init backbone",
         "pct",
@@ -1764,10 +1770,12 @@ def page_title(saved, method, run_dir):
 
 
 def references(saved, linear, device, workers=0):
-    """The random-init reference (common.random_init_knn): kNN top-1 of the same architecture at
-    its seed-0 initialization with the online monitor's protocol (args.json: k = 200, the
-    --knn-limit bank) as "online", and with eval_linear.py's (linear.json: its training images as
-    the bank, its test images, k = 20 and 200) as "offline"; either is missing when its file is.
+    """The random-init reference: kNN top-1 of the same architecture at its seed-0 initialization
+    with the online monitor's protocol (common.random_init_knn; args.json: k = 200, the
+    --knn-limit bank) as "online"; as "offline", eval_linear.py's own reference in linear.json
+    (the same linear probe and kNN of the untrained network), or for a linear.json without one,
+    common.random_init_knn with its protocol (its training images as the bank, its test images,
+    k = 20 and 200); either is missing when its file is.
     {"skipped": why} instead when the data set cannot be read here."""
     ref = {}
     try:
@@ -1780,7 +1788,9 @@ def references(saved, linear, device, workers=0):
                 knn_limit=saved.get("knn_limit"),
             )
             ref["online"] = common.random_init_knn(a, device, ks=(200,), workers=workers)
-        if linear.get("dataset") and linear.get("backbone"):
+        if linear.get("random_init"):  # eval_linear.py's: the same probe, linear and kNN
+            ref["offline"] = linear["random_init"]
+        elif linear.get("dataset") and linear.get("backbone"):  # a linear.json of before it
             recipe = linear.get("recipe", {})
             a = argparse.Namespace(
                 dataset=linear["dataset"],
@@ -1798,9 +1808,12 @@ def references(saved, linear, device, workers=0):
 
 
 def against_random_init(linear, metrics, ref):
-    """[(measure, trained top-1, random-init top-1, test images)]: the kNN numbers of the trained
-    backbone beside its random initialization's, measured the same way."""
+    """[(measure, trained top-1, random-init top-1, test images)]: the linear probe's and kNN
+    numbers of the trained backbone beside its random initialization's, measured the same way."""
     rows, off, on = [], ref.get("offline", {}), ref.get("online", {})
+    key = "offline_linear_top1"
+    if isinstance(linear.get(key), (int, float)) and key in off:
+        rows.append(("offline linear probe top-1", linear[key], off[key], off["n_test"]))
     for k in (200, 20):
         key = f"knn_top1_k{k}"
         if isinstance(linear.get(key), (int, float)) and key in off:
@@ -2216,6 +2229,15 @@ COMPARE_FINAL = [
         "pct",
         "{chance}higher is better",
         1,
+        _n_test,
+    ),
+    (
+        "offline linear probe, top-1, of the random-init backbone",
+        "reference",
+        "offline.offline_linear_top1",
+        "pct",
+        "the same architecture untrained (seed 0), the same probe: the bar to clear",
+        0,
         _n_test,
     ),
     (
@@ -2765,7 +2787,11 @@ def main(args):
             report = json.load(fh)
     saved, lin = read_json(os.path.join(args.run_dir, "args.json")), ctx["linear"]
     if not args.no_reference:
-        print("random-init reference: the kNN of the untrained architecture (cached)", flush=True)
+        print(
+            "random-init reference: the untrained architecture's kNN (cached) and eval_linear.py's "
+            "probe of it (linear.json)",
+            flush=True,
+        )
     ref = {} if args.no_reference else references(saved, lin, ctx["device"])
     off = ref.get("offline", {})
     report["reference"] = ref
@@ -2778,6 +2804,7 @@ def main(args):
             k: v
             for k, v in (
                 ("offline_linear_top1", lin.get("offline_linear_top1")),
+                ("random_init_offline_linear_top1", off.get("offline_linear_top1")),
                 ("offline_linear_top5", lin.get("offline_linear_top5")),
                 ("knn_top1_k20", lin.get("knn_top1_k20")),
                 ("random_init_knn_top1_k20", off.get("knn_top1_k20")),

@@ -60,7 +60,7 @@ MEASURES = [
     ("mean_confidence", "confidence", None),
     ("average_drop", "AD", False),
     ("average_increase", "AI", True),
-    ("images_per_s", "img/s", True),
+    ("images_per_s", "img/s", None),  # set by the machine's load as much as by the add-on
 ]
 
 
@@ -238,6 +238,8 @@ def measure(a, config, seed):
         "knn_top1": learned["final_knn"],
         "random_knn": learned["random_knn"],
         "linear_top1": interpret.final_value(r, "linear", "offline_linear_top1"),
+        # eval_linear.py's reference: the same probe of the seed-0 random network (cached)
+        "random_linear_top1": r["linear"].get("random_init", {}).get("offline_linear_top1"),
         "qscore_auroc": q.get("auroc_correct_positive"),
         "qscore_auprc": q.get("auprc_correct_positive"),
         "mean_L": interpret.final_value(r, "interpret", "all.mean_L"),
@@ -267,6 +269,24 @@ def load(a):
             s = learning.read_json(path)
             runs.setdefault(s["config"], []).append(s)
     return runs
+
+
+def random_row(runs):
+    """The random network's kNN (learning.py's, every summary has it) and linear probe (eval_linear
+    .py's random_init in a summary, or in a run's linear.json when its summary predates it)."""
+    row = {}
+    for rs in runs.values():
+        for r in rs:
+            if isinstance(r.get("random_knn"), (int, float)):
+                row["knn_top1"] = r["random_knn"]
+            lin = r.get("random_linear_top1")
+            if lin is None and r.get("run_dir"):
+                path = os.path.join(REPO, r["run_dir"], "linear.json")
+                if os.path.isfile(path):
+                    lin = learning.read_json(path).get("random_init", {}).get("offline_linear_top1")
+            if lin is not None:
+                row["linear_top1"] = lin
+    return row
 
 
 def aggregate(runs):
@@ -329,6 +349,14 @@ def table(a):
                 + " | ".join(fmt(agg[config][k], k) for k, _, _ in MEASURES)
                 + " |"
             )
+    ref = random_row(runs)
+    if ref:
+        cells = {"knn_top1": ref.get("knn_top1"), "linear_top1": ref.get("linear_top1")}
+        lines.append(
+            "| random init (seed 0) | - | "
+            + " | ".join("-" if cells.get(k) is None else f"{cells[k]:.3f}" for k, _, _ in MEASURES)
+            + " |"
+        )
     verdicts = {}
     if "baseline" in agg:
         for config in (c for c in CONFIGS if c != "baseline" and c in agg):
@@ -345,6 +373,7 @@ def table(a):
             "method": a.method,
             "aggregate": agg,
             "verdicts": verdicts,
+            "random_init": ref,
             "measures": [k for k, _, _ in MEASURES],
             "date": learning.now(),
         },

@@ -117,8 +117,8 @@ def run(args, timeout=300, env=None, check=True):
     return p
 
 
-def torchrun(script, args, nproc=2, timeout=400):
-    """`torchrun --nproc_per_node=N script args` on CPU (gloo)."""
+def torchrun(script, args, nproc=2, timeout=400, env=None):
+    """`torchrun --nproc_per_node=N script args` on CPU (gloo); env: more variables."""
     return run(
         [
             "-m",
@@ -132,7 +132,7 @@ def torchrun(script, args, nproc=2, timeout=400):
         ]
         + list(args),
         timeout=timeout,
-        env={"OMP_NUM_THREADS": "1"},
+        env={"OMP_NUM_THREADS": "1", **(env or {})},
     )
 
 

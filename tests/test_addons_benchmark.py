@@ -77,6 +77,10 @@ def test_a_qscore_run_is_measured_tabulated_and_not_run_twice(tmp_path):
     ) as fh:  # the regularizer was on in training
         assert any(k.startswith("qscore") for k in json.loads(fh.readline()))
     assert any(line.startswith("| qscore | 1 | ") for line in p.stdout.splitlines())
+    # the random network's row: learning.py's kNN and eval_linear.py's same probe of it
+    assert isinstance(qs["random_linear_top1"], float)
+    row = f"| random init (seed 0) | - | {qs['random_knn']:.3f} | {qs['random_linear_top1']:.3f} |"
+    assert any(line.startswith(row) for line in p.stdout.splitlines()), p.stdout
     agg = json.loads((out / "simclr.json").read_text())["aggregate"]
     assert agg["qscore"]["knn_top1"]["values"] == [qs["knn_top1"]]
 

@@ -151,8 +151,14 @@ def test_knn_numbers_are_common_knn_top1_on_the_same_features(trained):
 def test_torchrun_two_processes_give_the_features_of_one(trained, tmp_path):
     """Each process extracts a strided share in eval mode (no batch statistics), all_gather
     joins them in order: h, labels and kNN must be those of the single process, and the
-    probe, trained on identical gathered features on every process, the same accuracy."""
-    torchrun("eval_linear.py", [str(trained), "--out", str(tmp_path), "--epochs", "30"] + LIMITS)
+    probe, trained on identical gathered features on every process, the same accuracy; so is
+    the random-init reference, measured anew under 2 processes (an empty cache)."""
+    torchrun(
+        "eval_linear.py",
+        [str(trained), "--out", str(tmp_path), "--epochs", "30"] + LIMITS,
+        env={"CLEANSSL_CACHE": str(tmp_path / "cache")},
+    )
+    assert (tmp_path / "cache" / "random_init_probe.json").is_file()
     one, two = np.load(trained / "predictions.npz"), np.load(tmp_path / "predictions.npz")
     assert np.array_equal(one["index"], two["index"]) and np.array_equal(one["label"], two["label"])
     assert np.allclose(one["h"], two["h"], atol=1e-5)
@@ -164,6 +170,54 @@ def test_torchrun_two_processes_give_the_features_of_one(trained, tmp_path):
     assert (
         abs(a["offline_linear_top1"] - b["offline_linear_top1"]) <= 1 / 120 + 1e-9
     )  # at most one sample flips
+    ra, rb = a["random_init"], b["random_init"]
+    assert (ra["knn_top1_k20"], ra["knn_top1_k200"]) == (rb["knn_top1_k20"], rb["knn_top1_k200"])
+    assert abs(ra["offline_linear_top1"] - rb["offline_linear_top1"]) <= 1 / 120 + 1e-9
+
+
+def test_the_reference_is_the_same_probe_of_the_seed0_network_measured_once(
+    trained, tmp_path, monkeypatch, capsys
+):
+    """linear.json's random_init holds the numbers eval_linear.py gives the seed-0 random
+    backbone (build_backbone under torch.manual_seed(0)) evaluated as --weights with the same
+    flags; the second run of a protocol reads them from $CLEANSSL_CACHE instead of measuring."""
+    monkeypatch.setenv("CLEANSSL_CACHE", str(tmp_path / "cache"))
+    flags = ["--device", "cpu", "--epochs", "30"] + LIMITS
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert (
+        eval_linear.main(eval_linear.parse_args([str(trained), "--out", str(first)] + flags)) == 0
+    )
+    said = capsys.readouterr().out
+    assert "random-init reference" in said and "random init (the same probe" in said
+    ref = json.loads((first / "linear.json").read_text())["random_init"]
+    assert (ref["n_train"], ref["n_test"]) == (384, 120) and "epochs 30" in ref["protocol"]
+
+    torch.manual_seed(0)
+    torch.save(common.build_backbone(BACKBONE, small_images=True).state_dict(), tmp_path / "r.pt")
+    torch.manual_seed(123)  # the reference must not depend on the caller's random state
+    plain = ["--weights", str(tmp_path / "r.pt"), "--backbone", BACKBONE, "--dataset", "digits"]
+    plain += [
+        "--image-size",
+        "16",
+    ]  # the run's side (TINY), which eval_linear.py reads from args.json
+    out = tmp_path / "plain"
+    assert (
+        eval_linear.main(
+            eval_linear.parse_args(plain + ["--out", str(out), "--no-reference"] + flags)
+        )
+        == 0
+    )
+    untrained = json.loads((out / "linear.json").read_text())
+    assert untrained["random_init"] == {}
+    for k in ("offline_linear_top1", "offline_linear_top5", "knn_top1_k20", "knn_top1_k200"):
+        assert ref[k] == untrained[k], k
+
+    capsys.readouterr()
+    assert (
+        eval_linear.main(eval_linear.parse_args([str(trained), "--out", str(again)] + flags)) == 0
+    )
+    assert "random-init reference:" not in capsys.readouterr().out  # read from the cache
+    assert json.loads((again / "linear.json").read_text())["random_init"] == ref
 
 
 def test_augment_recipe_runs_and_is_recorded(trained, tmp_path):

@@ -203,6 +203,15 @@ def test_end_to_end_every_file_and_an_html_page_of_existing_files(trained, tmp_p
     ref = report["reference"]
     assert set(ref) == {"online", "offline"} and ref["offline"]["n_bank"] == 320
     assert report["run"]["random_init_knn_top1_k200"] == ref["offline"]["knn_top1_k200"]
+    # eval_linear.py's own reference, the same probe of the untrained network: a row and a verdict
+    lin = json.loads(open(os.path.join(trained, "linear.json")).read())
+    assert ref["offline"] == lin["random_init"]
+    assert (
+        report["run"]["random_init_offline_linear_top1"]
+        == lin["random_init"]["offline_linear_top1"]
+    )
+    assert "offline linear probe, top-1, of the random-init backbone" in page
+    assert "offline linear probe top-1: " in " ".join(p.stdout.split())  # wrapped lines
     assert "offline kNN top-1, k = 200, of the random-init backbone" in page
     assert "Does the backbone beat its random initialization?" in page
     assert re.search(r"<div class='verdict (yes|no|mixed)'><b>(Yes|No|Mixed)", page)

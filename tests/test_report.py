@@ -93,6 +93,16 @@ def test_verdict_says_in_words_whether_the_backbone_beats_random_init():
     assert ok is None and sentence.startswith("Mixed")
     assert "(+36 of 360 test images)" in sentence and "(-36 of 360 test images)" in sentence
     assert interpret.verdict(rows[:1])[1] is True and interpret.verdict(rows[1:2])[1] is False
+    # eval_linear.py's reference holds the same probe of the untrained network: its row first
+    rows = interpret.against_random_init(
+        {"offline_linear_top1": 0.62, "knn_top1_k200": 0.5},
+        {},
+        {"offline": {"offline_linear_top1": 0.66, "knn_top1_k200": 0.4, "n_test": 200}},
+    )
+    assert [r[0] for r in rows] == ["offline linear probe top-1", "offline kNN top-1 (k = 200)"]
+    assert (
+        "62.0 % against 66.0 % at random init (-8 of 200 test images)" in interpret.verdict(rows)[0]
+    )
 
 
 def test_page_title_names_the_method_and_data_set_not_the_folder():
