@@ -2124,9 +2124,9 @@ def write_html(
         "<h2>Does the backbone beat its random initialization?</h2>",
         verdict_html(against_random_init(report.get("run", {}), metrics, ref)),
         "<p class=note>The reference is the same architecture with its seed-0 random weights and "
-        "no training, measured exactly as the trained one (same images, bank and k): a random "
-        "ResNet is already a fair kNN feature extractor on small images, so beating chance is "
-        "not enough."
+        "no training, measured exactly as the trained one (the same images, kNN bank and k, and "
+        "eval_linear.py's same linear probe): a random ResNet is already a fair feature "
+        "extractor on small images, so beating chance is not enough."
         + (f" Not measured here: {html.escape(ref['skipped'])}" if "skipped" in ref else "")
         + "</p>",
         number_table(run, chance=chance),
