@@ -2593,7 +2593,7 @@ def compare(args):
         "(interpret.py) where these exist. A dash marks a number a run does not have. Every number "
         "is also in compare.json.</p>",
         "<table><tr><th>run</th><th>folder</th><th>how it was trained</th><th>flags that "
-        "differ</th><th>beats its random init (kNN)?</th><th>page</th></tr>",
+        "differ</th><th>beats its random init (linear probe, kNN)?</th><th>page</th></tr>",
     ]
     for c, r in enumerate(runs):
         diff = (
