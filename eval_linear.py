@@ -459,6 +459,13 @@ def main(args):
     top1, top5 = knn.pop("offline_linear_top1"), knn.pop("offline_linear_top5")
     prob = logits.softmax(1)
     confidence, prediction = prob.max(1)
+    if rank == 0:  # the result first: the reference after it may take as long again
+        print(
+            f"offline linear top-1 {top1:.4f} top-5 {top5:.4f} | "
+            f"kNN top-1 k=20 {knn['knn_top1_k20']:.4f} k=200 {knn['knn_top1_k200']:.4f} | "
+            f"{time.time() - t0:.0f} s",
+            flush=True,
+        )
 
     # the reference: the same probe of the same architecture at its seed-0 random initialization
     reference = {}
@@ -572,12 +579,6 @@ def main(args):
                 "readable one (--check-data names them).",
                 flush=True,
             )
-        print(
-            f"offline linear top-1 {top1:.4f} top-5 {top5:.4f} | "
-            f"kNN top-1 k=20 {knn['knn_top1_k20']:.4f} k=200 {knn['knn_top1_k200']:.4f} | "
-            f"{result['seconds']:.0f} s",
-            flush=True,
-        )
         if reference:
             r, below = reference, top1 <= reference["offline_linear_top1"]
             print(
@@ -586,6 +587,11 @@ def main(args):
                 + (" | the trained backbone's probe is not above it" if below else ""),
                 flush=True,
             )
+        print(
+            f"-> {args.out}: linear.json, predictions.npz, linear_head.pt "
+            f"({common.duration(time.time() - t0)})",
+            flush=True,
+        )
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

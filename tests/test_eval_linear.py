@@ -189,6 +189,9 @@ def test_the_reference_is_the_same_probe_of_the_seed0_network_measured_once(
     )
     said = capsys.readouterr().out
     assert "random-init reference" in said and "random init (the same probe" in said
+    # the trained result before the reference's work, the outputs named at the end
+    assert said.index("offline linear top-1") < said.index("random-init reference")
+    assert said.strip().splitlines()[-1].startswith(f"-> {first}: linear.json")
     ref = json.loads((first / "linear.json").read_text())["random_init"]
     assert (ref["n_train"], ref["n_test"]) == (384, 120) and "epochs 30" in ref["protocol"]
 
