@@ -1607,6 +1607,19 @@ def knn_top1(
     return correct / len(test_h)
 
 
+@torch.no_grad()
+def average_buffers(module):
+    """Average the float buffers (BN running statistics) over all processes in one all-reduce, not
+    one per buffer; under SyncBatchNorm they are equal everywhere already and nothing is sent."""
+    if any(isinstance(m, nn.SyncBatchNorm) for m in module.modules()):
+        return
+    bufs = [b for b in module.buffers() if b.is_floating_point()]
+    flat = torch._utils._flatten_dense_tensors(bufs)  # (sum of sizes,), as DDP packs its buckets
+    dist.all_reduce(flat)
+    flat.div_(world_size())
+    torch._foreach_copy_(bufs, torch._utils._unflatten_dense_tensors(flat, bufs))
+
+
 def reference_cache_path(name):
     """A file of the random-init references' cache: $CLEANSSL_CACHE, default ~/.cache/cleanssl."""
     folder = os.environ.get("CLEANSSL_CACHE") or os.path.expanduser("~/.cache/cleanssl")

@@ -171,21 +171,8 @@ def momentum_keys(key_encoder, x, shuffle=True):
         k[perm] = k_all  # undo the shuffle
         k = k[mine]
     if world > 1:  # BN running statistics: the copy stays the same on every process
-        average_buffers(key_encoder)
+        common.average_buffers(key_encoder)
     return F.normalize(k.float(), dim=1)
-
-
-@torch.no_grad()
-def average_buffers(module):
-    """Average the float buffers (BN running statistics) over all processes in one all-reduce, not
-    one per buffer; under SyncBatchNorm they are equal everywhere already and nothing is sent."""
-    if any(isinstance(m, nn.SyncBatchNorm) for m in module.modules()):
-        return
-    bufs = [b for b in module.buffers() if b.is_floating_point()]
-    flat = torch._utils._flatten_dense_tensors(bufs)  # (sum of sizes,), as DDP packs its buckets
-    dist.all_reduce(flat)
-    flat.div_(common.world_size())
-    torch._foreach_copy_(bufs, torch._utils._unflatten_dense_tensors(flat, bufs))
 
 
 @torch.no_grad()

@@ -469,8 +469,6 @@ def _buffer_average(rank, world, sync_bn):
     import torch.distributed as dist
     from torch import nn
 
-    import moco
-
     net = nn.Sequential(
         nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 6), nn.BatchNorm1d(6)
     )
@@ -496,7 +494,7 @@ def _buffer_average(rank, world, sync_bn):
 
     dist.all_reduce = counting
     try:
-        moco.average_buffers(net)
+        common.average_buffers(net)
     finally:
         dist.all_reduce = real
     return before, dict(per_buffer.named_buffers()), dict(net.named_buffers()), calls
