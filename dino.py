@@ -85,14 +85,6 @@ def dino_views(
     return common.multicrop_views(size, local_crops, global_scale, local_scale, **kw)
 
 
-def size_groups(crops):
-    """[(start, end)]: runs of consecutive crops of one spatial size. Each run goes through the
-    backbone as one batch (DINO's MultiCropWrapper): one pass per resolution, not per crop."""
-    cut = [i for i in range(1, len(crops)) if crops[i].shape[-2:] != crops[i - 1].shape[-2:]]
-    bounds = [0] + cut + [len(crops)]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
 class DINOHead(nn.Module):
     """DINO's head (Sec. 3.1): a 3-layer MLP (GELU, no BN) to a bottleneck, L2 normalization, a
     weight-normalized linear layer to K outputs with g fixed at 1 (DINO's norm_last_layer):
@@ -135,23 +127,16 @@ class DINO(nn.Module):
 
     def forward(self, crops, positives=None):
         b = crops[0].shape[0]
-        hs = []
-        for start, end in size_groups(crops):
-            # One pass per run, as DINO's MultiCropWrapper: BN statistics over all crops of that
-            # size. The positives have the global crops' size: they ride along with the first run.
-            # f (n*b [+ b*P], D, h, w), h (n*b [+ b*P], D)
-            extra = [positives] if positives is not None and start == 0 else []
-            f, h = self.backbone(torch.cat(crops[start:end] + extra))
-            hs.append(h[: (end - start) * b])
-            if start == 0:
-                f_first, n_first = f, end - start
-        h = torch.cat(hs)  # (V*b, D), crop-major: the 2 global crops first
+        # one backbone pass per crop size, as DINO's MultiCropWrapper; the positives have the
+        # global crops' size and ride along with them. h (V*b, D), crop-major: the 2 global crops
+        # first; f (2*b [+ b*P], D, h, w)
+        h, f, n_first = common.multicrop_pass(self.backbone, crops, positives)
         z, logits = self.head(h)  # (V*b, bottleneck), (V*b, K)
         # the loss sees every crop's logits; Q-Score sees the 2 global crops only
         out = {"h": h[: 2 * b], "z": z[: 2 * b], "student_logits": logits}
         if self.xattn is not None and positives is not None:
             # anchors (first global crop), then positives
-            out["f"] = torch.cat([f_first[:b], f_first[n_first * b :]])
+            out["f"] = torch.cat([f[:b], f[n_first * b :]])
             out["beta"], out["logits"] = self.xattn(out["f"])
         return out
 

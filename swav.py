@@ -107,20 +107,10 @@ class SwAV(nn.Module):
         )
 
     def forward(self, crops, positives=None):
-        # As in the official code, consecutive crops of one size share one backbone pass: fewer,
-        # larger passes, and BN statistics over all crops of that size together. The positives
-        # have the global size and ride along.
+        # As in the official code, one backbone pass per crop size; the positives have the global
+        # size and ride along. h (V*b, D) in crop order; f (2*b [+ b*P], D, h, w)
         b = crops[0].shape[0]
-        sizes = [c.shape[-1] for c in crops]
-        cuts = [0] + [i for i in range(1, len(crops)) if sizes[i] != sizes[i - 1]] + [len(crops)]
-        fs, hs = [], []
-        for lo, hi in zip(cuts[:-1], cuts[1:]):
-            f, h = self.backbone(
-                torch.cat(crops[lo:hi] + ([positives] if lo == 0 and positives is not None else []))
-            )
-            fs.append(f)  # ((hi-lo)*b [+ b*P], D, h, w)
-            hs.append(h[: (hi - lo) * b])  # ((hi-lo)*b, D): the positives need no projection
-        h = torch.cat(hs)  # (V*b, D) in crop order
+        h, f, n_first = common.multicrop_pass(self.backbone, crops, positives)
         z = F.normalize(self.projector(h), dim=1)  # (V*b, d)
         # float32 scores: Sinkhorn's exp(s / 0.05) would amplify bf16 rounding
         with torch.autocast(h.device.type, enabled=False):
@@ -128,7 +118,7 @@ class SwAV(nn.Module):
         # Q-Score sees the 2 global crops only, not the local ones
         out = {"h": h[: 2 * b], "z": z, "scores": scores}
         if self.xattn is not None and positives is not None:
-            out["f"] = torch.cat([fs[0][:b], fs[0][cuts[1] * b :]])  # anchors (crop 1), positives
+            out["f"] = torch.cat([f[:b], f[n_first * b :]])  # anchors (crop 1), positives
             out["beta"], out["logits"] = self.xattn(out["f"])
         return out
 

@@ -96,6 +96,7 @@ RUNS = {  # name -> (script, extra flags)
     "simclr_xattn": ("simclr", ["--xattn", "--xattn-clusters", "8"]),
     "swav_qscore": ("swav", ["--qscore-lambda", "0.1"]),
     "swav_xattn": ("swav", ["--xattn", "--xattn-clusters", "8"]),
+    "dino_xattn": ("dino", ["--xattn", "--xattn-clusters", "8"]),
     "simclr_full_width": ("simclr", ["--backbone", "resnet18", "--epochs", "1"]),
 }
 TIMES = {"seconds", "images_per_s", "peak_mem_gb"}

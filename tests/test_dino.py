@@ -223,8 +223,6 @@ def test_multicrop_batches_and_one_backbone_pass_per_size():
     crops, idx, pos = next(iter(loader))
     assert [tuple(c.shape) for c in crops] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 3
     assert pos.shape == (8, 3, 16, 16) and idx.shape == (4,)
-    assert dino.size_groups(crops) == [(0, 2), (2, 5)]
-    assert dino.size_groups([crops[0], crops[2], crops[0]]) == [(0, 1), (1, 2), (2, 3)]
     args = dino.parse_args(
         [
             "--proj-hidden",
