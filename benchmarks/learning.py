@@ -716,6 +716,16 @@ def load_runs(out, method):
     return runs
 
 
+def random_label(runs):
+    """(kNN, legend) of the random network the runs were measured against, named by its
+    backbone (a run JSON records the one its script resolved); None when no run has one."""
+    r = next((r for r in runs.values() if r.get("random_knn") is not None), None)
+    if r is None:
+        return None
+    backbone = r.get("knobs", {}).get("resolved", {}).get("backbone", "resnet18")
+    return r["random_knn"], f"random {backbone} ({r['random_knn']:.3f})"
+
+
 def plot(out, method):
     import matplotlib
 
@@ -734,9 +744,9 @@ def plot(out, method):
             ax.plot(x, y, "o-", color=color, label=f"{label} ({r['curve'][-1][1]:.3f})")
         elif r and r.get("status"):
             ax.plot([], [], " ", label=f"{label}: {r['status']}")
-    rnd = next((r["random_knn"] for r in runs.values() if r.get("random_knn") is not None), None)
-    if rnd is not None:
-        ax.axhline(rnd, ls="--", color="gray", label=f"random ResNet-18 ({rnd:.3f})")
+    label = random_label(runs)
+    if label:
+        ax.axhline(label[0], ls="--", color="gray", label=label[1])
     r = next(iter(runs.values()), {})
     bud = r.get("budget", {})
     ax.set_xlabel("images seen")

@@ -96,6 +96,17 @@ def test_cleanssl_half_on_digits_writes_json_png_and_row(tmp_path):
     assert r["views"] and r["git"]["commit"] is not None and r["torch"]
     assert not (out / "simclr_lightly.json").exists()
     assert (out / "simclr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the curve's random line names the backbone the run used
+    assert learning.random_label({"cleanssl": r}) == (
+        r["random_knn"],
+        f"random {r['knobs']['resolved']['backbone']} ({r['random_knn']:.3f})",
+    )
+    quarter = {"random_knn": 0.2884, "knobs": {"resolved": {"backbone": "resnet18-quarter"}}}
+    assert learning.random_label({"lightly": {}, "cleanssl": quarter}) == (
+        0.2884,
+        "random resnet18-quarter (0.288)",
+    )
+    assert learning.random_label({"lightly": {"curve": []}}) is None
     assert list(out.glob("*.tmp")) == []  # every write went through a rename
 
     row = next(line for line in p.stdout.splitlines() if line.startswith("| simclr |"))
