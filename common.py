@@ -1386,19 +1386,19 @@ def multicrop_pass(backbone, crops, extra=None):
     pass per run of consecutive crops of one size, so fewer, larger passes, and BN statistics over
     all crops of that size together. crops: V tensors (b, 3, H_v, W_v), the global crops first;
     extra (n, 3, H_1, W_1), e.g. the add-on's positives, rides along with the first run.
-    Returns h (V*b, D) in crop order (extra left out), the first run's feature maps
-    f (n1*b [+ n], D, h, w) and n1, the number of crops in that run."""
+    Returns h (V*b, D) in crop order (extra left out) and, when extra is given, the feature maps
+    of the first crop followed by extra's, (b + n, D, h, w); else None."""
     b, sizes = crops[0].shape[0], [c.shape[-2:] for c in crops]
     cuts = [0] + [i for i in range(1, len(crops)) if sizes[i] != sizes[i - 1]] + [len(crops)]
-    hs = []
+    hs, f_extra = [], None
     for lo, hi in zip(cuts[:-1], cuts[1:]):
         f, h = backbone(
             torch.cat(crops[lo:hi] + ([extra] if lo == 0 and extra is not None else []))
         )
         hs.append(h[: (hi - lo) * b])  # the extra rows need no head
-        if lo == 0:
-            f_first = f
-    return torch.cat(hs), f_first, cuts[1]
+        if lo == 0 and extra is not None:
+            f_extra = torch.cat([f[:b], f[hi * b :]])
+    return torch.cat(hs), f_extra
 
 
 # ---------------------------------------------------------------- 6. features, memory bank, kNN

@@ -129,14 +129,13 @@ class DINO(nn.Module):
         b = crops[0].shape[0]
         # one backbone pass per crop size, as DINO's MultiCropWrapper; the positives have the
         # global crops' size and ride along with them. h (V*b, D), crop-major: the 2 global crops
-        # first; f (2*b [+ b*P], D, h, w)
-        h, f, n_first = common.multicrop_pass(self.backbone, crops, positives)
+        # first; f (b + b*P, D, h, w): the first global crop's maps, then the positives'
+        h, f = common.multicrop_pass(self.backbone, crops, positives)
         z, logits = self.head(h)  # (V*b, bottleneck), (V*b, K)
         # the loss sees every crop's logits; Q-Score sees the 2 global crops only
         out = {"h": h[: 2 * b], "z": z[: 2 * b], "student_logits": logits}
         if self.xattn is not None and positives is not None:
-            # anchors (first global crop), then positives
-            out["f"] = torch.cat([f[:b], f[n_first * b :]])
+            out["f"] = f  # anchors (first global crop), then positives
             out["beta"], out["logits"] = self.xattn(out["f"])
         return out
 

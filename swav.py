@@ -108,9 +108,10 @@ class SwAV(nn.Module):
 
     def forward(self, crops, positives=None):
         # As in the official code, one backbone pass per crop size; the positives have the global
-        # size and ride along. h (V*b, D) in crop order; f (2*b [+ b*P], D, h, w)
+        # size and ride along. h (V*b, D) in crop order; f (b + b*P, D, h, w): the first crop's
+        # maps, then the positives'
         b = crops[0].shape[0]
-        h, f, n_first = common.multicrop_pass(self.backbone, crops, positives)
+        h, f = common.multicrop_pass(self.backbone, crops, positives)
         z = F.normalize(self.projector(h), dim=1)  # (V*b, d)
         # float32 scores: Sinkhorn's exp(s / 0.05) would amplify bf16 rounding
         with torch.autocast(h.device.type, enabled=False):
@@ -118,7 +119,7 @@ class SwAV(nn.Module):
         # Q-Score sees the 2 global crops only, not the local ones
         out = {"h": h[: 2 * b], "z": z, "scores": scores}
         if self.xattn is not None and positives is not None:
-            out["f"] = torch.cat([f[:b], f[n_first * b :]])  # anchors (crop 1), positives
+            out["f"] = f  # anchors (crop 1), then positives
             out["beta"], out["logits"] = self.xattn(out["f"])
         return out
 

@@ -109,16 +109,18 @@ def test_multicrop_pass_runs_each_run_of_one_size_once_and_keeps_crop_order():
     big, small = (torch.randn(3, 3, s, s, generator=g) for s in (16, 8))
     extra = torch.randn(5, 3, 16, 16, generator=g)
     # sizes 16, 8, 16: three runs (a size that comes back starts a new run)
-    h, f, n_first = common.multicrop_pass(backbone, [big, small, big], extra)
+    h, f = common.multicrop_pass(backbone, [big, small, big], extra)
     assert calls == [(3 + 5, 3, 16, 16), (3, 3, 8, 8), (3, 3, 16, 16)]
-    assert n_first == 1 and f.shape == (3 + 5, 64, 2, 2)  # the extra rows are in f, not in h
     calls.clear()
     want = torch.cat([backbone(c)[1] for c in (big, small, big)])
-    assert h.shape == (9, 64) and torch.allclose(h, want, atol=1e-5)
+    assert h.shape == (9, 64) and torch.allclose(h, want, atol=1e-5)  # the extra rows not in h
+    # f: the first crop's feature maps, then the extra's
+    assert f.shape == (3 + 5, 64, 2, 2)
+    assert torch.allclose(f[:3], backbone(big)[0], atol=1e-5)
     assert torch.allclose(f[3:], backbone(extra)[0], atol=1e-5)
     calls.clear()
-    h2, f2, n2 = common.multicrop_pass(backbone, [big, big, small, small])
-    assert calls == [(6, 3, 16, 16), (6, 3, 8, 8)] and n2 == 2 and f2.shape[0] == 6
+    h2, f2 = common.multicrop_pass(backbone, [big, big, small, small])
+    assert calls == [(6, 3, 16, 16), (6, 3, 8, 8)] and h2.shape == (12, 64) and f2 is None
 
 
 @torch.no_grad()
