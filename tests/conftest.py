@@ -1,14 +1,19 @@
-"""Shared test helpers: run a script as a user would (subprocess, torchrun), and run a
-function in 2 gloo processes to compare distributed code with one process."""
+"""Shared test helpers: run a script as a user would (subprocess, torchrun) or as its __main__ in
+this process (run_here), and run a function in 2 gloo processes to compare distributed code with
+one process."""
 
+import contextlib
+import io
 import os
 import pathlib
 import pickle
+import runpy
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import traceback
 
 import pytest
 import torch
@@ -117,6 +122,57 @@ def run(args, timeout=300, env=None, check=True):
     return p
 
 
+def run_here(args, env=None, check=True):
+    """`run` without a new interpreter: the script as __main__ (runpy) in this process, with its
+    argv, the environment `run` gives it and the repo as the working folder; its stdout, stderr and
+    exit code returned as `run` returns them. A process start costs 2-3 s here (torch and
+    torchvision's imports), as much as a tiny run; use it where a test reads what a run wrote or
+    printed, and `run` where the process itself is under test (signals, a kill, an interpreter's
+    exit). The state a script leaves behind is put back: environment, argv, working folder, torch's
+    thread count, the stop-signal handlers and common's record of them."""
+    import common
+
+    script, *rest = args
+    saved = (dict(os.environ), sys.argv, os.getcwd(), torch.get_num_threads(), dict(common._caught))
+    handlers = {s: signal.getsignal(s) for s in common.STOP_SIGNALS}
+    os.environ.update({"OMP_NUM_THREADS": THREADS, **(env or {})})
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if env is None or k not in env:
+            os.environ.pop(k, None)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    sys.argv = [script] + list(rest)
+    os.chdir(REPO)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(os.path.join(REPO, script), run_name="__main__")
+            except SystemExit as e:  # as the interpreter ends on it
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved[0])
+        sys.argv = saved[1]
+        os.chdir(saved[2])
+        torch.set_num_threads(saved[3])
+        common._caught.clear()
+        common._caught.update(saved[4])
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    p = subprocess.CompletedProcess([script] + list(rest), code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        pytest.fail(
+            f"{' '.join(args)} exited {code} (in this process)\n"
+            f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        )
+    return p
+
+
 def torchrun(script, args, nproc=2, timeout=400, env=None):
     """`torchrun --nproc_per_node=N script args` on CPU (gloo); env: more variables."""
     return run(
@@ -175,11 +231,12 @@ def read_metrics(run_dir):
         return [json.loads(line) for line in fh]
 
 
-def kill_after_first_checkpoint(args, run_dir, deadline=600):
+def kill_after_first_checkpoint(args, run_dir, deadline=600, env=None):
     """Run `python ARGS --run-dir RUN_DIR` until it kills itself with SIGKILL after step 1 of epoch
     2 (a user's killed job; common.RunControl's test hook, so at that step whatever the machine's
-    speed), and return its checkpoint, which must be epoch 1's."""
-    env = {**os.environ, "OMP_NUM_THREADS": THREADS, "CLEANSSL_TEST_SIGNAL": "SIGKILL@2:1"}
+    speed), and return its checkpoint, which must be epoch 1's. env: more variables."""
+    env = {**os.environ, "OMP_NUM_THREADS": THREADS, **(env or {})}
+    env["CLEANSSL_TEST_SIGNAL"] = "SIGKILL@2:1"
     p = subprocess.run(
         [sys.executable] + list(args) + ["--run-dir", str(run_dir)],
         cwd=REPO,

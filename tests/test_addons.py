@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import common
 import simclr
 import simsiam
-from conftest import TINY, kill_after_first_checkpoint, read_metrics, run, spawn
+from conftest import TINY, kill_after_first_checkpoint, read_metrics, run_here, spawn
 
 
 def peaked(n, d=128, seed=0):
@@ -234,7 +234,7 @@ FAST = {
 @pytest.mark.parametrize("script", list(FAST))
 def test_script_logs_the_quantile_share_scales_the_head_lr_and_saves_centroids(script, tmp_path):
     d = tmp_path / "run"
-    run(
+    run_here(
         [script]
         + TINY
         + FAST[script]
@@ -275,19 +275,30 @@ def test_script_logs_the_quantile_share_scales_the_head_lr_and_saves_centroids(s
     )  # the memory bank's z: projections of width --proj-dim
 
 
-def test_resume_with_xattn_ends_where_an_unbroken_run_does(tmp_path):
+# Two epochs of simclr with --xattn, unbroken, on one thread: the run that a killed, a stopped and
+# a re-clustering run are held against (made once for the three tests).
+XATTN_2 = (
+    ["simclr.py"]
+    + TINY
+    + FAST["simclr.py"]
+    + ["--epochs", "2", "--knn-every", "0", "--xattn", "--xattn-clusters", "8"]
+)
+ONE = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def xattn_straight(tmp_path_factory):
+    d = tmp_path_factory.mktemp("xattn") / "straight"
+    run_here(XATTN_2 + ["--run-dir", str(d)], env=ONE)
+    return d
+
+
+def test_resume_with_xattn_ends_where_an_unbroken_run_does(xattn_straight, tmp_path):
     """The next epoch's k-means starts from the checkpoint's centroids, as in the unbroken run."""
-    argv = (
-        ["simclr.py"]
-        + TINY
-        + FAST["simclr.py"]
-        + ["--epochs", "2", "--knn-every", "0", "--xattn", "--xattn-clusters", "8"]
-    )
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    run(argv + ["--run-dir", str(straight)])
-    kill_after_first_checkpoint(argv, broken)
-    run(argv + ["--resume", str(broken)])
-    a = torch.load(straight / "checkpoint.pt", weights_only=False)
+    broken = tmp_path / "broken"
+    kill_after_first_checkpoint(XATTN_2, broken, env=ONE)
+    run_here(XATTN_2 + ["--resume", str(broken)], env=ONE)
+    a = torch.load(xattn_straight / "checkpoint.pt", weights_only=False)
     b = torch.load(broken / "checkpoint.pt", weights_only=False)
     assert b["epoch"] == 2 and torch.equal(a["centroids"], b["centroids"])  # bitwise on the CPU
     assert torch.equal(a["pseudo_labels"], b["pseudo_labels"])
@@ -295,23 +306,17 @@ def test_resume_with_xattn_ends_where_an_unbroken_run_does(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-def test_cluster_every_n_epochs_keeps_the_labels_in_between(tmp_path):
+def test_cluster_every_n_epochs_keeps_the_labels_in_between(xattn_straight, tmp_path):
     """--xattn-cluster-every 2: epoch 1 trains on epoch 0's clustering (the centroids and labels a
     1-epoch run ends with); with the default 1, epoch 1 clusters again, from moved embeddings."""
-    argv = (
-        ["simclr.py"]
-        + TINY
-        + FAST["simclr.py"]
-        + ["--knn-every", "0", "--xattn", "--xattn-clusters", "8"]
-    )
     ck = {}
     for name, extra in {
         "one": ["--epochs", "1"],
-        "every2": ["--epochs", "2", "--xattn-cluster-every", "2"],
-        "every1": ["--epochs", "2"],
+        "every2": ["--xattn-cluster-every", "2"],
     }.items():
-        run(argv + extra + ["--run-dir", str(tmp_path / name)])
+        run_here(XATTN_2 + extra + ["--run-dir", str(tmp_path / name)], env=ONE)
         ck[name] = torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)
+    ck["every1"] = torch.load(xattn_straight / "checkpoint.pt", weights_only=False)
     assert ck["one"]["pseudo_labels"].shape == (
         len(common.make_dataset("digits", "x", train=True)),
     )  # one per image
@@ -322,7 +327,7 @@ def test_cluster_every_n_epochs_keeps_the_labels_in_between(tmp_path):
 
 def test_cluster_every_takes_whole_numbers_of_at_least_one(tmp_path):
     for bad in ("0", "-1", "1.5"):
-        p = run(
+        p = run_here(
             ["simclr.py"]
             + TINY
             + ["--xattn", "--xattn-cluster-every", bad, "--run-dir", str(tmp_path)],
@@ -361,28 +366,21 @@ def test_memory_bank_pass_reports_its_progress(monkeypatch, capsys):
     )
 
 
-def test_xattn_stopped_mid_epoch_resumes_with_that_epochs_labels(tmp_path):
+def test_xattn_stopped_mid_epoch_resumes_with_that_epochs_labels(xattn_straight, tmp_path):
     """A SIGTERM inside epoch 2, then the same command: the resumed part of epoch 2 trains on the
     labels of epoch 2's clustering (from the checkpoint), not on a clustering of the weights at the
     stop, so the run ends bit for bit where the unbroken one does."""
     from test_fault_tolerance import assert_same_state, load, stop_with_sigterm
 
-    argv = (
-        ["simclr.py"]
-        + TINY
-        + FAST["simclr.py"]
-        + ["--epochs", "2", "--knn-every", "0", "--xattn", "--xattn-clusters", "8"]
-    )
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    run(argv + ["--run-dir", str(straight)], env={"OMP_NUM_THREADS": "1"})
-    code, out = stop_with_sigterm(argv + ["--run-dir", str(broken)], at="2:2")
+    broken = tmp_path / "broken"
+    code, out = stop_with_sigterm(XATTN_2 + ["--run-dir", str(broken)], at="2:2")
     assert code == common.EXIT_STOPPED, out
     assert out.strip().splitlines()[-1].startswith("stopped by SIGTERM at epoch 2 step 2/3; "), out
     mid = load(broken / "checkpoint.pt")
     assert mid["epoch"] == 1 and mid["at"]["step"] == 2 and mid["pseudo_labels"] is not None
-    p = run(argv + ["--run-dir", str(broken)], env={"OMP_NUM_THREADS": "1"})
+    p = run_here(XATTN_2 + ["--run-dir", str(broken)], env=ONE)
     assert f"resuming {broken} at epoch 2 step 2\n" in p.stdout
-    a, b = load(straight / "checkpoint.pt"), load(broken / "checkpoint.pt")
+    a, b = load(xattn_straight / "checkpoint.pt"), load(broken / "checkpoint.pt")
     assert torch.equal(a["pseudo_labels"], b["pseudo_labels"]) and torch.equal(
         a["centroids"], b["centroids"]
     )

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run
+from conftest import REPO, run, run_here
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import addons  # noqa: E402
@@ -47,7 +47,7 @@ TINY = [
 
 def test_a_qscore_run_is_measured_tabulated_and_not_run_twice(tmp_path):
     out = tmp_path / "out"
-    p = run(
+    p = run_here(
         [
             SCRIPT,
             "simclr",
@@ -59,7 +59,6 @@ def test_a_qscore_run_is_measured_tabulated_and_not_run_twice(tmp_path):
             "--out",
             str(out),
         ],
-        timeout=600,
     )
     qs = json.loads((out / "simclr_qscore_s0" / "summary.json").read_text())
     assert (
@@ -84,7 +83,7 @@ def test_a_qscore_run_is_measured_tabulated_and_not_run_twice(tmp_path):
     agg = json.loads((out / "simclr.json").read_text())["aggregate"]
     assert agg["qscore"]["knn_top1"]["values"] == [qs["knn_top1"]]
 
-    again = run(
+    again = run_here(
         [
             SCRIPT,
             "simclr",

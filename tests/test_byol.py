@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import byol
 import common
-from conftest import BACKBONE, TINY, read_metrics, run, spawn, torchrun
+from conftest import BACKBONE, TINY, read_metrics, run, run_here, spawn, torchrun
 
 SMALL = [
     "--proj-hidden",
@@ -299,7 +299,7 @@ def test_target_is_the_same_on_every_process_after_each_step():
 
 def test_end_to_end_digits_and_resume_matches_an_unbroken_run(tmp_path):
     flags = TINY + ["--epochs", "2", "--knn-every", "2"]
-    run(["byol.py"] + flags + ["--run-dir", str(tmp_path / "full")])
+    run_here(["byol.py"] + flags + ["--run-dir", str(tmp_path / "full")])
     rows = read_metrics(tmp_path / "full")
     assert [r["epoch"] for r in rows] == [1, 2] and "knn_top1" in rows[-1]
     for key in (
@@ -333,7 +333,7 @@ def test_end_to_end_digits_and_resume_matches_an_unbroken_run(tmp_path):
     )
     broken = run(["-c", kill] + flags + ["--run-dir", str(tmp_path / "cut")], check=False)
     assert broken.returncode != 0 and len(read_metrics(tmp_path / "cut")) == 1
-    run(["byol.py"] + flags + ["--resume", str(tmp_path / "cut")])
+    run_here(["byol.py"] + flags + ["--resume", str(tmp_path / "cut")])
     resumed = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
     assert resumed["epoch"] == 2 and resumed["momentum_step"] == full["momentum_step"]
     assert full["model"].keys() == resumed["model"].keys()
@@ -363,7 +363,7 @@ def test_end_to_end_digits_and_resume_matches_an_unbroken_run(tmp_path):
 
 
 def test_end_to_end_with_both_add_ons(tmp_path):
-    run(
+    run_here(
         ["byol.py"]
         + TINY
         + [

@@ -1,5 +1,8 @@
 """common.py: data, views, loader, backbones, memory bank (k-means, kNN), Grad-CAM."""
 
+import os
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +11,7 @@ import torch.nn.functional as F
 from sklearn.metrics import adjusted_rand_score
 
 import common
-from conftest import spawn
+from conftest import run, run_here, spawn
 
 
 def test_digits_is_deterministic_split_with_labels():
@@ -258,3 +261,33 @@ def test_extract_features_uses_eval_mode():
     assert h.shape == (40, 512) and y.shape == (40,)
     assert torch.equal(net.stem[1].running_mean, before)  # BatchNorm statistics untouched
     assert net.training  # mode restored
+
+
+def test_run_here_is_the_scripts_run_and_puts_the_state_back(tmp_path):
+    """conftest.run_here, the in-process `run` most end-to-end tests use: the same exit code, stdout
+    and stderr as a real process, and nothing of the script's left in this one (the environment,
+    argv, working folder, threads, the stop-signal handlers that main_of arms)."""
+    import signal
+
+    argv = ["simclr.py", "--dataset", "folder", "--data-dir", str(tmp_path / "none")]
+    before = (
+        dict(os.environ),
+        list(sys.argv),
+        os.getcwd(),
+        torch.get_num_threads(),
+        dict(common._caught),
+        [signal.getsignal(s) for s in common.STOP_SIGNALS],
+    )
+    here = run_here(argv, env={"CLEANSSL_X": "1"}, check=False)
+    after = (
+        dict(os.environ),
+        list(sys.argv),
+        os.getcwd(),
+        torch.get_num_threads(),
+        dict(common._caught),
+        [signal.getsignal(s) for s in common.STOP_SIGNALS],
+    )
+    assert after == before
+    there = run(argv, check=False)
+    assert (here.returncode, here.stdout, here.stderr) == (2, there.stdout, there.stderr)
+    assert here.stderr.startswith("error: ") and len(here.stderr.splitlines()) == 1

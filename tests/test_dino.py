@@ -17,7 +17,7 @@ from conftest import (
     kill_after_first_checkpoint,
     online_knn_of,
     read_metrics,
-    run,
+    run_here,
     spawn,
     torchrun,
 )
@@ -310,7 +310,7 @@ def _initial_last_layer(argv):
 def straight(tmp_path_factory):
     """Two epochs without a break: the end-to-end checks and the reference of the resume test."""
     d = tmp_path_factory.mktemp("straight") / "run"
-    p = run(
+    p = run_here(
         ["dino.py"]
         + SMALL
         + ["--epochs", "2", "--knn-every", "2", "--warmup-epochs", "0", "--run-dir", str(d)]
@@ -367,7 +367,7 @@ def test_script_with_both_addons_and_frozen_last_layer(tmp_path):
         "--xattn-positives",
         "2",
     ]
-    run(["dino.py"] + argv + ["--knn-every", "0", "--run-dir", str(d)])
+    run_here(["dino.py"] + argv + ["--knn-every", "0", "--run-dir", str(d)])
     m = read_metrics(d)
     assert all(k in m[0] for k in ("loss_qscore", "loss_mask", "loss_cls"))
     ckpt = torch.load(d / "checkpoint.pt", weights_only=False)
@@ -394,7 +394,7 @@ def test_resume_after_kill_ends_with_the_same_weights_teacher_and_center(straigh
     broken = tmp_path / "broken"
     # start the same run, kill it as soon as epoch 1's checkpoint is written, then resume
     first = kill_after_first_checkpoint(argv, broken)
-    run(argv + ["--resume", str(broken)])
+    run_here(argv + ["--resume", str(broken)])
     a = torch.load(ref / "checkpoint.pt", weights_only=False)
     b = torch.load(broken / "checkpoint.pt", weights_only=False)
     assert b["epoch"] == 2
@@ -425,7 +425,7 @@ def test_checkpoint_of_another_method_is_one_sentence_and_exit_2(tmp_path):
     torch.save(
         {"method": "swav", "args": {"backbone": "resnet18"}, "epoch": 1}, tmp_path / "checkpoint.pt"
     )
-    p = run(["dino.py", "--resume", str(tmp_path)], check=False)
+    p = run_here(["dino.py", "--resume", str(tmp_path)], check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines() == [
         f"error: --resume: '{tmp_path / 'checkpoint.pt'}' is a swav checkpoint, not dino."
@@ -434,7 +434,7 @@ def test_checkpoint_of_another_method_is_one_sentence_and_exit_2(tmp_path):
 
 def test_non_finite_loss_stops_with_the_step(tmp_path):
     d = tmp_path / "run"
-    p = run(
+    p = run_here(
         ["dino.py"]
         + SMALL
         + ["--epochs", "2", "--lr", "1e38", "--warmup-epochs", "0", "--run-dir", str(d)],

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 import common
-from conftest import REPO, free_port, read_metrics, run, spawn
+from conftest import REPO, free_port, read_metrics, run, run_here, spawn
 
 SCRIPTS = ["simclr", "moco", "byol", "simsiam", "swav", "dino"]
 # 2 epochs of 3 steps at 8 px with narrow heads; no kNN pass, a progress line every step
@@ -115,7 +115,7 @@ def straight(tmp_path_factory):
     root = tmp_path_factory.mktemp("straight")
     done = {}
     for script in FAMILY:
-        run(argv(script, "--run-dir", str(root / script)), env=ONE)
+        run_here(argv(script, "--run-dir", str(root / script)), env=ONE)
         done[script] = root / script
     return done
 
@@ -132,7 +132,7 @@ def test_sigterm_mid_epoch_then_resume_ends_with_the_unbroken_weights(script, st
     assert mid["epoch"] == 0 and mid["at"]["step"] == 2, mid["at"]  # in epoch 1, the step chosen
     assert not (d / "backbone.pt").exists() and not (d / "checkpoint.pt.tmp").exists()
     # the same command again: --run-dir holds a checkpoint, so it continues
-    p = run(argv(script, "--run-dir", str(d)), env=ONE)
+    p = run_here(argv(script, "--run-dir", str(d)), env=ONE)
     assert f"resuming {d} at epoch 1 step 2\n" in p.stdout
     a, b = load(straight[script] / "checkpoint.pt"), load(d / "checkpoint.pt")
     assert b["epoch"] == 2 and b["at"] is None
@@ -156,7 +156,7 @@ def test_sigterm_mid_epoch_then_resume_ends_with_the_unbroken_weights(script, st
 def test_same_seed_twice_gives_the_same_losses_and_backbone(straight, tmp_path):
     """Twice the simclr run with its seed, the second with 2 DataLoader workers: the crops depend on
     (seed, epoch, step, place in the batch), not on which worker made them."""
-    run(argv("simclr", "--workers", "2", "--run-dir", str(tmp_path / "again")), env=ONE)
+    run_here(argv("simclr", "--workers", "2", "--run-dir", str(tmp_path / "again")), env=ONE)
     losses = lambda d: [
         {k: v for k, v in m.items() if k.startswith("loss")} for m in read_metrics(d)
     ]
@@ -257,20 +257,20 @@ def test_resume_on_another_number_of_processes_is_allowed_and_said(killed, tmp_p
     mid = killed["mid"]
     assert mid["epoch"] == 0 and mid["at"]["step"] == 1 and mid["world"] == 2
     (tmp_path / "checkpoint.pt").write_bytes(killed["mid_path"].read_bytes())
-    p = run(["simclr.py"] + killed["args"] + ["--run-dir", str(tmp_path)], env=ONE)
+    p = run_here(["simclr.py"] + killed["args"] + ["--run-dir", str(tmp_path)], env=ONE)
     said = f"resuming {tmp_path} at epoch 1 step 1; it ran on 2 process(es), this run has 1"
     assert said + ": allowed" in p.stdout
     assert [m["epoch"] for m in read_metrics(tmp_path)] == [1, 2] and (
         tmp_path / "backbone.pt"
     ).exists()
     # once more, as a restarted worker would: the run is done
-    again = run(["simclr.py"] + killed["args"] + ["--run-dir", str(tmp_path)], env=ONE)
+    again = run_here(["simclr.py"] + killed["args"] + ["--run-dir", str(tmp_path)], env=ONE)
     assert f"{tmp_path} has finished its 2 epochs: nothing to do." in again.stdout
     assert [m["epoch"] for m in read_metrics(tmp_path)] == [1, 2]
 
 
 def test_resume_with_a_flag_that_changes_the_run_is_one_sentence_and_exit_2(killed):
-    p = run(
+    p = run_here(
         ["simclr.py"]
         + killed["args"]
         + ["--epochs", "3", "--seed", "1", "--workers", "1", "--run-dir", str(killed["straight"])],
@@ -347,7 +347,7 @@ def test_without_check_data_training_replaces_and_counts_unreadable_images(fault
     eval_linear's feature pass over the same split replaces them too, and counts them in
     linear.json."""
     d = tmp_path / "run"
-    p = run(
+    p = run_here(
         ["simclr.py"]
         + FOLDER
         + [
@@ -365,7 +365,7 @@ def test_without_check_data_training_replaces_and_counts_unreadable_images(fault
     assert "epoch 1/1  loss" in p.stdout and "Traceback" not in p.stderr
     (m,) = read_metrics(d)
     assert m["bad_images"] == 2
-    e = run(["eval_linear.py", str(d), "--epochs", "2", "--workers", "0"], env=ONE)
+    e = run_here(["eval_linear.py", str(d), "--epochs", "2", "--workers", "0"], env=ONE)
     assert (
         json.load(open(d / "linear.json"))["bad_images"] == 2
     )  # the train split's two, in its feature pass

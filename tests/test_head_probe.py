@@ -10,7 +10,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, run
+from conftest import REPO, run, run_here
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import head_probe  # noqa: E402
@@ -82,9 +82,8 @@ def test_probe_reads_dino_and_swav_checkpoints(tmp_path):
     for method in ("dino", "swav"):
         ckpt = _tiny_checkpoint(method, tmp_path)
         out = tmp_path / "new folder" / f"{method}.json"  # --out's folder is made
-        run(
+        run_here(
             [SCRIPT, str(ckpt), "--images", "16", "--batch-size", "8", "--out", str(out)],
-            timeout=300,
         )
         r = json.loads(out.read_text())
         assert (
@@ -102,7 +101,7 @@ def test_probe_reads_dino_and_swav_checkpoints(tmp_path):
         if method == "dino":
             assert 0 < r["target_entropy"] <= math.log(24) + 1e-5
             # --init: the run's start, whose teacher is the student's copy
-            run(
+            run_here(
                 [
                     SCRIPT,
                     str(ckpt),
@@ -114,7 +113,6 @@ def test_probe_reads_dino_and_swav_checkpoints(tmp_path):
                     "--out",
                     str(out),
                 ],
-                timeout=300,
             )
             i = json.loads(out.read_text())
             assert i["epoch"] == 0 and i["student"] == i["teacher"] and i["student"] != r["student"]
@@ -130,7 +128,7 @@ def test_bad_input_is_one_sentence(tmp_path):
     )
     other = tmp_path / "simclr.pt"
     torch.save({"method": "simclr", "args": {}}, other)
-    p = run([SCRIPT, str(other)], check=False)
+    p = run_here([SCRIPT, str(other)], check=False)
     assert (
         p.returncode == 2
         and "reads dino.py and swav.py ones" in p.stderr

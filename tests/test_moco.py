@@ -17,7 +17,7 @@ from conftest import (
     kill_after_first_checkpoint,
     online_knn_of,
     read_metrics,
-    run,
+    run_here,
     spawn,
     torchrun,
 )
@@ -360,7 +360,7 @@ ARGS = ONE + ["--epochs", "2", "--knn-every", "2"]
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     d = tmp_path_factory.mktemp("moco") / "straight"
-    p = run(["moco.py"] + ARGS + ["--run-dir", str(d)], timeout=SLOW)
+    p = run_here(["moco.py"] + ARGS + ["--run-dir", str(d)])
     return d, p
 
 
@@ -397,7 +397,7 @@ def test_resume_after_kill_ends_with_the_same_state(straight, tmp_path):
     broken = tmp_path / "broken"
     # start the same run, kill it as soon as epoch 1's checkpoint is written, then resume
     kill_after_first_checkpoint(["moco.py"] + ARGS, broken, deadline=SLOW)
-    run(["moco.py"] + ARGS + ["--resume", str(broken)], timeout=SLOW)
+    run_here(["moco.py"] + ARGS + ["--resume", str(broken)])
     a = torch.load(straight[0] / "checkpoint.pt", weights_only=False)
     b = torch.load(broken / "checkpoint.pt", weights_only=False)
     assert (
@@ -414,7 +414,7 @@ def test_resume_after_kill_ends_with_the_same_state(straight, tmp_path):
 
 def test_v3_with_both_addons(tmp_path):
     d = tmp_path / "run"
-    run(
+    run_here(
         ["moco.py"]
         + ONE
         + [
@@ -434,7 +434,6 @@ def test_v3_with_both_addons(tmp_path):
             "--run-dir",
             str(d),
         ],
-        timeout=SLOW,
     )
     m = read_metrics(d)
     assert all(
@@ -508,9 +507,7 @@ def test_checkpoint_of_another_version_is_refused(tmp_path):
         {"method": "moco", "args": {"backbone": "resnet18", "moco_version": 2}, "epoch": 1},
         tmp_path / "checkpoint.pt",
     )
-    p = run(
-        ["moco.py", "--moco-version", "3", "--resume", str(tmp_path)], timeout=SLOW, check=False
-    )
+    p = run_here(["moco.py", "--moco-version", "3", "--resume", str(tmp_path)], check=False)
     assert (
         p.returncode == 2
         and "MoCo v2, not --moco-version 3" in p.stderr
@@ -520,7 +517,7 @@ def test_checkpoint_of_another_version_is_refused(tmp_path):
 
 def test_non_finite_loss_stops_with_the_step(tmp_path):
     d = tmp_path / "run"
-    p = run(
+    p = run_here(
         ["moco.py"]
         + ONE
         + [
@@ -535,7 +532,6 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
             "--run-dir",
             str(d),
         ],
-        timeout=SLOW,
         check=False,
     )
     assert p.returncode == 1 and "non-finite at epoch 1, step" in p.stdout

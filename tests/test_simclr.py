@@ -17,6 +17,7 @@ from conftest import (
     online_knn_of,
     read_metrics,
     run,
+    run_here,
     spawn,
     torchrun,
 )
@@ -243,7 +244,7 @@ def test_script_trains_and_writes_the_run(tmp_path):
     d = tmp_path / "run"
     # milder views than the recipe's (strength 1.0 and blur on 16 px digits), so that 4 steps an
     # epoch show the loss fall
-    p = run(
+    p = run_here(
         ["simclr.py"]
         + TINY
         + [
@@ -288,7 +289,7 @@ def test_script_trains_and_writes_the_run(tmp_path):
 
 def test_script_with_both_addons(tmp_path):
     d = tmp_path / "run"
-    run(
+    run_here(
         ["simclr.py"]
         + TINY
         + [
@@ -330,10 +331,10 @@ def test_torchrun_two_processes(tmp_path):
 def test_resume_after_kill_ends_with_the_same_weights(tmp_path):
     common_args = TINY + ["--epochs", "2", "--knn-every", "0"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    run(["simclr.py"] + common_args + ["--run-dir", str(straight)])
+    run_here(["simclr.py"] + common_args + ["--run-dir", str(straight)])
     # start the same run, kill it as soon as epoch 1's checkpoint is written, then resume
     kill_after_first_checkpoint(["simclr.py"] + common_args, broken)
-    run(["simclr.py"] + common_args + ["--resume", str(broken)])
+    run_here(["simclr.py"] + common_args + ["--resume", str(broken)])
     a = torch.load(straight / "checkpoint.pt", weights_only=False)
     b = torch.load(broken / "checkpoint.pt", weights_only=False)
     assert b["epoch"] == 2
@@ -362,7 +363,7 @@ def test_checkpoint_of_another_method_is_refused(tmp_path):
     torch.save(
         {"method": "moco", "args": {"backbone": "resnet18"}, "epoch": 1}, tmp_path / "checkpoint.pt"
     )
-    p = run(["simclr.py", "--resume", str(tmp_path)], check=False)
+    p = run_here(["simclr.py", "--resume", str(tmp_path)], check=False)
     assert (
         p.returncode == 2
         and "moco checkpoint, not simclr" in p.stderr
@@ -372,13 +373,13 @@ def test_checkpoint_of_another_method_is_refused(tmp_path):
         {"method": "simclr", "args": {"backbone": "resnet50"}, "epoch": 1},
         tmp_path / "checkpoint.pt",
     )
-    p = run(["simclr.py", "--resume", str(tmp_path)], check=False)
+    p = run_here(["simclr.py", "--resume", str(tmp_path)], check=False)
     assert p.returncode == 2 and "resnet50" in p.stderr
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path):
     d = tmp_path / "run"
-    p = run(
+    p = run_here(
         ["simclr.py"]
         + TINY
         + ["--epochs", "2", "--lr", "1e38", "--warmup-epochs", "0", "--run-dir", str(d)],

@@ -17,6 +17,7 @@ from conftest import (
     online_knn_of,
     read_metrics,
     run,
+    run_here,
     spawn,
     torchrun,
 )
@@ -276,7 +277,7 @@ RUN = TINY + [
 def straight(tmp_path_factory):
     """One unbroken 2-epoch run, shared by the output test and the resume test."""
     d = tmp_path_factory.mktemp("simsiam") / "straight"
-    p = run(["simsiam.py"] + RUN + ["--run-dir", str(d)])
+    p = run_here(["simsiam.py"] + RUN + ["--run-dir", str(d)])
     return d, p
 
 
@@ -315,7 +316,7 @@ def test_resume_after_kill_ends_with_the_same_weights(straight, tmp_path):
     broken = tmp_path / "broken"
     # start the same run, kill it as soon as epoch 1's checkpoint is written, then resume
     kill_after_first_checkpoint(["simsiam.py"] + RUN, broken)
-    run(["simsiam.py"] + RUN + ["--resume", str(broken)])
+    run_here(["simsiam.py"] + RUN + ["--resume", str(broken)])
     a = torch.load(straight[0] / "checkpoint.pt", weights_only=False)
     b = torch.load(broken / "checkpoint.pt", weights_only=False)
     assert b["epoch"] == 2
@@ -328,7 +329,7 @@ def test_resume_after_kill_ends_with_the_same_weights(straight, tmp_path):
 
 def test_script_with_both_addons(tmp_path):
     d = tmp_path / "run"
-    run(
+    run_here(
         ["simsiam.py"]
         + TINY
         + [
@@ -387,7 +388,7 @@ def test_checkpoint_of_another_method_is_refused(tmp_path):
         {"method": "simclr", "args": {"backbone": "resnet18"}, "epoch": 1},
         tmp_path / "checkpoint.pt",
     )
-    p = run(["simsiam.py", "--resume", str(tmp_path)], check=False)
+    p = run_here(["simsiam.py", "--resume", str(tmp_path)], check=False)
     assert (
         p.returncode == 2
         and "simclr checkpoint, not simsiam" in p.stderr
@@ -397,7 +398,7 @@ def test_checkpoint_of_another_method_is_refused(tmp_path):
 
 def test_non_finite_loss_stops_with_the_step(tmp_path):
     d = tmp_path / "run"
-    p = run(
+    p = run_here(
         ["simsiam.py"]
         + TINY
         + ["--epochs", "2", "--lr", "1e38", "--knn-every", "0", "--run-dir", str(d)],

@@ -17,6 +17,7 @@ from conftest import (
     online_knn_of,
     read_metrics,
     run,
+    run_here,
     spawn,
     torchrun,
 )
@@ -186,7 +187,7 @@ def test_ddp_forward_and_gradients_equal_one_process():
 
 def test_script_trains_with_the_queue_and_frozen_prototypes(tmp_path):
     d = tmp_path / "run"
-    p = run(
+    p = run_here(
         ["swav.py"]
         + TINY
         + SMALL
@@ -242,7 +243,7 @@ def test_script_trains_with_the_queue_and_frozen_prototypes(tmp_path):
 
 def test_script_with_both_addons(tmp_path):
     d = tmp_path / "run"
-    run(
+    run_here(
         ["swav.py"]
         + TINY
         + SMALL
@@ -323,10 +324,10 @@ def test_resume_after_kill_keeps_the_queue_and_ends_with_the_same_weights(tmp_pa
         ]
     )
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    run(["swav.py"] + common_args + ["--run-dir", str(straight)])
+    run_here(["swav.py"] + common_args + ["--run-dir", str(straight)])
     first = kill_after_first_checkpoint(["swav.py"] + common_args, broken)
     assert (first["queue"].norm(dim=2) > 0.99).all()
-    run(["swav.py"] + common_args + ["--resume", str(broken)])
+    run_here(["swav.py"] + common_args + ["--resume", str(broken)])
     a = torch.load(straight / "checkpoint.pt", weights_only=False)
     b = torch.load(broken / "checkpoint.pt", weights_only=False)
     assert b["epoch"] == 2 and len(read_metrics(broken)) == 2
