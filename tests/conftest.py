@@ -101,16 +101,22 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run(args, timeout=300, env=None, check=True):
-    """Run `python ARGS` in the repo; fail the test with its output when it fails."""
+def script_env(env=None):
+    """The environment a script runs in: this one, THREADS threads, `env` on top, and none of a
+    process group's variables unless `env` sets them."""
     e = {**os.environ, "OMP_NUM_THREADS": THREADS, **(env or {})}
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         if env is None or k not in env:
             e.pop(k, None)
+    return e
+
+
+def run(args, timeout=300, env=None, check=True):
+    """Run `python ARGS` in the repo; fail the test with its output when it fails."""
     p = subprocess.run(
         [sys.executable] + list(args),
         cwd=REPO,
-        env=e,
+        env=script_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -133,12 +139,11 @@ def run_here(args, env=None, check=True):
     import common
 
     script, *rest = args
-    saved = (dict(os.environ), sys.argv, os.getcwd(), torch.get_num_threads(), dict(common._caught))
-    handlers = {s: signal.getsignal(s) for s in common.STOP_SIGNALS}
-    os.environ.update({"OMP_NUM_THREADS": THREADS, **(env or {})})
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        if env is None or k not in env:
-            os.environ.pop(k, None)
+    environ, argv, cwd, threads = dict(os.environ), sys.argv, os.getcwd(), torch.get_num_threads()
+    caught, handlers = dict(common._caught), {s: signal.getsignal(s) for s in common.STOP_SIGNALS}
+    inside = script_env(env)  # read from this environment, so before it is cleared
+    os.environ.clear()
+    os.environ.update(inside)
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     sys.argv = [script] + list(rest)
     os.chdir(REPO)
@@ -156,12 +161,12 @@ def run_here(args, env=None, check=True):
                 code = 1
     finally:
         os.environ.clear()
-        os.environ.update(saved[0])
-        sys.argv = saved[1]
-        os.chdir(saved[2])
-        torch.set_num_threads(saved[3])
+        os.environ.update(environ)
+        sys.argv = argv
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
         common._caught.clear()
-        common._caught.update(saved[4])
+        common._caught.update(caught)
         for s, h in handlers.items():
             signal.signal(s, h)
     p = subprocess.CompletedProcess([script] + list(rest), code, out.getvalue(), err.getvalue())

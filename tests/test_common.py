@@ -269,25 +269,20 @@ def test_run_here_is_the_scripts_run_and_puts_the_state_back(tmp_path):
     argv, working folder, threads, the stop-signal handlers that main_of arms)."""
     import signal
 
+    def state():
+        return (
+            dict(os.environ),
+            list(sys.argv),
+            os.getcwd(),
+            torch.get_num_threads(),
+            dict(common._caught),
+            [signal.getsignal(s) for s in common.STOP_SIGNALS],
+        )
+
     argv = ["simclr.py", "--dataset", "folder", "--data-dir", str(tmp_path / "none")]
-    before = (
-        dict(os.environ),
-        list(sys.argv),
-        os.getcwd(),
-        torch.get_num_threads(),
-        dict(common._caught),
-        [signal.getsignal(s) for s in common.STOP_SIGNALS],
-    )
+    before = state()
     here = run_here(argv, env={"CLEANSSL_X": "1"}, check=False)
-    after = (
-        dict(os.environ),
-        list(sys.argv),
-        os.getcwd(),
-        torch.get_num_threads(),
-        dict(common._caught),
-        [signal.getsignal(s) for s in common.STOP_SIGNALS],
-    )
-    assert after == before
+    assert state() == before
     there = run(argv, check=False)
     assert (here.returncode, here.stdout, here.stderr) == (2, there.stdout, there.stderr)
     assert here.stderr.startswith("error: ") and len(here.stderr.splitlines()) == 1
